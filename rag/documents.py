@@ -1,0 +1,187 @@
+"""Documents, chunks and loaders (folder of .txt/.md, JSONL, BEIR corpus), plus LangChain interop."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+    title: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def full_text(self) -> str:
+        return f"{self.title}\n{self.text}" if self.title else self.text
+
+
+@dataclass
+class Chunk:
+    """One retrievable unit; with the generator's tokenizer, also one KV-cache block."""
+
+    id: str
+    doc_id: str
+    position: int
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def content_hash(self) -> str:
+        return content_hash(self.text)
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def chunk_id(doc_id: str, position: int, text: str) -> str:
+    """Stable across runs: the same document content always yields the same chunk ids."""
+    return hashlib.sha256(f"{doc_id}\x00{position}\x00{text}".encode("utf-8")).hexdigest()[:16]
+
+
+class LoadError(ValueError):
+    """Bad input that names the file (and line) it came from."""
+
+
+@dataclass
+class LoadReport:
+    loaded: int = 0
+    skipped_empty: int = 0
+    skipped_undecodable: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{self.loaded} documents"]
+        if self.skipped_empty:
+            parts.append(f"{self.skipped_empty} empty skipped")
+        if self.skipped_undecodable:
+            parts.append(f"{len(self.skipped_undecodable)} non-UTF-8 files skipped")
+        return ", ".join(parts)
+
+
+def _keep(doc: Document, report: LoadReport) -> bool:
+    if not doc.full_text.strip():
+        report.skipped_empty += 1
+        return False
+    report.loaded += 1
+    return True
+
+
+def load_folder(path: str | Path, report: LoadReport | None = None,
+                suffixes: tuple[str, ...] = (".txt", ".md")) -> Iterator[Document]:
+    """Every .txt/.md file under ``path``; the id is the path relative to the folder."""
+    root = Path(path)
+    report = report if report is not None else LoadReport()
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            log.warning("skipping %s: not UTF-8 (%s)", file, err.reason)
+            report.skipped_undecodable.append(str(file))
+            continue
+        doc = Document(id=str(file.relative_to(root)), text=text, title=file.stem,
+                       metadata={"source": str(file)})
+        if _keep(doc, report):
+            yield doc
+        else:
+            log.warning("skipping %s: empty", file)
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise LoadError(f"{path}:{lineno}: not UTF-8 ({err.reason})") from None
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LoadError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise LoadError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def load_jsonl(path: str | Path, report: LoadReport | None = None, id_field: str = "id",
+               text_field: str = "text", title_field: str = "title") -> Iterator[Document]:
+    """One JSON object per line with id/text (and optional title); other fields become metadata.
+
+    BEIR's ``_id`` is accepted as the id. Malformed lines raise :class:`LoadError` naming file and line.
+    """
+    path = Path(path)
+    report = report if report is not None else LoadReport()
+    for lineno, obj in _read_jsonl(path):
+        doc_id = obj.get(id_field, obj.get("_id"))
+        if doc_id is None:
+            raise LoadError(f"{path}:{lineno}: missing '{id_field}'")
+        text = obj.get(text_field)
+        if text is not None and not isinstance(text, str):
+            raise LoadError(f"{path}:{lineno}: '{text_field}' must be a string")
+        meta = {k: v for k, v in obj.items() if k not in {id_field, "_id", text_field, title_field}}
+        doc = Document(id=str(doc_id), text=text or "", title=obj.get(title_field) or "", metadata=meta)
+        if _keep(doc, report):
+            yield doc
+        else:
+            log.warning("%s:%d: empty document %s skipped", path, lineno, doc_id)
+
+
+def load_beir_corpus(folder: str | Path, report: LoadReport | None = None) -> Iterator[Document]:
+    """``corpus.jsonl`` of a BEIR dataset folder."""
+    return load_jsonl(Path(folder) / "corpus.jsonl", report=report, id_field="_id")
+
+
+def load_path(path: str | Path, report: LoadReport | None = None) -> Iterator[Document]:
+    """Dispatch on what ``path`` is: a BEIR folder, a folder of text files, or a .jsonl file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if path.is_dir() and (path / "corpus.jsonl").exists():
+        return load_beir_corpus(path, report)
+    if path.is_dir():
+        return load_folder(path, report)
+    if path.suffix == ".jsonl":
+        return load_jsonl(path, report)
+    if path.suffix.lower() in {".txt", ".md"}:
+        return load_folder_files([path], report)
+    raise LoadError(f"{path}: unsupported input (expected a folder, .jsonl, .txt or .md)")
+
+
+def load_folder_files(files: Iterable[Path], report: LoadReport | None = None) -> Iterator[Document]:
+    report = report if report is not None else LoadReport()
+    for file in files:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            report.skipped_undecodable.append(str(file))
+            log.warning("skipping %s: not UTF-8", file)
+            continue
+        doc = Document(id=Path(file).name, text=text, title=Path(file).stem, metadata={"source": str(file)})
+        if _keep(doc, report):
+            yield doc
+
+
+# LangChain interop: both directions, without making langchain a hard dependency.
+def to_langchain(item: Document | Chunk):
+    from langchain_core.documents import Document as LCDocument
+
+    if isinstance(item, Chunk):
+        return LCDocument(page_content=item.text, id=item.id,
+                          metadata={**item.metadata, "doc_id": item.doc_id, "position": item.position})
+    return LCDocument(page_content=item.text, id=item.id, metadata={**item.metadata, "title": item.title})
+
+
+def from_langchain(lc_doc, default_id: str | None = None) -> Document:
+    meta = dict(lc_doc.metadata or {})
+    doc_id = lc_doc.id or meta.pop("id", None) or default_id or content_hash(lc_doc.page_content)
+    return Document(id=str(doc_id), text=lc_doc.page_content, title=meta.pop("title", ""), metadata=meta)

