@@ -1,0 +1,106 @@
+"""Dense retrieval: a sentence-transformers encoder over chunk texts, searched with faiss.
+
+On a machine with CUDA the encoder runs there and search uses an exact torch matmul over the
+stored vectors (fast for up to a few million chunks); otherwise faiss on the CPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .base import Hit
+from .vector_index import VectorIndex, atomic_folder_write
+
+
+class DenseRetriever:
+    def __init__(self, model_name: str | None = None, name: str = "dense", index_kind: str = "flat",
+                 batch_size: int = 64, device: str | None = None, show_progress: bool = True):
+        from rag.models import DEFAULT_EMBEDDER
+
+        self.model_name = model_name or DEFAULT_EMBEDDER
+        self.name, self.index_kind, self.batch_size = name, index_kind, batch_size
+        self.device, self.show_progress = device, show_progress
+        self._model = None
+        self.index: VectorIndex | None = None
+
+    # ------------------------------------------------------------- encoding
+    @property
+    def model(self):
+        if self._model is None:
+            from rag.models import load_embedder
+
+            self._model = load_embedder(self.model_name, self.device)
+        return self._model
+
+    @property
+    def dim(self) -> int:
+        return self.model.get_sentence_embedding_dimension()
+
+    def encode(self, texts: Sequence[str], progress: bool | None = None) -> np.ndarray:
+        progress = self.show_progress and len(texts) > self.batch_size if progress is None else progress
+        return self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=progress).astype(np.float32)
+
+    # ---------------------------------------------------------------- index
+    def build(self, chunks: Sequence) -> None:
+        self.index = VectorIndex(self.dim, self.index_kind)
+        self.add(chunks)
+
+    def add(self, chunks: Sequence) -> None:
+        if self.index is None:
+            self.index = VectorIndex(self.dim, self.index_kind)
+        chunks = list(chunks)
+        if chunks:
+            self.index.add([c.id for c in chunks], self.encode([c.text for c in chunks]))
+        self._gpu_matrix = None
+
+    def delete(self, chunk_ids: Sequence[str]) -> None:
+        if self.index is not None:
+            self.index.delete(list(chunk_ids))
+        self._gpu_matrix = None
+
+    def __len__(self) -> int:
+        return 0 if self.index is None else len(self.index)
+
+    # ------------------------------------------------------------ retrieval
+    def retrieve(self, query: str, k: int = 10) -> list[Hit]:
+        return self.retrieve_batch([query], k)[0]
+
+    def retrieve_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        if self.index is None or len(self.index) == 0:
+            return [[] for _ in queries]
+        vectors = self.encode(queries, progress=False)
+        return [[Hit(i, s) for i, s in row] for row in self.index.search(vectors, k)]
+
+    # ---------------------------------------------------------- persistence
+    def manifest(self) -> dict:
+        from rag.models import model_revision, resolve_embedder
+
+        return {"kind": "dense", "model": self.model_name, "dimension": self.dim,
+                "revision": model_revision(resolve_embedder(self.model_name)),
+                "params": {"index_kind": self.index_kind}}
+
+    def save(self, folder: str | Path) -> None:
+        def write(tmp: Path):
+            (tmp / "dense.json").write_text(json.dumps({"model": self.model_name, "index_kind": self.index_kind}))
+            if self.index is not None:
+                self.index.save(tmp / "vectors")
+
+        atomic_folder_write(Path(folder), write)
+
+    @classmethod
+    def load(cls, folder: str | Path, model_name: str | None = None, **kwargs) -> "DenseRetriever":
+        from rag.store import IndexMismatch
+
+        folder = Path(folder)
+        meta = json.loads((folder / "dense.json").read_text())
+        if model_name is not None and model_name != meta["model"]:
+            raise IndexMismatch(f"dense index at {folder} was built with {meta['model']!r}, "
+                                f"not {model_name!r}; rebuild it or drop --model")
+        self = cls(meta["model"], index_kind=meta["index_kind"], **kwargs)
+        if (folder / "vectors").exists():
+            self.index = VectorIndex.load(folder / "vectors")
+        return self
