@@ -75,6 +75,14 @@ def _keep(doc: Document, report: LoadReport) -> bool:
     return True
 
 
+def _file_document(doc_id: str, file: Path, text: str) -> Document:
+    """A leading markdown heading becomes the title (not repeated in the text); else the file stem."""
+    first, _, rest = text.lstrip().partition("\n")
+    if first.startswith("#"):
+        return Document(id=doc_id, text=rest.strip(), title=first.lstrip("#").strip(), metadata={"source": str(file)})
+    return Document(id=doc_id, text=text, title=file.stem, metadata={"source": str(file)})
+
+
 def load_folder(path: str | Path, report: LoadReport | None = None,
                 suffixes: tuple[str, ...] = (".txt", ".md")) -> Iterator[Document]:
     """Every .txt/.md file under ``path``; the id is the path relative to the folder."""
@@ -87,8 +95,7 @@ def load_folder(path: str | Path, report: LoadReport | None = None,
             log.warning("skipping %s: not UTF-8 (%s)", file, err.reason)
             report.skipped_undecodable.append(str(file))
             continue
-        doc = Document(id=str(file.relative_to(root)), text=text, title=file.stem,
-                       metadata={"source": str(file)})
+        doc = _file_document(str(file.relative_to(root)), file, text)
         if _keep(doc, report):
             yield doc
         else:
@@ -166,7 +173,7 @@ def load_folder_files(files: Iterable[Path], report: LoadReport | None = None) -
             report.skipped_undecodable.append(str(file))
             log.warning("skipping %s: not UTF-8", file)
             continue
-        doc = Document(id=Path(file).name, text=text, title=Path(file).stem, metadata={"source": str(file)})
+        doc = _file_document(Path(file).name, Path(file), text)
         if _keep(doc, report):
             yield doc
 

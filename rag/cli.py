@@ -1,0 +1,229 @@
+"""The ``blockrag`` command line: index, query, delete, info, eval, demo."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+DEFAULT_STORE = ".blockrag/store"
+RETRIEVER_CHOICES = ["bm25", "dense", "hybrid", "mrag", "local", "global", "mix", "naive", "path", "ppr"]
+
+
+def _collection(args, create: bool = False):
+    from .collection import Collection
+
+    store = Path(args.store)
+    if not create and not (store / "store.sqlite").exists():
+        raise SystemExit(f"error: no store at {store}; create one with `blockrag index PATH --store {store}`")
+    return Collection(store, tokenizer_name=getattr(args, "tokenizer", None),
+                      chunk_tokens=getattr(args, "chunk_tokens", 256), overlap=getattr(args, "overlap", 32))
+
+
+def cmd_index(args) -> int:
+    from .documents import LoadError, LoadReport, load_path
+
+    collection = _collection(args, create=True)
+    report = LoadReport()
+    try:
+        docs = list(load_path(args.path, report))
+    except (LoadError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"loaded {report.summary()}")
+    for kind in args.index:
+        if kind not in collection.indexes:
+            collection.build_index(kind)  # empty now; filled by add_documents below
+    start = time.perf_counter()
+    ingest = collection.add_documents(docs)
+    print(f"{ingest.summary()} in {time.perf_counter() - start:.1f}s")
+    for note in ingest.notes:
+        print(f"note: {note}")
+    print(f"store {args.store}: {collection.store.count_documents()} documents, "
+          f"{collection.store.count_chunks()} chunks, indexes: {', '.join(sorted(collection.indexes))}")
+    return 0
+
+
+def _graph_retriever(collection, mode: str):
+    from graph import GraphRetriever  # noqa: deferred: spaCy is optional
+
+    return GraphRetriever(collection.index("graph"), mode=mode, collection=collection)
+
+
+def make_retriever(collection, spec: str):
+    if spec in {"local", "global", "mix", "naive", "path", "ppr"} or spec.startswith("graph-"):
+        return _graph_retriever(collection, spec.removeprefix("graph-"))
+    return collection.retriever(spec)
+
+
+def cmd_query(args) -> int:
+    collection = _collection(args)
+    if collection.store.count_chunks() == 0:
+        print("the store is empty: nothing to retrieve (index some documents first)")
+        return 0
+    retriever = make_retriever(collection, args.mode or args.retriever)
+    start = time.perf_counter()
+    hits = retriever.retrieve(args.question, args.k)
+    ms = (time.perf_counter() - start) * 1000
+    chunks = {c.id: c for c in collection.get_chunks([h.chunk_id for h in hits])}
+    print(f"{len(hits)} results in {ms:.1f} ms ({getattr(retriever, 'name', args.retriever)})")
+    for rank, hit in enumerate(hits, 1):
+        c = chunks.get(hit.chunk_id)
+        text = " ".join(c.text.split())[:160] if c else "?"
+        print(f"{rank:>2}. {hit.score:8.4f}  [{c.doc_id if c else '?'} #{hit.chunk_id}] {text}")
+    if args.generate:
+        from .pipeline import Pipeline
+
+        pipe = Pipeline(collection, retriever, k=args.k, generator=_generator(args), mode=args.gen_mode)
+        answer = pipe.ask(args.question, stream=lambda t: print(t, end="", flush=True))
+        print()
+        print(_timing_line(answer.timings))
+    return 0
+
+
+def _generator(args):
+    from attention_kv import Generator
+
+    return Generator(args.generator, cache_dir=Path(args.store) / "kv")
+
+
+def _timing_line(timings: dict) -> str:
+    return "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in timings.items())
+
+
+def cmd_delete(args) -> int:
+    collection = _collection(args)
+    removed = collection.delete_documents(args.doc_ids)
+    print(f"removed {removed} chunks from {len(args.doc_ids)} requested documents")
+    return 0
+
+
+def cmd_info(args) -> int:
+    collection = _collection(args)
+    store = collection.store
+    print(f"store {args.store}: {store.count_documents()} documents, {store.count_chunks()} chunks, "
+          f"generation {collection.generation}, chunking {collection.chunking}")
+    for m in store.manifests():
+        print(f"  index {m['name']}: kind={m['kind']} model={m['model']} dim={m['dimension']} "
+              f"format={m['format_version']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from eval.evaluate import format_table, run_beir
+
+    results = run_beir(args.data, args.split, args.retriever, store_dir=args.store, report_path=args.report,
+                       max_queries=args.max_queries)
+    print(format_table(results))
+    if args.report:
+        print(f"report written to {args.report}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Index the bundled demo corpus, then answer its questions with the cited chunks."""
+    from examples.demo_corpus import QUESTIONS, write_demo_corpus
+    from .collection import Collection
+    from .documents import load_folder
+    from .pipeline import Pipeline
+
+    root = Path(args.workdir)
+    corpus = write_demo_corpus(root / "corpus")
+    collection = Collection(root / "store", chunk_tokens=128, overlap=16)
+    for kind in ("bm25", "dense"):
+        if kind not in collection.indexes:
+            collection.build_index(kind)
+    print(collection.add_documents(load_folder(corpus)).summary())
+    generator = None
+    if not args.no_generate:
+        try:
+            generator = _generator(argparse.Namespace(generator=args.generator, store=root / "store"))
+        except ImportError as err:
+            print(f"(generation unavailable: {err}; showing retrieved passages only)")
+    pipe = Pipeline(collection, "hybrid", k=3, generator=generator, mode=args.mode)
+    for question in QUESTIONS:
+        print(f"\nQ: {question}")
+        print("A: ", end="", flush=True)
+        answer = pipe.ask(question, stream=(lambda t: print(t, end="", flush=True)) if generator else None)
+        if answer.text is None:
+            print("(no generator)", end="")
+        print()
+        for chunk in answer.chunks:
+            print(f"   [{chunk.doc_id}] {' '.join(chunk.text.split())[:110]}")
+        print(f"   {_timing_line(answer.timings)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blockrag", description="RAG with precomputed per-passage KV caches")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("index", help="add a folder of .txt/.md, a .jsonl file or a BEIR folder to a store")
+    s.add_argument("path")
+    s.add_argument("--store", default=DEFAULT_STORE)
+    s.add_argument("--index", action="append", choices=["bm25", "dense", "mrag", "graph"],
+                   help="indexes to keep (repeatable; default bm25 + dense)")
+    s.add_argument("--chunk-tokens", type=int, default=256)
+    s.add_argument("--overlap", type=int, default=32)
+    s.add_argument("--tokenizer", default=None, help="generator whose tokenizer chunks the text")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("query", help="retrieve (and optionally answer) a question")
+    s.add_argument("question")
+    s.add_argument("--store", default=DEFAULT_STORE)
+    s.add_argument("--retriever", default="hybrid", help="bm25, dense, hybrid, mrag or an index name")
+    s.add_argument("--mode", choices=["local", "global", "hybrid", "mix", "naive", "path", "ppr"],
+                   help="graph RAG mode (needs a graph index)")
+    s.add_argument("-k", type=int, default=5)
+    s.add_argument("--generate", action="store_true", help="answer with the cached generator")
+    s.add_argument("--gen-mode", default="turbo", choices=["full", "turbo", "block", "blend"])
+    s.add_argument("--generator", default=None)
+    s.set_defaults(func=cmd_query)
+
+    s = sub.add_parser("delete", help="delete documents by id")
+    s.add_argument("doc_ids", nargs="+")
+    s.add_argument("--store", default=DEFAULT_STORE)
+    s.set_defaults(func=cmd_delete)
+
+    s = sub.add_parser("info", help="describe a store and its indexes")
+    s.add_argument("--store", default=DEFAULT_STORE)
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("eval", help="evaluate retrieval")
+    esub = s.add_subparsers(dest="suite", required=True)
+    b = esub.add_parser("beir", help="a BEIR dataset folder (corpus.jsonl, queries.jsonl, qrels/)")
+    b.add_argument("--data", required=True)
+    b.add_argument("--split", default="test")
+    b.add_argument("--retriever", default="bm25", choices=["bm25", "dense", "hybrid"])
+    b.add_argument("--store", default=None, help="keep the built store here (default: a temp dir)")
+    b.add_argument("--report", default=None, help="write a JSON report here")
+    b.add_argument("--max-queries", type=int, default=None)
+    b.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("demo", help="index a bundled corpus and answer questions about it")
+    s.add_argument("--workdir", default=".blockrag/demo")
+    s.add_argument("--mode", default="turbo", choices=["full", "turbo", "block", "blend"])
+    s.add_argument("--generator", default=None)
+    s.add_argument("--no-generate", action="store_true")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if getattr(args, "index", None) is None and args.command == "index":
+        args.index = ["bm25", "dense"]
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted; the store keeps its last committed state", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
