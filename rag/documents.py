@@ -68,7 +68,7 @@ class LoadReport:
 
 
 def _keep(doc: Document, report: LoadReport) -> bool:
-    if not doc.full_text.strip():
+    if not doc.text.strip():
         report.skipped_empty += 1
         return False
     report.loaded += 1
