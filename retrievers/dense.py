@@ -25,6 +25,7 @@ class DenseRetriever:
         self.device, self.show_progress = device, show_progress
         self._model = None
         self.index: VectorIndex | None = None
+        self._gpu_matrix = None
 
     # ------------------------------------------------------------- encoding
     @property
@@ -37,7 +38,9 @@ class DenseRetriever:
 
     @property
     def dim(self) -> int:
-        return self.model.get_sentence_embedding_dimension()
+        model = self.model
+        getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        return getter()
 
     def encode(self, texts: Sequence[str], progress: bool | None = None) -> np.ndarray:
         progress = self.show_progress and len(texts) > self.batch_size if progress is None else progress
@@ -73,7 +76,27 @@ class DenseRetriever:
         if self.index is None or len(self.index) == 0:
             return [[] for _ in queries]
         vectors = self.encode(queries, progress=False)
+        if self._use_torch_search():
+            return self._torch_search(vectors, k)
         return [[Hit(i, s) for i, s in row] for row in self.index.search(vectors, k)]
+
+    def _use_torch_search(self) -> bool:
+        import torch
+
+        return self.index.kind == "flat" and torch.cuda.is_available()
+
+    def _torch_search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        # Exact search as one GPU matmul; the matrix is rebuilt lazily after add/delete.
+        import torch
+
+        if self._gpu_matrix is None:
+            ids = [i for i in self.index.ids if i is not None]
+            self._gpu_ids = ids
+            self._gpu_matrix = torch.from_numpy(self.index.vectors(ids)).cuda()
+        scores = torch.from_numpy(vectors).cuda() @ self._gpu_matrix.T
+        top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        return [[Hit(self._gpu_ids[j], float(s)) for s, j in zip(row_s.tolist(), row_i.tolist())]
+                for row_s, row_i in zip(top.values.cpu(), top.indices.cpu())]
 
     # ---------------------------------------------------------- persistence
     def manifest(self) -> dict:
