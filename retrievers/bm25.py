@@ -1,0 +1,484 @@
+"""Fast vectorised BM25 over NumPy arrays (term-major sparse matrix of precomputed scores).
+
+Every (term, chunk) score is computed once at indexing time and stored in a term-major CSR matrix
+(``indptr`` over terms, chunk rows in ``indices``, scores in ``data``): a query is the sum of a few
+matrix rows, then a top-k by ``argpartition``. No Python loop touches the chunks at query time.
+
+Tokenisation mirrors ``bm25s.tokenize(texts, stopwords="en", stemmer=Stemmer.Stemmer("english"))``:
+lowercase, regex ``(?u)\\b\\w\\w+\\b``, bm25s's English stopword list (removed before stemming), Snowball
+English stemmer (PyStemmer). Scores are therefore comparable with bm25s.
+
+Variants (formulas as in Kamphuis et al., ECIR 2020, and bm25s):
+  ``lucene`` (default), ``robertson``, ``atire``, ``bm25l``, ``bm25+``, and ``okapi`` (rank-bm25's
+  ``BM25Okapi``: Robertson idf floored at ``epsilon * mean idf``, tf part times ``k1 + 1``).
+
+``backend="rank_bm25"`` scores with the reference ``rank_bm25`` package over the same tokens (slow;
+for parity checks). Incremental ``add``/``delete`` keep each chunk's term counts, so retained chunks
+are never re-tokenised; idf and length normalisation are global, so the score matrix is rebuilt
+(vectorised) after each change.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from itertools import chain
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .base import Hit
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+VARIANTS = ("lucene", "robertson", "atire", "bm25l", "bm25+", "okapi")
+BACKENDS = ("numpy", "rank_bm25")
+TOKEN_PATTERN = r"(?u)\b\w\w+\b"
+
+# bm25s's English stopword list (bm25s.stopwords.STOPWORDS_EN), copied so that results stay
+# comparable without importing bm25s.
+STOPWORDS_EN = (
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it", "no",
+    "not", "of", "on", "or", "such", "that", "the", "their", "then", "there", "these", "they", "this",
+    "to", "was", "will", "with",
+)
+
+
+# ------------------------------------------------------------------------------------------ tokens
+class Tokenizer:
+    """Lowercase -> regex word tokens -> drop stopwords -> Snowball stem (cached per word)."""
+
+    def __init__(self, stopwords: Iterable[str] | None = STOPWORDS_EN, stemmer: str | None = "english",
+                 pattern: str = TOKEN_PATTERN):
+        self.pattern = pattern
+        self.stopwords = frozenset(stopwords or ())
+        self.stemmer_name = stemmer
+        self._findall = re.compile(pattern).findall
+        self._stems: dict[str, str] = {}
+        if stemmer:
+            import Stemmer
+
+            self._stemmer = Stemmer.Stemmer(stemmer)
+        else:
+            self._stemmer = None
+
+    def config(self) -> dict:
+        return {"pattern": self.pattern, "stopwords": sorted(self.stopwords), "stemmer": self.stemmer_name,
+                "lower": True}
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def words(self, text: str) -> list[str]:
+        """Lowercased word tokens with stopwords removed (not yet stemmed)."""
+        stop = self.stopwords
+        return [w for w in self._findall(text.lower()) if w not in stop]
+
+    def stem_all(self, words: Iterable[str]) -> None:
+        """Fill the stem cache for ``words`` in one PyStemmer call."""
+        missing = [w for w in set(words) if w not in self._stems]
+        if not missing:
+            return
+        if self._stemmer is None:
+            self._stems.update(zip(missing, missing))
+        else:
+            self._stems.update(zip(missing, self._stemmer.stemWords(missing)))
+        if len(self._stems) > 2_000_000:  # unbounded vocabularies (ids, numbers): keep memory in check
+            self._stems.clear()
+
+    def stem(self, word: str) -> str:
+        s = self._stems.get(word)
+        if s is None:
+            s = self._stemmer.stemWord(word) if self._stemmer is not None else word
+            self._stems[word] = s
+        return s
+
+    def tokenize(self, text: str) -> list[str]:
+        return [self.stem(w) for w in self.words(text)]
+
+    def tokenize_many(self, texts: Sequence[str]) -> list[list[str]]:
+        docs = [self.words(t) for t in texts]
+        self.stem_all(chain.from_iterable(docs))
+        stems = self._stems
+        out = []
+        for d in docs:
+            try:
+                out.append([stems[w] for w in d])
+            except KeyError:  # the cache was cleared mid-way
+                out.append([self.stem(w) for w in d])
+        return out
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def _idf(variant: str, df: np.ndarray, n: int, epsilon: float = 0.25) -> np.ndarray:
+    df = df.astype(np.float64)
+    alive = df > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if variant == "lucene":
+            idf = np.log1p((n - df + 0.5) / (df + 0.5))
+        elif variant == "robertson":  # bm25s: inner ratio clamped at 1, so idf >= 0
+            idf = np.log(np.maximum((n - df + 0.5) / (df + 0.5), 1.0))
+        elif variant == "atire":
+            idf = np.log(n / df)
+        elif variant == "bm25l":
+            idf = np.log((n + 1) / (df + 0.5))
+        elif variant == "bm25+":
+            idf = np.log((n + 1) / df)
+        elif variant == "okapi":  # rank_bm25.BM25Okapi
+            idf = np.log(n - df + 0.5) - np.log(df + 0.5)
+            if alive.any():
+                eps = epsilon * idf[alive].mean()
+                idf = np.where(alive & (idf < 0), eps, idf)
+        else:
+            raise ValueError(f"unknown BM25 variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    return np.where(alive, idf, 0.0)
+
+
+def _tfc(variant: str, tf: np.ndarray, dl: np.ndarray, avgdl: float, k1: float, b: float,
+         delta: float) -> np.ndarray:
+    norm = 1.0 - b + b * dl / avgdl
+    if variant in ("lucene", "robertson"):
+        return tf / (k1 * norm + tf)
+    if variant in ("atire", "okapi"):
+        return tf * (k1 + 1.0) / (tf + k1 * norm)
+    if variant == "bm25l":
+        c = tf / norm
+        return (k1 + 1.0) * (c + delta) / (k1 + c + delta)
+    if variant == "bm25+":
+        return (k1 + 1.0) * tf / (k1 * norm + tf) + delta
+    raise ValueError(f"unknown BM25 variant {variant!r}")
+
+
+def _nonoccurrence(variant: str, idf: np.ndarray, k1: float, delta: float) -> np.ndarray | None:
+    """Per-term score of a chunk *without* the term (BM25L / BM25+ only; a constant per term)."""
+    if variant == "bm25l":
+        return idf * ((k1 + 1.0) * delta / (k1 + delta))
+    if variant == "bm25+":
+        return idf * delta
+    return None
+
+
+# ------------------------------------------------------------------------------------------ index
+class BM25Retriever:
+    """BM25 retriever and index over chunks (``.id``, ``.text``), keyed by chunk id.
+
+    ``retrieve`` returns only chunks that contain at least one query term, best first (ties by
+    insertion order). For ``bm25l``/``bm25+`` the reported scores include every query term's
+    non-occurrence constant, as in bm25s.
+    """
+
+    kind = "bm25"
+
+    def __init__(self, name: str = "bm25", variant: str = "lucene", k1: float = 1.5, b: float = 0.75,
+                 delta: float | None = None, epsilon: float = 0.25, backend: str = "numpy",
+                 stopwords: Iterable[str] | None = STOPWORDS_EN, stemmer: str | None = "english"):
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown BM25 variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown BM25 backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        if backend == "rank_bm25" and variant not in ("okapi", "bm25l", "bm25+"):
+            raise ValueError("backend='rank_bm25' implements variants 'okapi', 'bm25l' and 'bm25+' only")
+        self.name = name
+        self.variant = variant
+        self.k1 = float(k1)
+        self.b = float(b)
+        # bm25s's default delta (0.5) for every variant; rank_bm25's BM25Plus defaults to 1.0.
+        self.delta = float(0.5 if delta is None else delta)
+        self.epsilon = float(epsilon)
+        self.backend = backend
+        self.tokenizer = Tokenizer(stopwords=stopwords, stemmer=stemmer)
+        # per-chunk state (retained across add/delete; never re-tokenised)
+        self.ids: list[str] = []
+        self._row: dict[str, int] = {}
+        self._terms: list[str] = []  # term id -> stem
+        self._vocab: dict[str, int] = {}  # stem -> term id
+        self._doc_ptr = np.zeros(1, dtype=np.int64)  # chunk r's postings: [_doc_ptr[r], _doc_ptr[r+1])
+        self._post_term = np.zeros(0, dtype=np.int32)
+        self._post_tf = np.zeros(0, dtype=np.int32)
+        self._doc_len = np.zeros(0, dtype=np.int32)  # tokens after stopword removal
+        self._reset_matrix()
+
+    # ------------------------------------------------------------------ protocol helpers
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def params(self) -> dict:
+        return {"variant": self.variant, "k1": self.k1, "b": self.b, "delta": self.delta,
+                "epsilon": self.epsilon, "backend": self.backend, "tokenizer": self.tokenizer.config()}
+
+    def manifest(self) -> dict:
+        return {"kind": "bm25", "model": None, "tokenizer_hash": self.tokenizer.hash(),
+                "format_version": FORMAT_VERSION, "params": self.params()}
+
+    # ------------------------------------------------------------------ building
+    def build(self, chunks: Sequence) -> "BM25Retriever":
+        """Index ``chunks`` from scratch (drops anything indexed before)."""
+        self.ids, self._row = [], {}
+        self._terms, self._vocab = [], {}
+        self._doc_ptr = np.zeros(1, dtype=np.int64)
+        self._post_term = np.zeros(0, dtype=np.int32)
+        self._post_tf = np.zeros(0, dtype=np.int32)
+        self._doc_len = np.zeros(0, dtype=np.int32)
+        self.add(chunks)
+        return self
+
+    def add(self, chunks: Sequence) -> None:
+        """Add (or replace, by id) chunks; only the new chunks are tokenised."""
+        latest: dict[str, str] = {}
+        for c in chunks:
+            latest[str(c.id)] = c.text or ""
+        if not latest:
+            return
+        replaced = [cid for cid in latest if cid in self._row]
+        if replaced:
+            self._drop_rows(replaced)
+        new_ids = list(latest)
+        token_lists = self.tokenizer.tokenize_many(list(latest.values()))
+        vocab, terms = self._vocab, self._terms
+        for toks in token_lists:
+            for t in toks:
+                if t not in vocab:
+                    vocab[t] = len(terms)
+                    terms.append(t)
+        lens = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+        flat = np.fromiter((vocab[t] for t in chain.from_iterable(token_lists)), dtype=np.int64,
+                           count=int(lens.sum()))
+        local_doc = np.repeat(np.arange(len(new_ids), dtype=np.int64), lens)
+        keys, tf = np.unique(local_doc * len(terms) + flat, return_counts=True)  # sorted by (doc, term)
+        per_doc = np.bincount(keys // max(len(terms), 1), minlength=len(new_ids))
+        start = len(self.ids)
+        self.ids.extend(new_ids)
+        for i, cid in enumerate(new_ids):
+            self._row[cid] = start + i
+        self._post_term = np.concatenate([self._post_term, (keys % len(terms)).astype(np.int32)])
+        self._post_tf = np.concatenate([self._post_tf, tf.astype(np.int32)])
+        self._doc_ptr = np.concatenate([self._doc_ptr, self._doc_ptr[-1] + np.cumsum(per_doc)])
+        self._doc_len = np.concatenate([self._doc_len, lens.astype(np.int32)])
+        self._rebuild()
+
+    def delete(self, chunk_ids: Sequence[str]) -> int:
+        """Remove chunks by id (unknown ids are ignored); returns how many were removed."""
+        n = self._drop_rows([str(c) for c in chunk_ids if str(c) in self._row])
+        if n:
+            self._rebuild()
+        return n
+
+    def _drop_rows(self, chunk_ids: list[str]) -> int:
+        rows = {self._row[c] for c in chunk_ids}
+        if not rows:
+            return 0
+        keep = np.ones(len(self.ids), dtype=bool)
+        keep[list(rows)] = False
+        per_doc = np.diff(self._doc_ptr)
+        post_keep = np.repeat(keep, per_doc)
+        self._post_term = self._post_term[post_keep]
+        self._post_tf = self._post_tf[post_keep]
+        self._doc_ptr = np.concatenate([[0], np.cumsum(per_doc[keep])]).astype(np.int64)
+        self._doc_len = self._doc_len[keep]
+        self.ids = [cid for cid, k in zip(self.ids, keep) if k]
+        self._row = {cid: i for i, cid in enumerate(self.ids)}
+        return len(rows)
+
+    def _reset_matrix(self) -> None:
+        self._indptr = np.zeros(len(self._terms) + 1, dtype=np.int64)
+        self._indices = np.zeros(0, dtype=np.int32)
+        self._data = np.zeros(0, dtype=np.float32)
+        self._nonocc: np.ndarray | None = None
+        self._qcache: dict[str, int] = {}
+        self._ref = None
+
+    def _rebuild(self) -> None:
+        """Recompute idf, length normalisation and the term-major score matrix (vectorised)."""
+        n_docs = len(self.ids)
+        df = np.bincount(self._post_term, minlength=len(self._terms))
+        if len(self._terms) and not df.all():  # terms left by deleted chunks: compact the vocabulary
+            alive = df > 0
+            remap = np.cumsum(alive) - 1
+            self._post_term = remap[self._post_term].astype(np.int32)
+            self._terms = [t for t, a in zip(self._terms, alive) if a]
+            self._vocab = {t: i for i, t in enumerate(self._terms)}
+            df = df[alive]
+        self._reset_matrix()
+        if n_docs == 0:
+            return
+        avgdl = float(self._doc_len.mean()) or 1.0
+        idf = _idf(self.variant, df, n_docs, self.epsilon)
+        doc_of = np.repeat(np.arange(n_docs, dtype=np.int32), np.diff(self._doc_ptr))
+        tf = self._post_tf.astype(np.float64)
+        score = idf[self._post_term] * _tfc(self.variant, tf, self._doc_len[doc_of].astype(np.float64), avgdl,
+                                            self.k1, self.b, self.delta)
+        nonocc = _nonoccurrence(self.variant, idf, self.k1, self.delta)
+        if nonocc is not None:
+            score -= nonocc[self._post_term]
+            self._nonocc = nonocc
+        order = np.argsort(self._post_term, kind="stable")  # postings are sorted by chunk already
+        self._indices = doc_of[order]
+        self._data = score[order].astype(np.float32)
+        self._indptr = np.concatenate([[0], np.cumsum(df)]).astype(np.int64)
+        if self.backend == "rank_bm25":
+            self._build_reference()
+
+    def _build_reference(self) -> None:
+        import rank_bm25
+
+        # term ids stand in for the stems (same tokens, cheaper dict keys); token order is irrelevant.
+        tokens = np.repeat(self._post_term, self._post_tf)
+        bounds = np.cumsum(self._doc_len)[:-1]
+        corpus = [d.tolist() for d in np.split(tokens, bounds)]
+        if self.variant == "okapi":
+            self._ref = rank_bm25.BM25Okapi(corpus, k1=self.k1, b=self.b, epsilon=self.epsilon)
+        elif self.variant == "bm25l":
+            self._ref = rank_bm25.BM25L(corpus, k1=self.k1, b=self.b, delta=self.delta)
+        else:
+            self._ref = rank_bm25.BM25Plus(corpus, k1=self.k1, b=self.b, delta=self.delta)
+
+    # ------------------------------------------------------------------ querying
+    def _query_terms(self, text: str) -> list[int]:
+        """Query text -> term ids (with repeats), through a word -> term id cache."""
+        cache = self._qcache
+        out = []
+        for w in self.tokenizer._findall(text.lower()):
+            t = cache.get(w)
+            if t is None:
+                t = -1 if w in self.tokenizer.stopwords else self._vocab.get(self.tokenizer.stem(w), -1)
+                if len(cache) < 1_000_000:
+                    cache[w] = t
+            if t >= 0:
+                out.append(t)
+        return out
+
+    def _scores(self, terms: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(candidate rows, their scores without the non-occurrence constant)."""
+        indptr, indices, data = self._indptr, self._indices, self._data
+        n_docs = len(self.ids)
+        spans = [(int(indptr[t]), int(indptr[t + 1])) for t in terms]
+        postings = sum(e - s for s, e in spans)
+        if postings * 8 < n_docs:  # sparse path: large corpus, rare terms
+            if len(spans) == 1:
+                s, e = spans[0]
+                return indices[s:e], data[s:e]
+            idx = np.concatenate([indices[s:e] for s, e in spans])
+            val = np.concatenate([data[s:e] for s, e in spans])
+            rows, inv = np.unique(idx, return_inverse=True)
+            return rows, np.bincount(inv, weights=val, minlength=len(rows)).astype(np.float32)
+        scores = np.zeros(n_docs, dtype=np.float32)
+        seen = np.zeros(n_docs, dtype=bool)
+        for s, e in spans:
+            ix = indices[s:e]
+            scores[ix] += data[s:e]
+            seen[ix] = True
+        rows = np.flatnonzero(seen)
+        return rows, scores[rows]
+
+    def _top(self, rows: np.ndarray, scores: np.ndarray, k: int, offset: float = 0.0) -> list[Hit]:
+        if len(rows) > k:
+            part = np.argpartition(-scores, k - 1)[:k]
+            rows, scores = rows[part], scores[part]
+        order = np.lexsort((rows, -scores))
+        ids = self.ids
+        return [Hit(ids[r], float(s) + offset) for r, s in zip(rows[order].tolist(), scores[order].tolist())]
+
+    def retrieve(self, query: str, k: int = 10) -> list[Hit]:
+        if k <= 0 or not self.ids:
+            if not self.ids:
+                log.info("BM25 index %r is empty: nothing to retrieve", self.name)
+            return []
+        terms = self._query_terms(query)
+        if not terms:
+            return []
+        if self._ref is not None:
+            return self._retrieve_reference(terms, k)
+        rows, scores = self._scores(terms)
+        offset = float(self._nonocc[terms].sum()) if self._nonocc is not None else 0.0
+        return self._top(rows, scores, k, offset)
+
+    def _retrieve_reference(self, terms: list[int], k: int) -> list[Hit]:
+        full = self._ref.get_scores(terms)
+        matched = np.zeros(len(self.ids), dtype=bool)
+        for t in terms:
+            matched[self._indices[self._indptr[t]:self._indptr[t + 1]]] = True
+        rows = np.flatnonzero(matched)
+        return self._top(rows, full[rows], k)
+
+    def retrieve_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        return [self.retrieve(q, k) for q in queries]
+
+    def search(self, queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:
+        """BEIR-style ``{qid: {chunk_id: score}}``."""
+        return {qid: {h.chunk_id: h.score for h in self.retrieve(q, k)} for qid, q in queries.items()}
+
+    def score_terms(self, query: str) -> list[str]:
+        """The stems of ``query`` that are in the index (for debugging and explanations)."""
+        return [self._terms[t] for t in self._query_terms(query)]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, folder: str | Path) -> None:
+        """Write ``bm25.npz`` + ``bm25.json`` into ``folder`` atomically (temp folder, then rename):
+        an interrupted save leaves the previous index in place."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+        tmp.mkdir()
+        try:
+            np.savez(tmp / "bm25.npz", ids=np.array(self.ids, dtype=str), terms=np.array(self._terms, dtype=str),
+                     doc_ptr=self._doc_ptr, post_term=self._post_term, post_tf=self._post_tf,
+                     doc_len=self._doc_len, indptr=self._indptr, indices=self._indices, data=self._data)
+            meta = {"format_version": FORMAT_VERSION, "name": self.name, "manifest": self.manifest(),
+                    "n_chunks": len(self.ids), "n_terms": len(self._terms)}
+            (tmp / "bm25.json").write_text(json.dumps(meta, indent=1))
+            old = None
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+                folder.rename(old)
+            tmp.rename(folder)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, folder: str | Path, backend: str | None = None) -> "BM25Retriever":
+        folder = Path(folder)
+        if not (folder / "bm25.json").exists():
+            # a save interrupted between its two renames leaves the previous index under .old-*
+            olds = sorted(folder.parent.glob(f".{folder.name}.old-*"))
+            if olds and (olds[-1] / "bm25.json").exists():
+                folder = olds[-1]
+            else:
+                raise FileNotFoundError(f"no BM25 index in {folder} (bm25.json missing)")
+        meta = json.loads((folder / "bm25.json").read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"BM25 index in {folder} has format version {meta.get('format_version')}, "
+                             f"this blockrag reads {FORMAT_VERSION}; rebuild it")
+        p = meta["manifest"]["params"]
+        tok = p["tokenizer"]
+        self = cls(name=meta["name"], variant=p["variant"], k1=p["k1"], b=p["b"], delta=p["delta"],
+                   epsilon=p["epsilon"], backend=backend or p["backend"], stopwords=tok["stopwords"],
+                   stemmer=tok["stemmer"])
+        with np.load(folder / "bm25.npz", allow_pickle=False) as z:
+            self.ids = z["ids"].tolist()
+            self._terms = z["terms"].tolist()
+            self._doc_ptr, self._post_term, self._post_tf = z["doc_ptr"], z["post_term"], z["post_tf"]
+            self._doc_len = z["doc_len"]
+            indptr, indices, data = z["indptr"], z["indices"], z["data"]
+        self._row = {cid: i for i, cid in enumerate(self.ids)}
+        self._vocab = {t: i for i, t in enumerate(self._terms)}
+        if len(self.ids) != len(self._doc_len) or len(indptr) != len(self._terms) + 1:
+            raise ValueError(f"BM25 index in {folder} is inconsistent; rebuild it")
+        if self.backend == "rank_bm25":
+            self._rebuild()
+        else:
+            self._reset_matrix()
+            self._indptr, self._indices, self._data = indptr, indices, data
+            if self.variant in ("bm25l", "bm25+"):
+                df = np.diff(indptr)
+                self._nonocc = _nonoccurrence(self.variant, _idf(self.variant, df, len(self.ids), self.epsilon),
+                                              self.k1, self.delta)
+        return self
