@@ -1,0 +1,550 @@
+"""Triton block-sparse flash attention with GQA, RoPE-on-load, split-KV (flash-decoding) and block mass.
+
+Design (one kernel for prefill and for the short question block):
+
+* **GQA packing.** One program serves one KV head and a tile of BLOCK_M *packed* query rows: packed row
+  r is (query position r // G, query head kvh * G + r % G). The G query heads sharing a KV head read each
+  K/V tile once; a tile covers BLOCK_M / G consecutive positions, so masks stay block-structured.
+* **Visible-tile lists.** For a block mask the host builds, per query tile, the sorted list of KV tiles
+  that hold at least one visible key (from per-tile min/max block ids, on the device). The kernel walks
+  only that list, so a BlockRank prefill (documents see the instruction and themselves) costs work
+  linear in the number of documents. Without block ids (or when every query row is in the query block)
+  the list is the causal range 0..ceil((q_start + last row + 1) / BLOCK_N) and no table is read.
+* **Split-KV.** A query tile's list is cut into chunks of CH tiles; every (tile, chunk) is one program
+  (heaviest first). Single-chunk tiles write the output directly; multi-chunk tiles write fp32 partial
+  outputs + log-sum-exp, and a small reduce kernel merges them. CH is picked so that the grid holds about
+  ``programs_per_sm`` programs per SM: a 50-token question over a 32K cache fills the GPU, and the
+  question tile of a BlockRank prefill (which sees every key) is spread over several SMs.
+* **RoPE on load.** Keys stored un-rotated are rotated in fp32 as they are loaded (HF rotate_half
+  convention), then cast back to the input dtype for the tensor-core dot. The head dim is handled as two
+  halves so that rotate_half is a pair of elementwise ops: s = q1.k1 + q2.k2.
+* **Block mass.** A second pass recomputes scores for the requested rows, normalises them with the final
+  log-sum-exp of the first pass and atomically adds per-block sums (one add per distinct block in a tile).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+try:  # Triton is optional: the torch reference works everywhere.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+try:
+    from triton.language.extra import libdevice  # precise sin/cos on the GPU
+except Exception:  # pragma: no cover
+    libdevice = None
+
+LOG2E = 1.4426950408889634
+_BIG = 1 << 30
+_BIG_C = tl.constexpr(_BIG) if HAS_TRITON else _BIG  # a global read inside @triton.jit must be constexpr
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _cos_sin(x, PRECISE: tl.constexpr):
+        # tl.cos / tl.sin lower to the fast approximate instructions on NVIDIA GPUs, which lose accuracy
+        # for |x| >> pi (positions up to 32K): use libdevice there. The interpreter has no libdevice.
+        if PRECISE:
+            c = libdevice.cos(x)
+            s = libdevice.sin(x)
+        else:
+            c = tl.cos(x)
+            s = tl.sin(x)
+        return c, s
+
+    @triton.jit
+    def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+        # UPCAST: the Triton interpreter (3.9) computes bf16 x bf16 dots wrongly; do them in fp32 there.
+        if UPCAST:
+            r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            r = tl.dot(a, b, input_precision=DOT_PREC)
+        return r
+
+    @triton.jit
+    def _attn_fwd(
+        Q, K, V, O, LSE, PO, PL,
+        QB, KB, QP, KP, INVF,
+        TABLE, CNT, W_QT, W_C, NCH, PBASE,
+        sqb, sqh, sqm, sqd,
+        skb, skh, skn, skd,
+        svb, svh, svn, svd,
+        sob, soh, som, sod,
+        Hkv, G, Lq, Lk, q_start, n_kt, CH, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr,
+        HAS_BLOCKS: tl.constexpr, USE_TABLE: tl.constexpr, ROPE_K: tl.constexpr, ROPE_Q: tl.constexpr,
+        STORE_LSE: tl.constexpr, PRECISE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        w = tl.program_id(0)
+        bh = tl.program_id(1)
+        n_bh = tl.num_programs(1)
+        b = bh // Hkv
+        kvh = bh % Hkv
+        qt = tl.load(W_QT + w)
+        c = tl.load(W_C + w)
+        nch = tl.load(NCH + qt)
+        cnt = tl.load(CNT + qt)
+        lo = c * CH
+        hi = tl.minimum(lo + CH, cnt)
+
+        offs_l = tl.arange(0, BLOCK_M)
+        offs_r = qt * BLOCK_M + offs_l
+        i = offs_r // G
+        h = kvh * G + offs_r % G
+        row_ok = i < Lq
+        offs_d = tl.arange(0, HALF)
+        offs_dv = tl.arange(0, 2 * HALF)
+
+        q_ptrs = Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_d[None, :] * sqd
+        q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        q2 = tl.load(q_ptrs + HALF * sqd, mask=row_ok[:, None], other=0.0)
+        if ROPE_K or ROPE_Q:
+            invf = tl.load(INVF + offs_d)
+        if ROPE_Q:
+            qp = tl.load(QP + i, mask=row_ok, other=0).to(tl.float32)
+            cq, sq = _cos_sin(qp[:, None] * invf[None, :], PRECISE)
+            q1f = q1.to(tl.float32)
+            q2f = q2.to(tl.float32)
+            q1 = (q1f * cq - q2f * sq).to(Q.dtype.element_ty)
+            q2 = (q2f * cq + q1f * sq).to(Q.dtype.element_ty)
+        gq = q_start + i
+        if HAS_BLOCKS:
+            qb = tl.load(QB + i, mask=row_ok, other=0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, 2 * HALF], tl.float32)
+        k_base = K + b * skb + kvh * skh
+        v_base = V + b * svb + kvh * svh
+        for it in range(lo, hi):
+            if USE_TABLE:
+                kt = tl.load(TABLE + qt * n_kt + it)
+            else:
+                kt = it
+            offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < Lk
+            k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :] * skd
+            k1 = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+            k2 = tl.load(k_ptrs + HALF * skd, mask=n_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=n_ok[:, None], other=0.0)
+            if ROPE_K:
+                kp = tl.load(KP + offs_n, mask=n_ok, other=0).to(tl.float32)
+                ck, sk = _cos_sin(kp[:, None] * invf[None, :], PRECISE)
+                k1f = k1.to(tl.float32)
+                k2f = k2.to(tl.float32)
+                k1 = (k1f * ck - k2f * sk).to(K.dtype.element_ty)
+                k2 = (k2f * ck + k1f * sk).to(K.dtype.element_ty)
+            s = _dot(q1, tl.trans(k1), DOT_PREC, UPCAST)
+            s += _dot(q2, tl.trans(k2), DOT_PREC, UPCAST)
+            s = s * qk_scale
+            vis = (offs_n[None, :] <= gq[:, None]) & n_ok[None, :]
+            if HAS_BLOCKS:
+                kb = tl.load(KB + offs_n, mask=n_ok, other=0)
+                vis = vis & ((kb[None, :] == 0) | (qb[:, None] < 0) | (kb[None, :] == qb[:, None]))
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(V.dtype.element_ty), v, DOT_PREC, UPCAST)
+            m_i = m_new
+
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+        if nch == 1:
+            o_ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_dv[None, :] * sod
+            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+            if STORE_LSE:
+                tl.store(LSE + (b * Hkv * G + h) * Lq + i, lse, mask=row_ok)
+        else:
+            slot = tl.load(PBASE + qt) + c
+            base = (slot * n_bh + bh) * BLOCK_M
+            tl.store(PO + (base + offs_l)[:, None] * (2 * HALF) + offs_dv[None, :], out, mask=row_ok[:, None])
+            tl.store(PL + base + offs_l, lse, mask=row_ok)
+
+    @triton.jit
+    def _attn_reduce(
+        O, LSE, PO, PL, R_QT, NCH, PBASE,
+        sob, soh, som, sod,
+        Hkv, G, Lq,
+        BLOCK_M: tl.constexpr, D: tl.constexpr, STORE_LSE: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        bh = tl.program_id(1)
+        n_bh = tl.num_programs(1)
+        b = bh // Hkv
+        kvh = bh % Hkv
+        qt = tl.load(R_QT + t)
+        n = tl.load(NCH + qt)
+        slot0 = tl.load(PBASE + qt)
+        offs_l = tl.arange(0, BLOCK_M)
+        offs_r = qt * BLOCK_M + offs_l
+        i = offs_r // G
+        h = kvh * G + offs_r % G
+        row_ok = i < Lq
+        offs_d = tl.arange(0, D)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for c in range(0, n):
+            base = ((slot0 + c) * n_bh + bh) * BLOCK_M
+            lse_c = tl.load(PL + base + offs_l, mask=row_ok, other=float("-inf"))
+            o_c = tl.load(PO + (base + offs_l)[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            m_new = tl.maximum(m, lse_c)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_use)
+            wgt = tl.exp2(lse_c - m_use)
+            acc = acc * alpha[:, None] + wgt[:, None] * o_c
+            l = l * alpha + wgt
+            m = m_new
+        empty = l == 0.0
+        l_safe = tl.where(empty, 1.0, l)
+        out = acc / l_safe[:, None]
+        o_ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_d[None, :] * sod
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        if STORE_LSE:
+            lse = tl.where(empty, float("-inf"), m + tl.log2(l_safe))
+            tl.store(LSE + (b * Hkv * G + h) * Lq + i, lse, mask=row_ok)
+
+    @triton.jit
+    def _block_mass(
+        Q, K, LSE, QB, KB, QP, KP, INVF, ROWS, MASS,
+        sqb, sqh, sqm, sqd,
+        skb, skh, skn, skd,
+        Hkv, G, Lq, Lk, q_start, R, NB, CHT, n_kt_causal, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr,
+        HAS_BLOCKS: tl.constexpr, ROPE_K: tl.constexpr, ROPE_Q: tl.constexpr,
+        PRECISE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        kc = tl.program_id(0)
+        bh = tl.program_id(1)
+        rg = tl.program_id(2)
+        b = bh // Hkv
+        kvh = bh % Hkv
+        Hq = Hkv * G
+        offs_r = rg * BLOCK_M + tl.arange(0, BLOCK_M)
+        sel = offs_r // G
+        h = kvh * G + offs_r % G
+        r_ok = sel < R
+        i = tl.load(ROWS + sel, mask=r_ok, other=0)
+        offs_d = tl.arange(0, HALF)
+        q_ptrs = Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_d[None, :] * sqd
+        q1 = tl.load(q_ptrs, mask=r_ok[:, None], other=0.0)
+        q2 = tl.load(q_ptrs + HALF * sqd, mask=r_ok[:, None], other=0.0)
+        if ROPE_K or ROPE_Q:
+            invf = tl.load(INVF + offs_d)
+        if ROPE_Q:
+            qp = tl.load(QP + i, mask=r_ok, other=0).to(tl.float32)
+            cq, sq = _cos_sin(qp[:, None] * invf[None, :], PRECISE)
+            q1f = q1.to(tl.float32)
+            q2f = q2.to(tl.float32)
+            q1 = (q1f * cq - q2f * sq).to(Q.dtype.element_ty)
+            q2 = (q2f * cq + q1f * sq).to(Q.dtype.element_ty)
+        lse = tl.load(LSE + (b * Hq + h) * Lq + i, mask=r_ok, other=float("-inf"))
+        lse = tl.where(lse == float("-inf"), 0.0, lse)
+        gq = q_start + i
+        if HAS_BLOCKS:
+            qb = tl.load(QB + i, mask=r_ok, other=0)
+        k_base = K + b * skb + kvh * skh
+        t0 = kc * CHT
+        t1 = tl.minimum(t0 + CHT, n_kt_causal)
+        mass_row = MASS + ((b * Hq + h) * R + sel) * NB
+        for kt in range(t0, t1):
+            offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < Lk
+            k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :] * skd
+            k1 = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+            k2 = tl.load(k_ptrs + HALF * skd, mask=n_ok[:, None], other=0.0)
+            if ROPE_K:
+                kp = tl.load(KP + offs_n, mask=n_ok, other=0).to(tl.float32)
+                ck, sk = _cos_sin(kp[:, None] * invf[None, :], PRECISE)
+                k1f = k1.to(tl.float32)
+                k2f = k2.to(tl.float32)
+                k1 = (k1f * ck - k2f * sk).to(K.dtype.element_ty)
+                k2 = (k2f * ck + k1f * sk).to(K.dtype.element_ty)
+            s = _dot(q1, tl.trans(k1), DOT_PREC, UPCAST)
+            s += _dot(q2, tl.trans(k2), DOT_PREC, UPCAST)
+            s = s * qk_scale
+            vis = (offs_n[None, :] <= gq[:, None]) & n_ok[None, :] & r_ok[:, None]
+            if HAS_BLOCKS:
+                kb = tl.load(KB + offs_n, mask=n_ok, other=0)
+                vis = vis & ((kb[None, :] == 0) | (qb[:, None] < 0) | (kb[None, :] == qb[:, None]))
+                kidx = tl.where(kb < 0, NB - 1, kb)
+            else:
+                kidx = tl.zeros([BLOCK_N], tl.int32)
+            p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+            # one atomic add per distinct block id present in this tile (increasing order)
+            cur = tl.min(tl.where(n_ok, kidx, _BIG_C), 0)
+            while cur < _BIG_C:
+                vals = tl.sum(tl.where((kidx == cur)[None, :], p, 0.0), 1)
+                tl.atomic_add(mass_row + cur, vals, mask=r_ok)
+                cur = tl.min(tl.where(n_ok & (kidx > cur), kidx, _BIG_C), 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# host side
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def default_config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes / launch parameters. Small tiles under the interpreter (speed of the CPU tests)."""
+    if device.type != "cuda" or _interpret():
+        return dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    if D >= 256 or dtype == torch.float32:
+        return dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    if D >= 128:
+        return dict(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    return dict(block_m=128, block_n=64, num_warps=4, num_stages=2)
+
+
+def block_tile_table(q_block, k_block, Lq: int, Lk: int, q_start: int, G: int, block_m: int, block_n: int):
+    """Per packed query tile, the ascending list of KV tiles holding at least one visible key.
+
+    Returns (table [n_qt, n_kt] int32, cnt [n_qt] int32), both on q_block's device. The test per tile pair
+    is conservative (min/max of the positive block ids on each side), the kernel applies the exact mask."""
+    dev = q_block.device
+    n_qt = _cdiv(G * Lq, block_m)
+    n_kt = _cdiv(Lk, block_n)
+    t = torch.arange(n_qt, device=dev)
+    i_lo = (t * block_m) // G
+    i_hi = torch.clamp(((t + 1) * block_m - 1) // G, max=Lq - 1)
+    P = _cdiv(block_m, G) + 1
+    idx = i_lo[:, None] + torch.arange(P, device=dev)[None, :]
+    valid = idx <= i_hi[:, None]
+    qv = q_block.long()[idx.clamp(max=Lq - 1)]
+    qpos = valid & (qv > 0)
+    qmin = torch.where(qpos, qv, torch.full_like(qv, _BIG)).amin(1)
+    qmax = torch.where(qpos, qv, torch.full_like(qv, -1)).amax(1)
+    qneg = (valid & (qv < 0)).any(1)
+    kbp = torch.full((n_kt * block_n,), -1, dtype=torch.long, device=dev)
+    kbp[:Lk] = k_block.long()
+    kbp = kbp.view(n_kt, block_n)
+    kzero = (kbp == 0).any(1)
+    kpos = kbp > 0
+    kmin = torch.where(kpos, kbp, torch.full_like(kbp, _BIG)).amin(1)
+    kmax = torch.where(kpos, kbp, torch.full_like(kbp, -1)).amax(1)
+    kstart = torch.arange(n_kt, device=dev) * block_n
+    causal = kstart[None, :] <= (q_start + i_hi)[:, None]
+    overlap = (kmin[None, :] <= qmax[:, None]) & (kmax[None, :] >= qmin[:, None])
+    vis = causal & (qneg[:, None] | kzero[None, :] | overlap)
+    cnt = vis.sum(1).to(torch.int32)
+    table = torch.sort((~vis).to(torch.int8), dim=1, stable=True).indices.to(torch.int32).contiguous()
+    return table, cnt
+
+
+def _causal_counts(Lq: int, Lk: int, q_start: int, G: int, block_m: int, block_n: int) -> np.ndarray:
+    n_qt = _cdiv(G * Lq, block_m)
+    t = np.arange(n_qt, dtype=np.int64)
+    i_hi = np.minimum(((t + 1) * block_m - 1) // G, Lq - 1)
+    last = np.clip(q_start + i_hi + 1, 0, Lk)
+    return -(-last // block_n)
+
+
+def _work_plan(cnt: np.ndarray, n_bh: int, n_sm: int, programs_per_sm: float, chunk: int | None,
+               min_chunk: int = 4):
+    """Cut each query tile's list into chunks; returns int32 arrays and sizes."""
+    cnt = cnt.astype(np.int64)
+    n_qt = cnt.shape[0]
+    if chunk is None:
+        target = max(1, int(programs_per_sm * n_sm))
+        chunk = max(min_chunk, _cdiv(int(cnt.sum()) * n_bh, target))
+    chunk = max(1, int(chunk))
+    nch = np.maximum(1, -(-cnt // chunk))
+    w_qt = np.repeat(np.arange(n_qt, dtype=np.int64), nch)
+    starts = np.concatenate([[0], np.cumsum(nch)[:-1]])
+    w_c = np.arange(w_qt.shape[0], dtype=np.int64) - starts[w_qt]
+    length = np.minimum(chunk, cnt[w_qt] - w_c * chunk)
+    order = np.argsort(-length, kind="stable")  # heaviest programs first
+    w_qt, w_c = w_qt[order], w_c[order]
+    multi = nch > 1
+    pbase = np.zeros(n_qt, dtype=np.int64)
+    pbase[multi] = np.concatenate([[0], np.cumsum(nch[multi])[:-1]]) if multi.any() else 0
+    n_slots = int(nch[multi].sum())
+    r_qt = np.nonzero(multi)[0]
+    return dict(chunk=chunk, w_qt=w_qt, w_c=w_c, nch=nch, pbase=pbase, cnt=cnt, r_qt=r_qt, n_slots=n_slots)
+
+
+_PLAN_CACHE: dict = {}
+
+
+def _upload_plan(plan: dict, device) -> dict:
+    arrs = [plan["w_qt"], plan["w_c"], plan["nch"], plan["pbase"], plan["cnt"], plan["r_qt"]]
+    sizes = [a.shape[0] for a in arrs]
+    flat = torch.from_numpy(np.concatenate(arrs).astype(np.int32))
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    parts = torch.split(flat, sizes)
+    out = dict(plan)
+    for name, t in zip(["w_qt", "w_c", "nch", "pbase", "cnt", "r_qt"], parts):
+        out[name + "_t"] = t
+    out["W"] = sizes[0]
+    out["n_r"] = sizes[5]
+    return out
+
+
+def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=None, k_positions=None,
+                  q_positions=None, inv_freq=None, scale: float | None = None, mass_rows=None,
+                  n_blocks: int | None = None, block_m: int | None = None, block_n: int | None = None,
+                  chunk: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                  programs_per_sm: float = 2.0, mass_chunk: int | None = None):
+    """Triton implementation of :func:`attention_kv.kernels.attend` (same semantics). The extra keyword
+    arguments are tuning knobs (tile sizes, KV tiles per program ``chunk``, launch parameters)."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed")
+    B, Hq, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or Dk != D or tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Hq % Hkv:
+        raise ValueError("Hq must be a multiple of Hkv (GQA)")
+    if D < 32 or D > 256 or D & (D - 1):
+        raise ValueError(f"triton backend needs a power-of-two head dim in [32, 256], got {D}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one dtype among fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    dev = q.device
+    if dev.type != "cuda" and not _interpret():
+        raise RuntimeError("triton backend needs a CUDA tensor (or TRITON_INTERPRET=1 on the CPU)")
+    G = Hq // Hkv
+    if q_start is None:
+        q_start = Lk - Lq
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    qk_scale = float(scale) * LOG2E
+    want_mass = mass_rows is not None
+    out = torch.empty(B, Hq, Lq, D, dtype=q.dtype, device=dev)
+    if Lq == 0 or Lk == 0:
+        out.zero_()
+        if want_mass:
+            nb = n_blocks if n_blocks is not None else 1
+            return out, torch.zeros(B, Hq, len(mass_rows), nb, dtype=torch.float32, device=dev)
+        return out
+
+    cfg = default_config(D, q.dtype, dev)
+    BM = block_m or cfg["block_m"]
+    BN = block_n or cfg["block_n"]
+    nw = num_warps or cfg["num_warps"]
+    ns = num_stages or cfg["num_stages"]
+    precise = dev.type == "cuda" and not _interpret() and libdevice is not None
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    upcast = _interpret() and q.dtype == torch.bfloat16
+    dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
+
+    has_blocks = q_block is not None and k_block is not None
+    qb = kb = None
+    if has_blocks:
+        qb = torch.as_tensor(q_block).to(device=dev, dtype=torch.int32).contiguous()
+        kb = torch.as_tensor(k_block).to(device=dev, dtype=torch.int32).contiguous()
+        if qb.numel() != Lq or kb.numel() != Lk:
+            raise ValueError("q_block must have Lq entries and k_block Lk entries")
+        # A question block (all rows < 0) sees every key: plain causal, no table.
+        q_src = q_block if isinstance(q_block, torch.Tensor) else torch.as_tensor(q_block)
+        main_blocks = not bool((q_src < 0).all())
+    else:
+        main_blocks = False
+    rope_k = inv_freq is not None
+    rope_q = rope_k and q_positions is not None
+    if rope_k:
+        invf = inv_freq.to(device=dev, dtype=torch.float32).contiguous()
+        if invf.numel() != D // 2:
+            raise ValueError("inv_freq must have D/2 entries")
+        kp = (k_positions if k_positions is not None else torch.arange(Lk))
+        kp = torch.as_tensor(kp).to(device=dev, dtype=torch.int32).contiguous()
+        qp = (torch.as_tensor(q_positions).to(device=dev, dtype=torch.int32).contiguous() if rope_q else dummy_i)
+    else:
+        invf = torch.zeros(1, dtype=torch.float32, device=dev)
+        kp = qp = dummy_i
+
+    n_bh = B * Hkv
+    n_sm = _num_sms(dev)
+    n_kt = _cdiv(Lk, BN)
+    if main_blocks:
+        table, cnt_dev = block_tile_table(qb, kb, Lq, Lk, q_start, G, BM, BN)
+        cnt = cnt_dev.cpu().numpy()
+        plan = _upload_plan(_work_plan(cnt, n_bh, n_sm, programs_per_sm, chunk), dev)
+    else:
+        table = dummy_i
+        key = (Lq, Lk, q_start, G, BM, BN, n_bh, n_sm, programs_per_sm, chunk, str(dev))
+        plan = _PLAN_CACHE.get(key)
+        if plan is None:
+            cnt = _causal_counts(Lq, Lk, q_start, G, BM, BN)
+            plan = _upload_plan(_work_plan(cnt, n_bh, n_sm, programs_per_sm, chunk), dev)
+            if len(_PLAN_CACHE) > 256:
+                _PLAN_CACHE.clear()
+            _PLAN_CACHE[key] = plan
+
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev) if want_mass else out
+    if plan["n_slots"]:
+        po = torch.empty(plan["n_slots"] * n_bh * BM * D, dtype=torch.float32, device=dev)
+        pl = torch.empty(plan["n_slots"] * n_bh * BM, dtype=torch.float32, device=dev)
+    else:
+        po = pl = lse if want_mass else torch.empty(1, dtype=torch.float32, device=dev)
+
+    _attn_fwd[(plan["W"], n_bh)](
+        q, k, v, out, lse, po, pl,
+        qb if main_blocks else dummy_i, kb if main_blocks else dummy_i, qp, kp, invf,
+        table, plan["cnt_t"], plan["w_qt_t"], plan["w_c_t"], plan["nch_t"], plan["pbase_t"],
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hkv, G, Lq, Lk, q_start, n_kt, plan["chunk"], qk_scale,
+        BLOCK_M=BM, BLOCK_N=BN, HALF=D // 2,
+        HAS_BLOCKS=main_blocks, USE_TABLE=main_blocks, ROPE_K=rope_k, ROPE_Q=rope_q,
+        STORE_LSE=want_mass, PRECISE=precise, DOT_PREC=dot_prec, UPCAST=upcast,
+        num_warps=nw, num_stages=ns,
+    )
+    if plan["n_r"]:
+        _attn_reduce[(plan["n_r"], n_bh)](
+            out, lse, po, pl, plan["r_qt_t"], plan["nch_t"], plan["pbase_t"],
+            *out.stride(), Hkv, G, Lq,
+            BLOCK_M=BM, D=D, STORE_LSE=want_mass, num_warps=4,
+        )
+    if not want_mass:
+        return out
+
+    rows = torch.as_tensor(mass_rows).to(device=dev, dtype=torch.int32).contiguous()
+    R = rows.numel()
+    if n_blocks is None:
+        n_blocks = int(kb.max().item()) + 2 if has_blocks else 1
+    mass = torch.zeros(B, Hq, R, n_blocks, dtype=torch.float32, device=dev)
+    if R == 0:
+        return out, mass
+    MB = min(BM, max(16, triton.next_power_of_2(R * G)))
+    n_rg = _cdiv(R * G, MB)
+    n_kt_causal = min(n_kt, _cdiv(q_start + Lq, BN))
+    if mass_chunk is None:
+        mass_chunk = max(4, _cdiv(n_kt_causal * n_bh * n_rg, int(programs_per_sm * n_sm)))
+    n_kc = max(1, _cdiv(n_kt_causal, mass_chunk))
+    _block_mass[(n_kc, n_bh, n_rg)](
+        q, k, lse, qb if has_blocks else dummy_i, kb if has_blocks else dummy_i, qp, kp, invf, rows, mass,
+        *q.stride(), *k.stride(),
+        Hkv, G, Lq, Lk, q_start, R, n_blocks, mass_chunk, n_kt_causal, qk_scale,
+        BLOCK_M=MB, BLOCK_N=BN, HALF=D // 2,
+        HAS_BLOCKS=has_blocks, ROPE_K=rope_k, ROPE_Q=rope_q, PRECISE=precise, DOT_PREC=dot_prec, UPCAST=upcast,
+        num_warps=4 if MB <= 64 else 8, num_stages=ns,
+    )
+    return out, mass
