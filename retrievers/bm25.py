@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from itertools import chain
 from pathlib import Path
@@ -164,6 +165,94 @@ def _nonoccurrence(variant: str, idf: np.ndarray, k1: float, delta: float) -> np
     return None
 
 
+# ------------------------------------------------------------------------------------------ kernel
+_KERNEL = None
+
+
+def _kernel():
+    """The compiled query kernel (numba, cached on disk), or None where numba is unavailable."""
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL or None
+    if os.environ.get("BLOCKRAG_BM25_NUMBA", "1") == "0":
+        _KERNEL = False
+        return None
+    try:
+        from numba import njit
+    except ImportError:  # pragma: no cover - numba ships with ranx
+        _KERNEL = False
+        return None
+
+    @njit(cache=True, nogil=True)
+    def score_topk(indptr, indices, data, terms, buf, mark, touched, k):
+        # accumulate the query's term rows into buf, remembering which rows were touched
+        n = 0
+        for t in terms:
+            for j in range(indptr[t], indptr[t + 1]):
+                d = indices[j]
+                if mark[d] == 0:
+                    mark[d] = 1
+                    touched[n] = d
+                    n += 1
+                buf[d] += data[j]
+        # top-k with a min-heap on (score, -row): best = higher score, then lower row
+        kk = min(k, n)
+        hs = np.empty(kk, dtype=np.float32)
+        hr = np.empty(kk, dtype=np.int64)
+        size = 0
+        for i in range(n):
+            d = touched[i]
+            s = buf[d]
+            buf[d] = 0.0
+            mark[d] = 0
+            if size < kk:
+                # sift up
+                c = size
+                size += 1
+                while c > 0:
+                    p = (c - 1) >> 1
+                    if hs[p] < s or (hs[p] == s and hr[p] > d):
+                        break
+                    hs[c] = hs[p]
+                    hr[c] = hr[p]
+                    c = p
+                hs[c] = s
+                hr[c] = d
+            elif s > hs[0] or (s == hs[0] and d < hr[0]):
+                # replace the worst (root) and sift down
+                c = 0
+                while True:
+                    l = 2 * c + 1
+                    if l >= size:
+                        break
+                    r = l + 1
+                    m = l
+                    if r < size and (hs[r] < hs[l] or (hs[r] == hs[l] and hr[r] > hr[l])):
+                        m = r
+                    if hs[m] > s or (hs[m] == s and hr[m] < d):
+                        break
+                    hs[c] = hs[m]
+                    hr[c] = hr[m]
+                    c = m
+                hs[c] = s
+                hr[c] = d
+        # sort the heap best-first (insertion sort: k is small)
+        for i in range(1, size):
+            s = hs[i]
+            d = hr[i]
+            j = i - 1
+            while j >= 0 and (hs[j] < s or (hs[j] == s and hr[j] > d)):
+                hs[j + 1] = hs[j]
+                hr[j + 1] = hr[j]
+                j -= 1
+            hs[j + 1] = s
+            hr[j + 1] = d
+        return hr[:size], hs[:size]
+
+    _KERNEL = score_topk
+    return _KERNEL
+
+
 # ------------------------------------------------------------------------------------------ index
 class BM25Retriever:
     """BM25 retriever and index over chunks (``.id``, ``.text``), keyed by chunk id.
@@ -202,6 +291,7 @@ class BM25Retriever:
         self._post_term = np.zeros(0, dtype=np.int32)
         self._post_tf = np.zeros(0, dtype=np.int32)
         self._doc_len = np.zeros(0, dtype=np.int32)  # tokens after stopword removal
+        self._lock = threading.Lock()
         self._reset_matrix()
 
     # ------------------------------------------------------------------ protocol helpers
@@ -292,6 +382,7 @@ class BM25Retriever:
         self._nonocc: np.ndarray | None = None
         self._qcache: dict[str, int] = {}
         self._ref = None
+        self._buf = None  # scratch arrays of the numba kernel (zero between queries)
 
     def _rebuild(self) -> None:
         """Recompute idf, length normalisation and the term-major score matrix (vectorised)."""
@@ -377,10 +468,11 @@ class BM25Retriever:
         return rows, scores[rows]
 
     def _top(self, rows: np.ndarray, scores: np.ndarray, k: int, offset: float = 0.0) -> list[Hit]:
-        if len(rows) > k:
-            part = np.argpartition(-scores, k - 1)[:k]
-            rows, scores = rows[part], scores[part]
-        order = np.lexsort((rows, -scores))
+        if len(rows) > k:  # keep everything tied with the k-th score, so ties break by row as in the kernel
+            kth = -np.partition(-scores, k - 1)[k - 1]
+            keep = scores >= kth
+            rows, scores = rows[keep], scores[keep]
+        order = np.lexsort((rows, -scores))[:k]
         ids = self.ids
         return [Hit(ids[r], float(s) + offset) for r, s in zip(rows[order].tolist(), scores[order].tolist())]
 
@@ -394,6 +486,19 @@ class BM25Retriever:
             return []
         if self._ref is not None:
             return self._retrieve_reference(terms, k)
+        kernel = _kernel() if k <= 1000 else None
+        if kernel is not None:
+            if self._buf is None or len(self._buf) != len(self.ids):
+                n = len(self.ids)
+                self._buf = np.zeros(n, dtype=np.float32)
+                self._mark = np.zeros(n, dtype=np.uint8)
+                self._touched = np.empty(n, dtype=np.int64)
+            with self._lock:  # the scratch arrays are shared: one query at a time per index
+                rows, scores = kernel(self._indptr, self._indices, self._data, np.asarray(terms, dtype=np.int64),
+                                      self._buf, self._mark, self._touched, k)
+            offset = float(self._nonocc[terms].sum()) if self._nonocc is not None else 0.0
+            ids = self.ids
+            return [Hit(ids[r], s + offset) for r, s in zip(rows.tolist(), scores.tolist())]
         rows, scores = self._scores(terms)
         offset = float(self._nonocc[terms].sum()) if self._nonocc is not None else 0.0
         return self._top(rows, scores, k, offset)
