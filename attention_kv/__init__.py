@@ -1,0 +1,38 @@
+"""attention_kv: precomputed per-passage KV caches and cached generation (TurboRAG / Block-Attention / CacheBlend).
+
+Public API (exact signatures)::
+
+    from attention_kv import Generator, KVCacheStore
+
+    gen = Generator(model_name=None, *, cache_dir=None, model=None, tokenizer=None, device=None, dtype=None,
+                    store=None, system_prompt=None, quant=None, kv_dtype=None)
+        # model_name: anything rag.models.resolve_generator accepts (default SmolLM2-135M-Instruct);
+        # or pass model=/tokenizer= already loaded. The model is switched to the "blockrag" attention
+        # implementation (identical to SDPA unless a BlockKVCache is passed). cache_dir defaults to
+        # rag.models.cache_dir()/kv/<model revision>; quant="int8" stores 8-bit KV.
+    res = gen.generate(question: str, chunks: Sequence[Chunk], mode: str = "turbo",
+                       max_new_tokens: int = 64, stream: bool = False, blend_ratio: float = 0.15,
+                       check_layer: int = 1) -> GenerationResult
+        # mode in {"full", "turbo", "block", "blend"}; chunks need .id, .text, .token_ids (from the
+        # generator's tokenizer; empty token_ids -> the text is tokenised once). Missing caches are built.
+        # stream=True returns a GenerationStream: iterate for text pieces, then .result.
+    GenerationResult(answer, token_ids, mode, chunk_ids, ttft_ms, decode_tokens_per_s,
+                     n_context_tokens, n_question_tokens, n_recomputed, timings)
+
+    store = KVCacheStore(folder, model, tokenizer, *, system_prompt=None, dtype=torch.bfloat16,
+                         quant=None, lru_bytes=1 << 30, model_name=None, batch_size=8)
+    store.add(chunks, progress=None) -> int      # chunks newly encoded (tqdm bar for > 32 chunks)
+    store.delete(chunk_ids) -> int               # chunk ids removed
+    store.get(chunk) -> ChunkKV                  # LRU tier, then memory-mapped safetensors
+    # A store folder built with another model revision / tokenizer / prefix raises KVCacheMismatch.
+    # Share one store between indexing and Generator: Generator(..., store=store).
+
+Lower level: ``BlockKVCache`` (HF-Cache-compatible static stitched cache), ``forward_block``,
+``GraphedBlockForward`` (CUDA graph of the question-block forward), ``blend_prefill``, ``masks``, ``rope``.
+"""
+from .cache_store import ChunkKV, KVCacheMismatch, KVCacheStore
+from .generate import MODES, GenerationResult, GenerationStream, Generator, blend_prefill
+from .hf_integration import BlockKVCache, GraphedBlockForward, forward_block, register
+
+__all__ = ["Generator", "GenerationResult", "GenerationStream", "KVCacheStore", "KVCacheMismatch", "ChunkKV",
+           "BlockKVCache", "GraphedBlockForward", "forward_block", "blend_prefill", "register", "MODES"]

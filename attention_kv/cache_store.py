@@ -1,0 +1,397 @@
+"""Per-chunk KV cache store (TurboRAG / Block-Attention), on disk as one safetensors file per chunk.
+
+Each chunk is encoded once as ``shared prefix + chunk`` (the prefix is the only attention sink) and its
+per-layer K (**un-rotated**, captured before RoPE) and V are kept, layout ``kv[layer, token, 0|1, kv_head, dim]``
+(0 = K, 1 = V), bf16 by default or int8 with per-channel scales (``quant="int8"``).
+
+A file's name is a hash of (model revision, tokenizer hash, prefix hash, chunk content hash, dtype/quant),
+and the same fields sit in its metadata and in the store's ``manifest.json``: opening a store with another
+model, tokenizer or prefix raises :class:`KVCacheMismatch`, and a stale file is never picked up.
+
+Loading memory-maps the file (safetensors), an in-memory LRU tier (pinned host memory when CUDA is there)
+keeps hot chunks; host->device copies are done layer by layer by :mod:`attention_kv.hf_integration`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+FORMAT_VERSION = 1
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the passages."
+PASSAGE_SEPARATOR = "\n\n"
+
+
+class KVCacheMismatch(RuntimeError):
+    """The cache was built with another model, tokenizer or prefix (or format): it is refused."""
+
+
+# ----------------------------------------------------------------------------- prompt layout
+def prompt_parts(tokenizer, system_prompt: str | None = None) -> tuple[str, str]:
+    """(prefix text, question template) for a chat model; ``{question}`` is filled in at query time.
+
+    The prefix ends inside the user turn, so passages follow it and the question closes the turn.
+    """
+    system_prompt = system_prompt or DEFAULT_SYSTEM_PROMPT
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\x00QUESTION\x00"
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": system_prompt}, {"role": "user", "content": marker}],
+            tokenize=False, add_generation_prompt=True)
+        head, tail = text.split(marker)
+        return head + "Passages:\n\n", "Question: {question}" + tail
+    bos = tokenizer.bos_token or ""
+    return f"{bos}{system_prompt}\n\nPassages:\n\n", "Question: {question}\nAnswer:"
+
+
+def _ids_hash(ids: Sequence[int]) -> str:
+    return hashlib.sha256(torch.tensor(list(ids), dtype=torch.int32).numpy().tobytes()).hexdigest()[:16]
+
+
+def config_revision(model) -> str:
+    """Revision hash for a model: from its files when it has a local folder, else from its config."""
+    from rag.models import model_revision
+
+    path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if path and Path(path).exists():
+        return model_revision(path)
+    return hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- chunk KV
+@dataclass
+class ChunkKV:
+    """One block's cache: token ids and ``kv[L, n, 2, Hkv, D]`` (or int8 ``kv`` + fp32 ``scale``)."""
+
+    token_ids: torch.Tensor  # int32 [n]
+    kv: torch.Tensor
+    scale: torch.Tensor | None = None  # [L, 1, 2, Hkv, D] for int8
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.token_ids.numel())
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size() + (0 if self.scale is None else
+                                                           self.scale.numel() * self.scale.element_size())
+
+    def dequant(self, dtype=torch.bfloat16) -> torch.Tensor:
+        if self.scale is None:
+            return self.kv.to(dtype)
+        return (self.kv.float() * self.scale).to(dtype)
+
+    def pin(self) -> "ChunkKV":
+        if self.kv.is_pinned():
+            return self
+        return ChunkKV(self.token_ids, self.kv.pin_memory(),
+                       None if self.scale is None else self.scale.pin_memory())
+
+    def to(self, device, non_blocking: bool = False) -> "ChunkKV":
+        return ChunkKV(self.token_ids, self.kv.to(device, non_blocking=non_blocking),
+                       None if self.scale is None else self.scale.to(device, non_blocking=non_blocking))
+
+
+def quantize_int8(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8, one scale per (layer, K/V, head, channel) over the chunk's tokens."""
+    x = kv.float()
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127.0
+    q = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+# ----------------------------------------------------------------------------- encoding
+@torch.no_grad()
+def encode_blocks(model, prefix_ids: Sequence[int], blocks: Sequence[Sequence[int]], batch_size: int = 8,
+                  progress: bool | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run ``prefix + block`` for every block; return (prefix kv, [block kv]) as ``[L, n, 2, Hkv, D]`` fp32.
+
+    K is captured from ``k_proj`` (before RoPE, exact); models with a k-norm after the projection are
+    handled by de-rotating the rotated keys instead.
+    """
+    from .rope import cos_sin, rope_params, unrotate
+
+    device = next(model.parameters()).device
+    cfg = model.config
+    n_layers, hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    base = getattr(model, "model", model)
+    layers = base.layers
+    P = len(prefix_ids)
+    use_hooks = not any(hasattr(l.self_attn, "k_norm") for l in layers)
+    captured: dict = {}
+    hooks = []
+    if use_hooks:
+        for i, layer in enumerate(layers):
+            hooks.append(layer.self_attn.k_proj.register_forward_hook(
+                lambda m, a, out, i=i: captured.__setitem__(("k", i), out)))
+            hooks.append(layer.self_attn.v_proj.register_forward_hook(
+                lambda m, a, out, i=i: captured.__setitem__(("v", i), out)))
+    order = sorted(range(len(blocks)), key=lambda i: -len(blocks[i]))  # similar lengths per batch
+    out: list[torch.Tensor | None] = [None] * len(blocks)
+    prefix_kv = None
+    bar = None
+    if progress or (progress is None and len(blocks) > 32):
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(blocks), desc="encoding KV", unit="chunk")
+    inv_freq, scaling = rope_params(model)
+    try:
+        for s in range(0, max(len(order), 1), batch_size):
+            idx = order[s:s + batch_size] or []
+            seqs = [list(prefix_ids) + list(blocks[i]) for i in idx] or [list(prefix_ids)]
+            T = max(len(x) for x in seqs)
+            pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+            ids = torch.tensor([x + [pad] * (T - len(x)) for x in seqs], device=device)
+            pos = torch.arange(T, device=device)[None].expand(len(seqs), T)
+            # right padding + causal attention: real tokens never see the padding, no mask needed
+            res = model(input_ids=ids, position_ids=pos, use_cache=not use_hooks, logits_to_keep=1)
+            if use_hooks:
+                ks = torch.stack([captured[("k", i)].view(len(seqs), T, hkv, head_dim) for i in range(n_layers)])
+                vs = torch.stack([captured[("v", i)].view(len(seqs), T, hkv, head_dim) for i in range(n_layers)])
+            else:
+                cache = res.past_key_values
+                cos, sin = cos_sin(torch.arange(T, device=device), inv_freq.to(device), scaling)
+                ks = torch.stack([unrotate(cache.layers[i].keys, cos, sin, torch.float32, scaling).transpose(1, 2)
+                                  for i in range(n_layers)])
+                vs = torch.stack([cache.layers[i].values.transpose(1, 2) for i in range(n_layers)])
+            kv = torch.stack([ks, vs], dim=3).float().cpu()  # [L, B, T, 2, Hkv, D]
+            if prefix_kv is None:
+                prefix_kv = kv[:, 0, :P].contiguous()
+            for b, i in enumerate(idx):
+                out[i] = kv[:, b, P:P + len(blocks[i])].contiguous()
+            if bar is not None:
+                bar.update(len(idx))
+            captured.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+        if bar is not None:
+            bar.close()
+    return prefix_kv, out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- store
+def _atomic_save(path: Path, tensors: dict, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class KVCacheStore:
+    """Per-chunk KV caches for one (model, tokenizer, prefix).
+
+    ``KVCacheStore(folder, model, tokenizer, system_prompt=None, dtype=torch.bfloat16, quant=None,
+    lru_bytes=1<<30)``; ``add(chunks) -> int`` (chunks newly encoded), ``delete(chunk_ids) -> int``,
+    ``get(chunk) -> ChunkKV``, ``prefix_kv() -> ChunkKV``, ``chunk_token_ids(chunk)``, ``question_ids(q)``.
+    """
+
+    def __init__(self, folder: str | Path, model, tokenizer, *, system_prompt: str | None = None,
+                 dtype: torch.dtype = torch.bfloat16, quant: str | None = None, lru_bytes: int = 1 << 30,
+                 model_name: str | None = None, batch_size: int = 8):
+        from rag.models import tokenizer_hash
+
+        if quant not in (None, "int8"):
+            raise ValueError("quant must be None or 'int8'")
+        self.folder = Path(folder)
+        (self.folder / "chunks").mkdir(parents=True, exist_ok=True)
+        self.model, self.tokenizer = model, tokenizer
+        self.dtype, self.quant, self.batch_size = dtype, quant, batch_size
+        self.prefix_text, self.question_template = prompt_parts(tokenizer, system_prompt)
+        self.prefix_ids = tokenizer(self.prefix_text, add_special_tokens=False)["input_ids"]
+        self.sep_ids = tokenizer(PASSAGE_SEPARATOR, add_special_tokens=False)["input_ids"]
+        cfg = model.config
+        self.identity = {
+            "format_version": FORMAT_VERSION,
+            "model": model_name or getattr(model, "name_or_path", "") or cfg.model_type,
+            "revision": config_revision(model),
+            "tokenizer_hash": tokenizer_hash(tokenizer),
+            "prefix_hash": _ids_hash(self.prefix_ids),
+            "n_layers": cfg.num_hidden_layers,
+            "n_kv_heads": cfg.num_key_value_heads,
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            "dtype": str(dtype).replace("torch.", ""),
+            "quant": quant or "none",
+        }
+        self._lock = threading.RLock()
+        self._check_manifest()
+        self._index = self._read_index()
+        self._lru: OrderedDict[str, ChunkKV] = OrderedDict()
+        self._lru_bytes, self._lru_used = lru_bytes, 0
+        self._pin = torch.cuda.is_available()
+        self._prefix: ChunkKV | None = None
+
+    # ---------------------------------------------------------------- identity
+    def _check_manifest(self) -> None:
+        path = self.folder / "manifest.json"
+        keys = ("format_version", "revision", "tokenizer_hash", "prefix_hash", "n_layers", "n_kv_heads",
+                "head_dim", "dtype", "quant")
+        if path.exists():
+            old = json.loads(path.read_text())
+            bad = [k for k in keys if old.get(k) != self.identity[k]]
+            if bad:
+                raise KVCacheMismatch(
+                    f"KV cache at {self.folder} was built with a different "
+                    + ", ".join(f"{k} ({old.get(k)!r} != {self.identity[k]!r})" for k in bad)
+                    + "; delete the folder or use another one to rebuild")
+        else:
+            path.write_text(json.dumps({**self.identity, "prefix_text": self.prefix_text}, indent=1))
+
+    def _read_index(self) -> dict:
+        p = self.folder / "index.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def _write_index(self) -> None:
+        p = self.folder / "index.json"
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._index))
+        os.replace(tmp, p)
+
+    # ---------------------------------------------------------------- token ids
+    def chunk_token_ids(self, chunk) -> list[int]:
+        """The ids encoded for a chunk: its stored ``token_ids`` (never re-tokenised) + separator."""
+        ids = list(getattr(chunk, "token_ids", None) or [])
+        if not ids:
+            ids = self.tokenizer(chunk.text, add_special_tokens=False)["input_ids"]
+        return ids + list(self.sep_ids)
+
+    def question_ids(self, question: str) -> list[int]:
+        return self.tokenizer(self.question_template.format(question=question), add_special_tokens=False)["input_ids"]
+
+    def key(self, chunk) -> str:
+        h = hashlib.sha256("|".join([self.identity["revision"], self.identity["tokenizer_hash"],
+                                     self.identity["prefix_hash"], _ids_hash(self.chunk_token_ids(chunk)),
+                                     self.identity["dtype"], self.identity["quant"]]).encode())
+        return h.hexdigest()[:32]
+
+    def _path(self, key: str) -> Path:
+        return self.folder / "chunks" / f"{key}.safetensors"
+
+    # ---------------------------------------------------------------- add / delete
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, chunk) -> bool:
+        return self._path(self.key(chunk)).exists()
+
+    def add(self, chunks: Iterable, progress: bool | None = None) -> int:
+        """Encode and store the chunks not stored yet; returns how many were encoded."""
+        chunks = list(chunks)
+        todo, keys = [], []
+        with self._lock:
+            for c in chunks:
+                k = self.key(c)
+                self._index[c.id] = k
+                if not self._path(k).exists():
+                    todo.append(c)
+                    keys.append(k)
+        self._ensure_prefix_file()
+        if todo:
+            blocks = [self.chunk_token_ids(c) for c in todo]
+            _, kvs = encode_blocks(self.model, self.prefix_ids, blocks, self.batch_size, progress)
+            for c, k, ids, kv in zip(todo, keys, blocks, kvs):
+                self._save(self._path(k), ids, kv, {"chunk_id": c.id})
+        with self._lock:
+            self._write_index()
+        return len(todo)
+
+    def delete(self, chunk_ids: Iterable[str]) -> int:
+        n = 0
+        with self._lock:
+            for cid in chunk_ids:
+                k = self._index.pop(cid, None)
+                if k is None:
+                    continue
+                if k not in self._index.values():
+                    self._path(k).unlink(missing_ok=True)
+                    ent = self._lru.pop(k, None)
+                    if ent is not None:
+                        self._lru_used -= ent.nbytes
+                n += 1
+            self._write_index()
+        return n
+
+    def _save(self, path: Path, ids: Sequence[int], kv: torch.Tensor, meta: dict) -> None:
+        tensors = {"token_ids": torch.tensor(list(ids), dtype=torch.int32)}
+        if self.quant == "int8":
+            q, scale = quantize_int8(kv)
+            tensors["kv"], tensors["scale"] = q.contiguous(), scale.contiguous()
+        else:
+            tensors["kv"] = kv.to(self.dtype).contiguous()
+        meta = {**{k: str(v) for k, v in self.identity.items()}, **meta}
+        _atomic_save(path, tensors, meta)
+
+    def _ensure_prefix_file(self) -> None:
+        path = self.folder / "prefix.safetensors"
+        if path.exists():
+            return
+        prefix_kv, _ = encode_blocks(self.model, self.prefix_ids, [], self.batch_size, False)
+        tensors = {"token_ids": torch.tensor(self.prefix_ids, dtype=torch.int32),
+                   "kv": prefix_kv.to(self.dtype if self.dtype != torch.int8 else torch.bfloat16).contiguous()}
+        _atomic_save(path, tensors, {k: str(v) for k, v in self.identity.items()})
+
+    # ---------------------------------------------------------------- load
+    def _load_file(self, path: Path) -> ChunkKV:
+        from safetensors import safe_open
+
+        if not path.exists():
+            raise KeyError(f"no KV cache for {path.stem}: add() the chunk first")
+        with safe_open(str(path), framework="pt") as f:  # memory-mapped
+            meta = f.metadata() or {}
+            for k in ("revision", "tokenizer_hash", "prefix_hash", "quant"):
+                if meta.get(k) != str(self.identity[k]) and not (path.name == "prefix.safetensors" and k == "quant"):
+                    raise KVCacheMismatch(f"{path}: built with {k}={meta.get(k)!r}, expected {self.identity[k]!r}")
+            names = set(f.keys())
+            ent = ChunkKV(f.get_tensor("token_ids"), f.get_tensor("kv"),
+                          f.get_tensor("scale") if "scale" in names else None)
+        return ent.pin() if self._pin else ent
+
+    def prefix_kv(self) -> ChunkKV:
+        if self._prefix is None:
+            self._ensure_prefix_file()
+            self._prefix = self._load_file(self.folder / "prefix.safetensors")
+        return self._prefix
+
+    def get(self, chunk) -> ChunkKV:
+        """The chunk's cache (LRU tier first, then the memory-mapped file)."""
+        k = self.key(chunk)
+        with self._lock:
+            ent = self._lru.get(k)
+            if ent is not None:
+                self._lru.move_to_end(k)
+                return ent
+        ent = self._load_file(self._path(k))
+        with self._lock:
+            self._lru[k] = ent
+            self._lru_used += ent.nbytes
+            while self._lru_used > self._lru_bytes and len(self._lru) > 1:
+                _, old = self._lru.popitem(last=False)
+                self._lru_used -= old.nbytes
+        return ent
+
+    def get_many(self, chunks: Sequence, add_missing: bool = True) -> list[ChunkKV]:
+        if add_missing:
+            missing = [c for c in chunks if c not in self]
+            if missing:
+                self.add(missing)
+        return [self.get(c) for c in chunks]
+
+    def prefetch(self, chunks: Sequence) -> threading.Thread:
+        """Warm the LRU tier (disk -> pinned host) in a background thread."""
+        t = threading.Thread(target=lambda: [self.get(c) for c in chunks if c in self], daemon=True)
+        t.start()
+        return t

@@ -1,0 +1,252 @@
+"""Cached generation: ``Generator(model_name).generate(question, chunks, mode=...)``.
+
+Modes
+  ``full``   ordinary prefill of ``prefix + passages + question`` (HF SDPA path), then decoding.
+  ``turbo``  TurboRAG / Block-Attention: passages' K/V come from the :class:`KVCacheStore`, are stitched
+  ``block``  after the shared prefix at contiguous positions (RoPE applied by the kernel as keys are
+             loaded), and only the question block is prefilled (``block`` is the same computation;
+             the papers differ in fine-tuning, not inference).
+  ``blend``  CacheBlend: like ``turbo`` but the first layers (up to ``check_layer``) are recomputed for all
+             tokens, the ``blend_ratio`` of context tokens whose K deviates most from the cache there are
+             recomputed in every later layer (attending to the full, partly updated cache), the rest reused.
+Every mode builds ``input_ids`` from stored per-chunk token ids (no re-tokenisation of joined text).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .cache_store import ChunkKV, KVCacheStore
+from .hf_integration import BlockKVCache, forward_block, use_blockrag_attention
+
+MODES = ("full", "turbo", "block", "blend")
+
+
+@dataclass
+class GenerationResult:
+    answer: str
+    token_ids: list[int]
+    mode: str
+    chunk_ids: list[str]
+    ttft_ms: float
+    decode_tokens_per_s: float
+    n_context_tokens: int
+    n_question_tokens: int
+    n_recomputed: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+class GenerationStream:
+    """Iterator over text pieces; ``.result`` holds the :class:`GenerationResult` once exhausted."""
+
+    def __init__(self, it: Iterator):
+        self._it = it
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        while True:
+            item = next(self._it)
+            if isinstance(item, GenerationResult):
+                self.result = item
+                raise StopIteration
+            return item
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Generator:
+    """Entry point. ``Generator(model_name=None, *, cache_dir=None, model=None, tokenizer=None, device=None,
+    dtype=None, store=None, system_prompt=None, quant=None)``.
+
+    ``generate(question, chunks, mode="turbo", max_new_tokens=64, stream=False, blend_ratio=0.15,
+    check_layer=1)`` -> :class:`GenerationResult` (or :class:`GenerationStream` with ``stream=True``).
+    Chunks are ``rag.documents.Chunk``-like (``.id``, ``.text``, ``.token_ids``); missing caches are
+    built on the fly (and stored).
+    """
+
+    def __init__(self, model_name: str | None = None, *, cache_dir: str | Path | None = None, model=None,
+                 tokenizer=None, device: str | None = None, dtype=None, store: KVCacheStore | None = None,
+                 system_prompt: str | None = None, quant: str | None = None, kv_dtype=None):
+        if model is None:
+            from rag.models import load_generator
+
+            model, tok = load_generator(model_name, dtype=dtype, device=device)
+            tokenizer = tokenizer or tok
+        self.model, self.tokenizer = model.eval(), tokenizer
+        use_blockrag_attention(self.model)
+        self.device = next(model.parameters()).device
+        if store is None:
+            if cache_dir is None:
+                from rag.models import cache_dir as _cd
+
+                from .cache_store import config_revision
+                cache_dir = _cd() / "kv" / config_revision(model)
+                if system_prompt:
+                    import hashlib
+                    cache_dir = Path(str(cache_dir) + "-" + hashlib.sha256(system_prompt.encode()).hexdigest()[:8])
+                if quant:
+                    cache_dir = Path(str(cache_dir) + "-" + quant)
+            store = KVCacheStore(cache_dir, model, tokenizer, system_prompt=system_prompt, quant=quant,
+                                 dtype=kv_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32))
+        self.store = store
+        self.eos_ids = set()
+        for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
+            if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id:
+                self.eos_ids.add(t)
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, question: str, chunks: Sequence, mode: str = "turbo", max_new_tokens: int = 64,
+                 stream: bool = False, blend_ratio: float = 0.15, check_layer: int = 1):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        it = self._run(question, list(chunks), mode, max_new_tokens, blend_ratio, check_layer)
+        s = GenerationStream(it)
+        if stream:
+            return s
+        for _ in s:
+            pass
+        return s.result
+
+    @torch.no_grad()
+    def prefill(self, question: str, chunks: Sequence, mode: str, blend_ratio: float = 0.15,
+                check_layer: int = 1, extra_ids: Sequence[int] = (), cache_max_len: int | None = None):
+        """Prefill only; returns (logits [T, V] for the question (+extra) tokens, state dict).
+
+        ``extra_ids`` are appended after the question (teacher forcing of an answer).
+        """
+        store = self.store
+        q_ids = store.question_ids(question) + list(extra_ids)
+        block_ids = [store.chunk_token_ids(c) for c in chunks]
+        ctx_ids = list(store.prefix_ids) + [t for b in block_ids for t in b]
+        Lc, Lq = len(ctx_ids), len(q_ids)
+        dev = self.device
+        info = {"n_context": Lc, "n_question": Lq, "n_recomputed": 0}
+        if mode == "full":
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+            ids = torch.tensor([ctx_ids + q_ids], device=dev)
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=Lq)
+            info["cache"] = cache
+            info["length"] = Lc + Lq
+            return out.logits[0], info
+        parts = [store.prefix_kv()] + store.get_many(chunks)
+        cache = BlockKVCache(self.model, cache_max_len or (Lc + Lq + 256), device=dev)
+        stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        cache.load(parts, 0, stream=stream)
+        info["cache"] = cache
+        q = torch.tensor(q_ids, device=dev)
+        if mode in ("turbo", "block"):
+            logits = forward_block(self.model, cache, q, Lc, logits_to_keep=Lq)[0]
+        else:
+            logits, nsel = blend_prefill(self.model, cache, torch.tensor(ctx_ids, device=dev), q,
+                                         blend_ratio, check_layer, logits_to_keep=Lq)
+            info["n_recomputed"] = nsel
+        cache.drop_events()
+        info["length"] = cache.length
+        return logits, info
+
+    # ------------------------------------------------------------------ internals
+    @torch.no_grad()
+    def _step(self, mode: str, cache, token: int, pos: int) -> torch.Tensor:
+        ids = torch.tensor([[token]], device=self.device)
+        if mode == "full":
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True,
+                             position_ids=torch.tensor([[pos]], device=self.device))
+            return out.logits[0, -1]
+        return forward_block(self.model, cache, ids[0], pos)[0, -1]
+
+    def _run(self, question, chunks, mode, max_new_tokens, blend_ratio, check_layer):
+        t0 = time.perf_counter()
+        logits, info = self.prefill(question, chunks, mode, blend_ratio, check_layer,
+                                    cache_max_len=None)
+        cache = info["cache"]
+        tok = int(logits[-1].argmax())
+        _sync(self.device)
+        t_first = time.perf_counter()
+        out_ids = [tok]
+        text_so_far = ""
+        piece = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+        if tok not in self.eos_ids:
+            yield piece
+            text_so_far = piece
+        pos = info["length"]
+        if mode != "full" and cache.max_len < pos + max_new_tokens:
+            pass  # max_len reserved 256 tokens; generation stops at the buffer's end
+        while len(out_ids) < max_new_tokens and tok not in self.eos_ids:
+            if mode != "full" and pos >= cache.max_len:
+                break
+            logits = self._step(mode, cache, tok, pos)
+            pos += 1
+            tok = int(logits.argmax())
+            out_ids.append(tok)
+            if tok in self.eos_ids:
+                break
+            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            if len(text) > len(text_so_far) and not text.endswith("\ufffd"):
+                yield text[len(text_so_far):]
+                text_so_far = text
+        _sync(self.device)
+        t_end = time.perf_counter()
+        n_dec = len(out_ids) - 1
+        ids = [t for t in out_ids if t not in self.eos_ids]
+        yield GenerationResult(
+            answer=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=ids, mode=mode,
+            chunk_ids=[c.id for c in chunks], ttft_ms=(t_first - t0) * 1e3,
+            decode_tokens_per_s=(n_dec / (t_end - t_first)) if n_dec and t_end > t_first else 0.0,
+            n_context_tokens=info["n_context"], n_question_tokens=info["n_question"],
+            n_recomputed=info["n_recomputed"],
+            timings={"prefill_ms": (t_first - t0) * 1e3, "decode_ms": (t_end - t_first) * 1e3})
+
+
+@torch.no_grad()
+def blend_prefill(model, cache: BlockKVCache, ctx_ids: torch.Tensor, q_ids: torch.Tensor, ratio: float = 0.15,
+                  check_layer: int = 1, logits_to_keep: int = 1):
+    """CacheBlend over a loaded ``cache`` holding the stitched context (positions ``0..len(ctx_ids)``).
+
+    Layers ``0..check_layer`` recompute every token with full causal attention; at ``check_layer`` the
+    recomputed K is compared with the cached K, and only the top ``ratio`` deviating context tokens (plus
+    the question) go through the later layers, their K/V overwriting the cache. Returns (logits, n_selected).
+    """
+    base = getattr(model, "model", model)
+    Lc, Lq = ctx_ids.numel(), q_ids.numel()
+    N = Lc + Lq
+    ids = torch.cat([ctx_ids, q_ids])[None]
+    h = base.embed_tokens(ids)
+    pos = torch.arange(N, device=ids.device)[None]
+    cos, sin = base.rotary_emb(h, pos)
+    old_k = cache.k[check_layer, 0, :Lc].float().clone()
+    layers = base.layers
+    cache.begin(0, N)
+    for l in range(check_layer + 1):
+        h = _layer(layers[l], h, (cos, sin), pos, cache)
+    dev = (cache.k[check_layer, 0, :Lc].float() - old_k).pow(2).sum(dim=(-1, -2))  # [Lc]
+    n_sel = min(Lc, int(math.ceil(ratio * Lc)))
+    sel = torch.topk(dev, n_sel).indices.sort().values if n_sel > 0 else dev.new_zeros(0, dtype=torch.long)
+    rows = torch.cat([sel, torch.arange(Lc, N, device=ids.device)])
+    h = h[:, rows]
+    pe = (cos[:, rows], sin[:, rows])
+    cache.begin(rows=rows, kv_len=N)
+    for l in range(check_layer + 1, len(layers)):
+        h = _layer(layers[l], h, pe, rows[None], cache)
+    cache.length = N
+    cache._rows = None
+    h = base.norm(h[:, -logits_to_keep:])
+    return model.lm_head(h)[0], n_sel
+
+
+def _layer(layer, h, pe, pos, cache):
+    out = layer(h, attention_mask=None, position_ids=pos, past_key_values=cache, use_cache=True,
+                position_embeddings=pe, blockrag_cache=cache)
+    return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,248 @@
+"""Hooking block-attention into HF transformers without forking model code.
+
+* ``register()`` adds the attention implementation ``"blockrag"`` (``AttentionInterface.register``).
+  Without a :class:`BlockKVCache` in the call's kwargs it is exactly HF's SDPA path (so ``full`` mode and
+  ordinary ``generate`` keep working); with one, it calls ``attention_kv.kernels.attend`` on the stitched,
+  **un-rotated** cache (keys rotated in-kernel at contiguous positions).
+* :class:`BlockKVCache` is a duck-typed HF ``Cache``: static per-layer buffers (token-major
+  ``[layers, 1, max_len, Hkv, D]``), the question's keys are de-rotated on ``update`` so that the whole
+  buffer is un-rotated, and context blocks are loaded into it layer by layer (host->device copies on a
+  side stream, one CUDA event per layer that the layer's attention waits on).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .masks import attend_reference, get_attend
+from .rope import cos_sin, rope_params, unrotate
+
+ATTN_NAME = "blockrag"
+_registered = False
+
+
+def blockrag_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    cache = kwargs.pop("blockrag_cache", None)
+    if cache is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    out = cache.attend(module.layer_idx, query, key, value, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register the ``"blockrag"`` attention implementation once; returns its name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_NAME, blockrag_attention)
+        _registered = True
+    return ATTN_NAME
+
+
+def use_blockrag_attention(model) -> None:
+    """Switch a loaded model to the ``blockrag`` implementation (SDPA when no BlockKVCache is passed)."""
+    register()
+    try:
+        model.set_attn_implementation(ATTN_NAME)
+    except Exception:  # older transformers
+        model.config._attn_implementation = ATTN_NAME
+
+
+def model_dims(model) -> tuple[int, int, int]:
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_key_value_heads, hd
+
+
+class BlockKVCache:
+    """Static stitched cache: ``prefix + chunks`` (loaded) followed by question / generated tokens."""
+
+    is_compileable = False
+    is_sliding = [False]
+
+    def __init__(self, model, max_len: int, device=None, dtype=None, backend: str = "auto"):
+        p = next(model.parameters())
+        self.device = torch.device(device) if device is not None else p.device
+        self.dtype = dtype or p.dtype
+        self.n_layers, self.n_kv, self.head_dim = model_dims(model)
+        self.max_len = max_len
+        shape = (self.n_layers, 1, max_len, self.n_kv, self.head_dim)
+        self.k = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        inv_freq, self.rope_scaling = rope_params(model)
+        if self.rope_scaling != 1.0:
+            raise NotImplementedError("RoPE variants with attention scaling != 1 (YaRN/LongRoPE) are not supported")
+        self.inv_freq = inv_freq.to(self.device)
+        self.k_positions = torch.arange(max_len, device=self.device, dtype=torch.int32)
+        self.length = 0  # valid positions
+        self.backend = backend
+        self._attend = get_attend()
+        self._events = None
+        self._rows = None
+        self.k_block = None  # optional int32 [max_len] block ids (question rows see all anyway)
+        self.q_block = None
+
+    # ------------------------------------------------------------------ loading context blocks
+    def load(self, parts: Sequence, start: int = 0, stream: torch.cuda.Stream | None = None) -> int:
+        """Copy ``parts`` (ChunkKV, host or device) into positions ``start..``, layer by layer.
+
+        On CUDA with ``stream``, copies are issued on that stream and one event per layer is recorded;
+        the attention of layer ``l`` then waits only for layer ``l``'s copies (copy/compute overlap).
+        Returns the new length.
+        """
+        total = start + sum(p.n_tokens for p in parts)
+        if total > self.max_len:
+            raise ValueError(f"context of {total} tokens exceeds the cache's max_len {self.max_len}")
+        use_stream = stream is not None and self.device.type == "cuda"
+        if use_stream:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._events = [torch.cuda.Event() for _ in range(self.n_layers)]
+        ctx = torch.cuda.stream(stream) if use_stream else _nullcontext()
+        with ctx:
+            for l in range(self.n_layers):
+                off = start
+                for p in parts:
+                    n = p.n_tokens
+                    if p.scale is None:
+                        src = p.kv[l]
+                        self.k[l, 0, off:off + n].copy_(src[:, 0], non_blocking=True)
+                        self.v[l, 0, off:off + n].copy_(src[:, 1], non_blocking=True)
+                    else:  # int8: move the bytes, dequantise on the device
+                        q = p.kv[l].to(self.device, non_blocking=True)
+                        s = p.scale[l].to(self.device, non_blocking=True)
+                        deq = (q.float() * s).to(self.dtype)
+                        self.k[l, 0, off:off + n] = deq[:, 0]
+                        self.v[l, 0, off:off + n] = deq[:, 1]
+                    off += n
+                if use_stream:
+                    self._events[l].record(stream)
+        self.length = total
+        return total
+
+    def load_gathered(self, parts_gpu: Sequence, start: int = 0) -> int:
+        """Device-resident blocks: one ``torch.cat`` per layer and K/V (no per-chunk copies)."""
+        n = sum(p.n_tokens for p in parts_gpu)
+        for l in range(self.n_layers):
+            torch.cat([p.kv[l, :, 0] for p in parts_gpu], dim=0, out=self.k[l, 0, start:start + n])
+            torch.cat([p.kv[l, :, 1] for p in parts_gpu], dim=0, out=self.v[l, 0, start:start + n])
+        self.length = start + n
+        return self.length
+
+    def drop_events(self) -> None:
+        self._events = None
+
+    # ------------------------------------------------------------------ HF Cache protocol
+    def begin(self, start: int | None = None, n: int = 1, rows: torch.Tensor | None = None,
+              kv_len: int | None = None) -> None:
+        """Declare the positions of the next forward's tokens: ``start..start+n`` or explicit ``rows``."""
+        if rows is None:
+            start = self.length if start is None else start
+            self._span = (start, start + n)
+            self._rows = None
+            pos = torch.arange(start, start + n, device=self.device)
+            self._kv_len = kv_len or start + n
+        else:
+            self._rows = rows.to(self.device)
+            self._span = None
+            pos = self._rows
+            self._kv_len = kv_len or int(rows.max().item()) + 1
+        self._cos, self._sin = cos_sin(pos, self.inv_freq)
+
+    def end(self) -> None:
+        if self._span is not None:
+            self.length = max(self.length, self._span[1])
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        ku = unrotate(key_states, self._cos, self._sin, self.dtype)  # [1, Hkv, T, D]
+        if self._rows is None:
+            s, e = self._span
+            self.k[layer_idx, :, s:e] = ku.transpose(1, 2)
+            self.v[layer_idx, :, s:e] = value_states.transpose(1, 2).to(self.dtype)
+        else:
+            self.k[layer_idx, 0].index_copy_(0, self._rows, ku[0].transpose(0, 1))
+            self.v[layer_idx, 0].index_copy_(0, self._rows, value_states[0].transpose(0, 1).to(self.dtype))
+        L = self._kv_len
+        return self.k[layer_idx, :, :L].transpose(1, 2), self.v[layer_idx, :, :L].transpose(1, 2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_len
+
+    def __len__(self) -> int:
+        return self.n_layers
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, layer_idx: int, q, k, v, scaling):
+        if self._events is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._events[layer_idx])
+        L = k.shape[2]
+        if self._rows is None:
+            kb = qb = None
+            if self.k_block is not None:
+                kb = self.k_block[:L]
+                qb = self.q_block
+            return self._attend(q, k, v, q_start=self._span[0], q_block=qb, k_block=kb,
+                                k_positions=self.k_positions[:L], inv_freq=self.inv_freq, scale=scaling,
+                                backend=self.backend)
+        return attend_reference(q, k, v, q_rows=self._rows, k_positions=self.k_positions[:L],
+                                inv_freq=self.inv_freq, scale=scaling)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def forward_block(model, cache: BlockKVCache, input_ids: torch.Tensor, start: int | None = None,
+                  logits_to_keep: int = 1) -> torch.Tensor:
+    """One forward of a contiguous block of tokens (question or one decoded token) against ``cache``."""
+    n = input_ids.shape[-1]
+    start = cache.length if start is None else start
+    cache.begin(start, n)
+    pos = torch.arange(start, start + n, device=input_ids.device)[None]
+    out = model(input_ids=input_ids.view(1, -1), position_ids=pos, past_key_values=cache, use_cache=True,
+                blockrag_cache=cache, logits_to_keep=logits_to_keep)
+    cache.end()
+    return out.logits
+
+
+class GraphedBlockForward:
+    """CUDA-graph capture of :func:`forward_block` for fixed (start, n): removes per-layer launch overhead.
+
+    The context buffers are static, so any stitched context of the same length replays the same graph.
+    ``replay(ids)`` returns (logits[1, V], argmax token) device tensors.
+    """
+
+    def __init__(self, model, cache: BlockKVCache, start: int, n: int, warmup: int = 2):
+        self.model, self.cache, self.start, self.n = model, cache, start, n
+        dev = cache.device
+        self.ids = torch.zeros(1, n, dtype=torch.long, device=dev)
+        saved = cache.length
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(warmup):
+                forward_block(model, cache, self.ids, start)
+        torch.cuda.current_stream(dev).wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = forward_block(model, cache, self.ids, start)[:, -1]
+            self.token = self.logits.argmax(-1)
+        cache.length = saved
+
+    def replay(self, ids: torch.Tensor):
+        self.ids.copy_(ids.view(1, -1), non_blocking=True)
+        self.graph.replay()
+        self.cache.length = self.start + self.n
+        return self.logits, self.token
