@@ -299,7 +299,7 @@ if HAS_TRITON:
             cur = tl.min(tl.where(n_ok, kidx, _BIG_C), 0)
             while cur < _BIG_C:
                 vals = tl.sum(tl.where((kidx == cur)[None, :], p, 0.0), 1)
-                tl.atomic_add(mass_row + cur, vals, mask=r_ok & (cur < NB))
+                tl.atomic_add(mass_row + cur, vals, mask=r_ok & ((sel * 0 + cur) < NB))
                 cur = tl.min(tl.where(n_ok & (kidx > cur), kidx, _BIG_C), 0)
 
 
