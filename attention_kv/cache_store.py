@@ -35,12 +35,14 @@ class KVCacheMismatch(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- prompt layout
-def prompt_parts(tokenizer, system_prompt: str | None = None) -> tuple[str, str]:
+def prompt_parts(tokenizer, system_prompt: str | None = None, prefix: str | None = None) -> tuple[str, str]:
     """(prefix text, question template) for a chat model; ``{question}`` is filled in at query time.
 
     The prefix ends inside the user turn, so passages follow it and the question closes the turn.
     """
     system_prompt = system_prompt or DEFAULT_SYSTEM_PROMPT
+    if prefix is not None:  # explicit prefix text (may be empty: then each block is its own sink)
+        return prefix, "Question: {question}\nAnswer:"
     if getattr(tokenizer, "chat_template", None):
         marker = "\x00QUESTION\x00"
         text = tokenizer.apply_chat_template(
@@ -196,13 +198,14 @@ class KVCacheStore:
     """Per-chunk KV caches for one (model, tokenizer, prefix).
 
     ``KVCacheStore(folder, model, tokenizer, system_prompt=None, dtype=torch.bfloat16, quant=None,
-    lru_bytes=1<<30)``; ``add(chunks) -> int`` (chunks newly encoded), ``delete(chunk_ids) -> int``,
+    lru_bytes=1<<30, model_name=None, batch_size=8, prefix=None)`` (``prefix`` overrides the chat-template
+    prefix text verbatim); ``add(chunks) -> int`` (chunks newly encoded), ``delete(chunk_ids) -> int``,
     ``get(chunk) -> ChunkKV``, ``prefix_kv() -> ChunkKV``, ``chunk_token_ids(chunk)``, ``question_ids(q)``.
     """
 
     def __init__(self, folder: str | Path, model, tokenizer, *, system_prompt: str | None = None,
                  dtype: torch.dtype = torch.bfloat16, quant: str | None = None, lru_bytes: int = 1 << 30,
-                 model_name: str | None = None, batch_size: int = 8):
+                 model_name: str | None = None, batch_size: int = 8, prefix: str | None = None):
         from rag.models import tokenizer_hash
 
         if quant not in (None, "int8"):
@@ -211,7 +214,7 @@ class KVCacheStore:
         (self.folder / "chunks").mkdir(parents=True, exist_ok=True)
         self.model, self.tokenizer = model, tokenizer
         self.dtype, self.quant, self.batch_size = dtype, quant, batch_size
-        self.prefix_text, self.question_template = prompt_parts(tokenizer, system_prompt)
+        self.prefix_text, self.question_template = prompt_parts(tokenizer, system_prompt, prefix)
         self.prefix_ids = tokenizer(self.prefix_text, add_special_tokens=False)["input_ids"]
         self.sep_ids = tokenizer(PASSAGE_SEPARATOR, add_special_tokens=False)["input_ids"]
         cfg = model.config
@@ -339,9 +342,13 @@ class KVCacheStore:
         path = self.folder / "prefix.safetensors"
         if path.exists():
             return
-        prefix_kv, _ = encode_blocks(self.model, self.prefix_ids, [], self.batch_size, False)
+        if self.prefix_ids:
+            prefix_kv, _ = encode_blocks(self.model, self.prefix_ids, [], self.batch_size, False)
+        else:
+            i = self.identity
+            prefix_kv = torch.zeros(i["n_layers"], 0, 2, i["n_kv_heads"], i["head_dim"])
         tensors = {"token_ids": torch.tensor(self.prefix_ids, dtype=torch.int32),
-                   "kv": prefix_kv.to(self.dtype if self.dtype != torch.int8 else torch.bfloat16).contiguous()}
+                   "kv": prefix_kv.to(self.dtype).contiguous()}
         _atomic_save(path, tensors, {k: str(v) for k, v in self.identity.items()})
 
     # ---------------------------------------------------------------- load

@@ -39,8 +39,11 @@ def register() -> str:
     global _registered
     if not _registered:
         from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
         AttentionInterface.register(ATTN_NAME, blockrag_attention)
+        # HF builds SDPA masks for the fallback path; our own calls pass a dummy 4D mask (skips creation).
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
         _registered = True
     return ATTN_NAME
 
@@ -85,6 +88,7 @@ class BlockKVCache:
         self._attend = get_attend()
         self._events = None
         self._rows = None
+        self.dummy_mask = torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=self.device)
         self.k_block = None  # optional int32 [max_len] block ids (question rows see all anyway)
         self.q_block = None
 
@@ -212,7 +216,7 @@ def forward_block(model, cache: BlockKVCache, input_ids: torch.Tensor, start: in
     cache.begin(start, n)
     pos = torch.arange(start, start + n, device=input_ids.device)[None]
     out = model(input_ids=input_ids.view(1, -1), position_ids=pos, past_key_values=cache, use_cache=True,
-                blockrag_cache=cache, logits_to_keep=logits_to_keep)
+                attention_mask=cache.dummy_mask, blockrag_cache=cache, logits_to_keep=logits_to_keep)
     cache.end()
     return out.logits
 

@@ -1,0 +1,154 @@
+"""attention_kv on CPU with the real SmolLM2-135M-Instruct (fp32 model, fp32 KV caches for exactness).
+
+Tolerances: fp32 end to end, so question-block logits agree with the reference to ~1e-4 absolute
+(logits are O(10)); we assert max |diff| < 2e-3.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+TOL = 2e-3
+TEXTS = [
+    "Zorblat Industries is headquartered in Vrendale, a river port on the Ulm.",
+    "Mira Kesh works for Zorblat Industries as a chemist and was born in Trosk.",
+    "The mayor of Vrendale is Tomas Ulk, elected in 2011.",
+]
+QUESTION = "Which company does Mira Kesh work for?"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from rag.models import ModelNotAvailable, load_generator
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is faster on a shared CPU
+    try:
+        model, tok = load_generator(None, dtype=torch.float32, device="cpu")
+    except (ModelNotAvailable, OSError, ImportError) as err:  # pragma: no cover
+        pytest.skip(f"SmolLM2 not available: {err}")
+    from attention_kv.hf_integration import use_blockrag_attention
+
+    use_blockrag_attention(model)
+    yield model, tok
+    torch.set_num_threads(threads)
+
+
+def _chunks(tok, texts=TEXTS):
+    from rag.documents import Chunk
+
+    return [Chunk(id=f"c{i}", doc_id="d", position=i, text=t,
+                  token_ids=tok(t, add_special_tokens=False)["input_ids"]) for i, t in enumerate(texts)]
+
+
+def _gen(smol, tmp_path, **kw):
+    from attention_kv import Generator, KVCacheStore
+
+    model, tok = smol
+    store = KVCacheStore(tmp_path / "kv", model, tok, dtype=torch.float32, **kw)
+    return Generator(model=model, tokenizer=tok, store=store)
+
+
+@torch.no_grad()
+def test_turbo_equals_block_masked_full_forward(smol, tmp_path):
+    """No shared prefix: each passage sees only itself, so the cached pass is exactly a full forward with
+    the block mask at contiguous positions (RoPE relative => un-rotated caches are position-free)."""
+    from attention_kv.masks import block_ids, block_mask_4d
+
+    model, tok = smol
+    gen = _gen(smol, tmp_path, prefix="")
+    chunks = _chunks(tok)
+    logits, info = gen.prefill(QUESTION, chunks, "turbo")
+    blocks = [gen.store.chunk_token_ids(c) for c in chunks]
+    q_ids = gen.store.question_ids(QUESTION)
+    ids = torch.tensor([[t for b in blocks for t in b] + q_ids])
+    bid = block_ids(0, [len(b) for b in blocks], len(q_ids))
+    mask = block_mask_4d(bid, torch.float32)
+    ref = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1])[None]).logits[0]
+    ref = ref[-len(q_ids):]
+    assert logits.shape == ref.shape
+    assert (logits - ref).abs().max().item() < TOL
+    # 'block' is the same computation
+    logits_b, _ = gen.prefill(QUESTION, chunks, "block")
+    assert torch.equal(logits_b, logits)
+
+
+@torch.no_grad()
+def test_turbo_equals_hf_stitched_cache(smol, tmp_path):
+    """With the shared prefix: each chunk encoded by plain HF after the prefix, keys re-rotated in float64 to
+    contiguous positions, HF's own DynamicCache + question forward (SDPA) == our turbo path."""
+    from transformers import DynamicCache
+
+    from attention_kv.rope import cos_sin, rotate_half
+
+    model, tok = smol
+    gen = _gen(smol, tmp_path)
+    chunks = _chunks(tok)
+    logits, _ = gen.prefill(QUESTION, chunks, "turbo")
+    P = len(gen.store.prefix_ids)
+    inv = model.model.rotary_emb.inv_freq.double()
+
+    def rot(x, pos, sign):
+        c, s = cos_sin(pos, inv.float())
+        f = pos.double()[:, None] * inv[None]
+        e = torch.cat([f, f], -1)
+        return x * e.cos() + sign * rotate_half(x) * e.sin()
+
+    ks = [[] for _ in range(model.config.num_hidden_layers)]
+    vs = [[] for _ in range(model.config.num_hidden_layers)]
+    off = P
+    for i, c in enumerate(chunks):
+        ids = gen.store.prefix_ids + gen.store.chunk_token_ids(c)
+        dc = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([ids]), past_key_values=dc, use_cache=True)
+        n = len(ids) - P
+        for l, layer in enumerate(dc.layers):
+            k, v = layer.keys.double(), layer.values
+            if i == 0:
+                ks[l].append(k[:, :, :P])
+                vs[l].append(v[:, :, :P])
+            ku = rot(k[:, :, P:], torch.arange(P, P + n), -1.0)
+            ks[l].append(rot(ku, torch.arange(off, off + n), 1.0))
+            vs[l].append(v[:, :, P:])
+        off += n
+    cache = DynamicCache(config=model.config)
+    for l in range(len(ks)):
+        cache.update(torch.cat(ks[l], 2).float(), torch.cat(vs[l], 2), l)
+    q_ids = gen.store.question_ids(QUESTION)
+    ref = model(input_ids=torch.tensor([q_ids]), past_key_values=cache, use_cache=True,
+                position_ids=torch.arange(off, off + len(q_ids))[None]).logits[0]
+    assert (logits - ref).abs().max().item() < TOL
+
+
+@torch.no_grad()
+def test_blend_full_recompute_equals_full(smol, tmp_path):
+    model, tok = smol
+    gen = _gen(smol, tmp_path)
+    chunks = _chunks(tok)
+    full, _ = gen.prefill(QUESTION, chunks, "full")
+    blend, info = gen.prefill(QUESTION, chunks, "blend", blend_ratio=1.0)
+    assert info["n_recomputed"] == info["n_context"]
+    assert (blend - full).abs().max().item() < TOL
+    turbo, _ = gen.prefill(QUESTION, chunks, "turbo")
+    partial, info = gen.prefill(QUESTION, chunks, "blend", blend_ratio=0.15)
+    assert 0 < info["n_recomputed"] < info["n_context"]
+    # partial recompute moves the logits towards full
+    assert (partial - full).abs().mean() < (turbo - full).abs().mean()
+
+
+def test_generate_api_streaming(smol, tmp_path):
+    model, tok = smol
+    gen = _gen(smol, tmp_path)
+    chunks = _chunks(tok)
+    res = gen.generate(QUESTION, chunks, mode="turbo", max_new_tokens=6)
+    assert res.mode == "turbo" and res.chunk_ids == ["c0", "c1", "c2"]
+    assert res.ttft_ms > 0 and 0 < len(res.token_ids) <= 6
+    s = gen.generate(QUESTION, chunks, mode="turbo", max_new_tokens=6, stream=True)
+    pieces = list(s)
+    assert s.result is not None and "".join(pieces).strip() == s.result.answer == res.answer
+    full = gen.generate(QUESTION, chunks, mode="full", max_new_tokens=6)
+    assert full.n_context_tokens == res.n_context_tokens
+    with pytest.raises(ValueError):
+        gen.generate(QUESTION, chunks, mode="nope")
