@@ -30,6 +30,8 @@ from attention_kv.kernels import attend_reference, make_block_ids, visibility_ma
 from attention_kv.kernels.triton_attention import attend_triton, default_config
 
 HQ, HKV, D = 32, 8, 128
+SWEEP_DECODE = ((128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))
+SWEEP_PREFILL = ((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3))
 DT = torch.bfloat16
 THETA = 500000.0  # Llama-3
 
@@ -68,6 +70,41 @@ def bench(fn, target_ms: float = 300.0, min_runs: int = 10, max_runs: int = 200)
     torch.cuda.synchronize()
     t = sorted(a.elapsed_time(b) for a, b in zip(st, en))
     return dict(ms=statistics.median(t), p10=t[int(0.1 * (n - 1))], p90=t[int(0.9 * (n - 1))], runs=n)
+
+
+def bench_graph(fn, target_ms: float = 300.0) -> dict | None:
+    """Same, but fn captured once in a CUDA graph and the graph replayed: device time without the
+    Python / launch overhead of the call (what a captured decode step or model layer sees)."""
+    try:
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(st)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        torch.cuda.synchronize()
+    except Exception as ex:  # noqa: BLE001
+        log(f"    (graph capture failed: {type(ex).__name__}: {str(ex).splitlines()[0][:120]})")
+        torch.cuda.synchronize()
+        return None
+    r = bench(g.replay, target_ms=target_ms)
+    del g
+    return r
+
+
+def cpu_us(fn, n: int = 50) -> float:
+    """Host time per call with the GPU queue running ahead (launch + Python overhead)."""
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / n * 1e6
 
 
 def ceilings() -> dict:
@@ -163,6 +200,12 @@ def correctness(inv_freq) -> list:
           lambda: attend_triton(q, k, v, inv_freq=inv_freq, k_positions=kpos),
           lambda: attend_reference(q, k, v, inv_freq=inv_freq, k_positions=kpos),
           lambda: naive64(q, apply_rope(k, kpos, inv_freq), v, mask, scale))
+    kpos2 = torch.arange(Lk, device="cuda") + 30000  # large angles: checks the sin/cos range reduction
+    for mode in ("fast", "libdevice"):
+        check(f"question 50 x 4133, RoPE on load (pos+30000, {mode} sin/cos)",
+              lambda: attend_triton(q, k, v, inv_freq=inv_freq, k_positions=kpos2, rope_mode=mode),
+              lambda: attend_reference(q, k, v, inv_freq=inv_freq, k_positions=kpos2),
+              lambda: naive64(q, apply_rope(k, kpos2, inv_freq), v, mask, scale))
     check("question, RoPE on load == pre-rotated (bf16-rounded) keys",
           lambda: attend_triton(q, k, v, inv_freq=inv_freq, k_positions=kpos),
           lambda: attend_reference(q, k_rot, v))
@@ -250,31 +293,38 @@ def bench_decode(ceil, inv_freq, lengths, sweep: bool) -> list:
             ("ours, RoPE on load", lambda: attend_triton(q, k, v, inv_freq=inv_freq, k_positions=kpos)),
         ]
         if sweep and Lk in (8192, 32768):
-            for bm, bn, nw, ns in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2)):
+            variants.append(("ours, RoPE on load, libdevice sin/cos", lambda: attend_triton(
+                q, k, v, inv_freq=inv_freq, k_positions=kpos, rope_mode="libdevice")))
+            for bm, bn, nw, ns in SWEEP_DECODE:
                 variants.append((f"ours bm{bm} bn{bn} w{nw} s{ns}", lambda bm=bm, bn=bn, nw=nw, ns=ns: attend_triton(
                     q, k, v, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)))
-            for pps in (1.0, 4.0, 8.0):
+            for pps in (1.0, 3.0):
                 variants.append((f"ours pps{pps:g}", lambda pps=pps: attend_triton(q, k, v, programs_per_sm=pps)))
-            variants.append(("ours no split", lambda: attend_triton(q, k, v, chunk=1 << 20)))
+        sname, sfn, se = pick_sdpa(sdpa_decode_candidates(q, k, v), ref)
+        if sfn is not None:
+            variants.append((f"sdpa ({sname})", sfn))
         for name, fn in variants:
             try:
                 o = fn()
-                e = rel(o, ref) if "RoPE" not in name else rel(o, attend_reference(q, k, v, inv_freq=inv_freq, k_positions=kpos))
+                if "RoPE" in name:
+                    e = rel(o, attend_reference(q, k, v, inv_freq=inv_freq, k_positions=kpos))
+                else:
+                    e = rel(o, ref)
                 t = bench(fn)
-                gbs = kv_bytes / (t["ms"] * 1e-3) / 1e9
+                tg = bench_graph(fn)
+                cu = cpu_us(fn)
+                dev_ms = tg["ms"] if tg else t["ms"]
+                gbs = kv_bytes / (dev_ms * 1e-3) / 1e9
                 rows.append(dict(bench="question", Lk=Lk, impl=name, ms=t["ms"], p10=t["p10"], p90=t["p90"],
+                                 graph_ms=tg["ms"] if tg else None, graph_p10=tg["p10"] if tg else None,
+                                 graph_p90=tg["p90"] if tg else None, cpu_us=cu,
                                  GBps=gbs, pct_copy=100 * gbs / ceil["copy_GBps"], rel_err=e))
-                log(f"  Lk={Lk:6d} {name:40s} {t['ms']:.4f} ms  {gbs:7.0f} GB/s  {100 * gbs / ceil['copy_GBps']:5.1f}%  err {e:.2g}")
+                log(f"  Lk={Lk:6d} {name:44s} call {t['ms']:.4f} ms  graph {dev_ms:.4f} ms "
+                    f"[{(tg or t)['p10']:.4f}-{(tg or t)['p90']:.4f}]  cpu {cu:5.0f} us  {gbs:6.0f} GB/s "
+                    f"{100 * gbs / ceil['copy_GBps']:5.1f}%  err {e:.2g}")
             except Exception as ex:  # noqa: BLE001
                 log(f"  Lk={Lk} {name}: FAILED {type(ex).__name__}: {ex}")
                 traceback.print_exc()
-        sname, sfn, se = pick_sdpa(sdpa_decode_candidates(q, k, v), ref)
-        if sfn is not None:
-            t = bench(sfn)
-            gbs = kv_bytes / (t["ms"] * 1e-3) / 1e9
-            rows.append(dict(bench="question", Lk=Lk, impl=f"sdpa ({sname})", ms=t["ms"], p10=t["p10"], p90=t["p90"],
-                             GBps=gbs, pct_copy=100 * gbs / ceil["copy_GBps"], rel_err=se))
-            log(f"  Lk={Lk:6d} sdpa ({sname}) {t['ms']:.4f} ms  {gbs:7.0f} GB/s")
         del q, k, v
         torch.cuda.empty_cache()
     return rows
@@ -297,21 +347,38 @@ def bench_prefill(ceil, Ns, sweep: bool) -> list:
         mrows = torch.arange(L - 32, L, device="cuda")
         ref = attend_reference(q, k, v, q_start=0, q_block=ids, k_block=ids) if N <= 50 else None
 
-        def rec(name, fn, err=None):
+        def rec(name, fn, err=None, graph=True):
             t = bench(fn)
-            tf = flops / (t["ms"] * 1e-3) / 1e12
+            tg = bench_graph(fn) if graph else None
+            cu = cpu_us(fn, n=10)
+            dev_ms = tg["ms"] if tg else t["ms"]
+            tf = flops / (dev_ms * 1e-3) / 1e12
+            tf_call = flops / (t["ms"] * 1e-3) / 1e12
             rows.append(dict(bench="blockrank_prefill", N=N, L=L, impl=name, ms=t["ms"], p10=t["p10"], p90=t["p90"],
-                             TFLOPs=tf, pct_matmul=100 * tf / ceil["matmul_TFLOPs"], visible_pairs=pairs,
+                             graph_ms=tg["ms"] if tg else None, cpu_us=cu, TFLOPs=tf, TFLOPs_call=tf_call,
+                             pct_matmul=100 * tf / ceil["matmul_TFLOPs"], visible_pairs=pairs,
                              density=pairs / (L * (L + 1) / 2), rel_err=err))
-            log(f"  N={N:3d} L={L:5d} {name:48s} {t['ms']:8.3f} ms  {tf:6.1f} TFLOP/s  {100 * tf / ceil['matmul_TFLOPs']:5.1f}%")
+            log(f"  N={N:3d} L={L:5d} {name:50s} call {t['ms']:8.3f} ms  graph {dev_ms:8.3f} ms  cpu {cu:6.0f} us "
+                f"{tf:6.1f} TFLOP/s (call {tf_call:6.1f})  {100 * tf / ceil['matmul_TFLOPs']:5.1f}%")
 
         variants = [("ours", lambda: attend_triton(q, k, v, q_start=0, q_block=ids, k_block=ids)),
                     ("ours + block mass (32 rows)", lambda: attend_triton(q, k, v, q_start=0, q_block=ids, k_block=ids,
                                                                           mass_rows=mrows))]
         if sweep and N in (50, 200):
-            for bm, bn, nw, ns in ((128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 3)):
+            for bm, bn, nw, ns in SWEEP_PREFILL:
                 variants.append((f"ours bm{bm} bn{bn} w{nw} s{ns}", lambda bm=bm, bn=bn, nw=nw, ns=ns: attend_triton(
                     q, k, v, q_start=0, q_block=ids, k_block=ids, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)))
+        fresh = [ids.clone() for _ in range(64)]
+
+        def uncached():  # new ids tensor each call: builds the tile table and work plan (one host sync)
+            x = fresh.pop()
+            fresh.insert(0, x.add_(0))  # bump the version: cache miss
+            return attend_triton(q, k, v, q_start=0, q_block=x, k_block=x)
+
+        try:
+            rec("ours, plan rebuilt every call (first layer)", uncached, graph=False)
+        except Exception as ex:  # noqa: BLE001
+            log(f"  N={N} uncached: FAILED {type(ex).__name__}: {ex}")
         for name, fn in variants:
             try:
                 o = fn()
@@ -332,7 +399,8 @@ def bench_prefill(ceil, Ns, sweep: bool) -> list:
                     return F.scaled_dot_product_attention(q, ke, ve, attn_mask=add)
 
             o = sdpa_mask()
-            rec("sdpa efficient + explicit mask (K/V expanded)", sdpa_mask, rel(o, ref) if ref is not None else None)
+            rec("sdpa efficient + explicit mask (K/V expanded)", sdpa_mask, rel(o, ref) if ref is not None else None,
+                graph=N <= 100)
             del add, ke, ve
         except Exception as ex:  # noqa: BLE001
             log(f"  N={N} sdpa masked: FAILED {type(ex).__name__}: {str(ex)[:200]}")
@@ -344,7 +412,7 @@ def bench_prefill(ceil, Ns, sweep: bool) -> list:
 
         try:
             sdpa_dense()
-            rec("sdpa flash dense causal (ignores blocks; more work)", sdpa_dense)
+            rec("sdpa flash dense causal (ignores blocks; more work)", sdpa_dense, graph=N <= 100)
         except Exception as ex:  # noqa: BLE001
             log(f"  N={N} sdpa dense gqa: FAILED {type(ex).__name__}: {str(ex)[:200]}")
             try:
@@ -364,20 +432,28 @@ def bench_prefill(ceil, Ns, sweep: bool) -> list:
     return rows
 
 
+def _f(x, fmt):
+    return format(x, fmt) if x is not None else "-"
+
+
 def table(ceil, dec, pre) -> str:
-    lines = [f"device: {torch.cuda.get_device_name()}  copy {ceil['copy_GBps']:.0f} GB/s (read+write)  "
-             f"bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s  (measured in this run)"]
-    lines.append("(a) 50-token question over a cache, Llama-3-8B heads (32q/8kv, d=128, bf16)")
-    lines.append(f"{'Lk':>6} | {'impl':<52} | {'ms':>8} | {'K/V GB/s':>8} | {'% copy':>6}")
+    lines = [f"device: {torch.cuda.get_device_name()}; measured in this run: copy {ceil['copy_GBps']:.0f} GB/s "
+             f"(read+write), bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s"]
+    lines.append("(a) 50-token question over a cache, Llama-3-8B heads (32q/8kv, d=128, bf16). call = per call from "
+                 "Python (L2 flushed); graph = CUDA-graph replay (device time); GB/s and % copy from graph time")
+    lines.append(f"{'Lk':>6} | {'impl':<50} | {'call ms':>8} | {'graph ms':>8} | {'K/V GB/s':>8} | {'% copy':>6}")
     keep = ("ours", "ours, RoPE on load")
     for r in dec:
         if r["impl"] in keep or r["impl"].startswith("sdpa"):
-            lines.append(f"{r['Lk']:>6} | {r['impl'][:52]:<52} | {r['ms']:8.4f} | {r['GBps']:8.0f} | {r['pct_copy']:6.1f}")
-    lines.append("(b) BlockRank prefill: 64 instr + N x 160 docs + 32 query; TFLOP/s on visible pairs only")
-    lines.append(f"{'N':>4} | {'L':>6} | {'impl':<52} | {'ms':>8} | {'TFLOP/s':>7} | {'% mm':>5}")
+            lines.append(f"{r['Lk']:>6} | {r['impl'][:50]:<50} | {r['ms']:8.4f} | {_f(r['graph_ms'], '8.4f'):>8} | "
+                         f"{r['GBps']:8.0f} | {r['pct_copy']:6.1f}")
+    lines.append("(b) BlockRank prefill: 64 instr + N x 160 docs + 32 query (q = k = all tokens); TFLOP/s counts "
+                 "visible query-key pairs only, from graph time where captured")
+    lines.append(f"{'N':>4} | {'L':>6} | {'impl':<50} | {'call ms':>8} | {'graph ms':>8} | {'TFLOP/s':>7} | {'% mm':>5}")
     for r in pre:
-        if r["impl"] in ("ours", "ours + block mass (32 rows)") or r["impl"].startswith("sdpa"):
-            lines.append(f"{r['N']:>4} | {r['L']:>6} | {r['impl'][:52]:<52} | {r['ms']:8.3f} | {r['TFLOPs']:7.1f} | {r['pct_matmul']:5.1f}")
+        if r["impl"].startswith("ours") and " bm" not in r["impl"] or r["impl"].startswith("sdpa"):
+            lines.append(f"{r['N']:>4} | {r['L']:>6} | {r['impl'][:50]:<50} | {r['ms']:8.3f} | "
+                         f"{_f(r['graph_ms'], '8.3f'):>8} | {r['TFLOPs']:7.1f} | {r['pct_matmul']:5.1f}")
     return "\n".join(lines)
 
 

@@ -60,12 +60,19 @@ def _cdiv(a: int, b: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _cos_sin(x, PRECISE: tl.constexpr):
-        # tl.cos / tl.sin lower to the fast approximate instructions on NVIDIA GPUs, which lose accuracy
-        # for |x| >> pi (positions up to 32K): use libdevice there. The interpreter has no libdevice.
-        if PRECISE:
+    def _cos_sin(x, ROPE_MODE: tl.constexpr):
+        # ROPE_MODE 1 (default): Cody-Waite reduction to [-pi, pi] with two fma, then tl.cos / tl.sin
+        # (the GPU's fast approximations are accurate to ~1e-6 there; unreduced they are not, positions reach
+        # 32K+). ROPE_MODE 2: libdevice cosf/sinf (precise, slower). ROPE_MODE 0: tl.cos / tl.sin as is.
+        if ROPE_MODE == 2:
             c = libdevice.cos(x)
             s = libdevice.sin(x)
+        elif ROPE_MODE == 1:
+            n = tl.floor(x * 0.15915494309189535 + 0.5)
+            r = tl.fma(n, -6.2831854820251465, x)  # fp32(2 pi)
+            r = tl.fma(n, 1.7484556000744883e-07, r)  # fp32(2 pi) - 2 pi
+            c = tl.cos(r)
+            s = tl.sin(r)
         else:
             c = tl.cos(x)
             s = tl.sin(x)
@@ -81,6 +88,64 @@ if HAS_TRITON:
         return r
 
     @triton.jit
+    def _fwd_inner(
+        acc, l_i, m_i, q1, q2, k_base, v_base, KB, KP, invf, TABLE, qt, n_kt, lo, hi, gq, qb,
+        skn, skd, svn, svd, Lk, qk_scale,
+        BLOCK_N: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+        USE_TABLE: tl.constexpr, ROPE_K: tl.constexpr, ROPE_MODE: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        offs_d = tl.arange(0, HALF)
+        offs_dv = tl.arange(0, 2 * HALF)
+        for it in range(lo, hi):
+            if USE_TABLE:
+                kt = tl.load(TABLE + qt * n_kt + it)
+            else:
+                kt = it
+            offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+            k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :] * skd
+            v_ptrs = v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd
+            if MASKED:
+                n_ok = offs_n < Lk
+                k1 = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+                k2 = tl.load(k_ptrs + HALF * skd, mask=n_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+            else:  # a tile fully inside the sequence and fully visible to every row of the query tile
+                k1 = tl.load(k_ptrs)
+                k2 = tl.load(k_ptrs + HALF * skd)
+                v = tl.load(v_ptrs)
+            if ROPE_K:
+                if MASKED:
+                    kp = tl.load(KP + offs_n, mask=n_ok, other=0).to(tl.float32)
+                else:
+                    kp = tl.load(KP + offs_n).to(tl.float32)
+                ck, sk = _cos_sin(kp[:, None] * invf[None, :], ROPE_MODE)
+                k1f = k1.to(tl.float32)
+                k2f = k2.to(tl.float32)
+                k1 = (k1f * ck - k2f * sk).to(k1.dtype)
+                k2 = (k2f * ck + k1f * sk).to(k2.dtype)
+            s = _dot(q1, tl.trans(k1), DOT_PREC, UPCAST)
+            s += _dot(q2, tl.trans(k2), DOT_PREC, UPCAST)
+            s = s * qk_scale
+            if MASKED:
+                vis = (offs_n[None, :] <= gq[:, None]) & n_ok[None, :]
+                if HAS_BLOCKS:
+                    kb = tl.load(KB + offs_n, mask=n_ok, other=0)
+                    vis = vis & ((kb[None, :] == 0) | (qb[:, None] < 0) | (kb[None, :] == qb[:, None]))
+                s = tl.where(vis, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = m_new
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
     def _attn_fwd(
         Q, K, V, O, LSE, PO, PL,
         QB, KB, QP, KP, INVF,
@@ -92,7 +157,7 @@ if HAS_TRITON:
         Hkv, G, Lq, Lk, q_start, n_kt, CH, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr,
         HAS_BLOCKS: tl.constexpr, USE_TABLE: tl.constexpr, ROPE_K: tl.constexpr, ROPE_Q: tl.constexpr,
-        STORE_LSE: tl.constexpr, PRECISE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        STORE_LSE: tl.constexpr, ROPE_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
         w = tl.program_id(0)
         bh = tl.program_id(1)
@@ -119,9 +184,11 @@ if HAS_TRITON:
         q2 = tl.load(q_ptrs + HALF * sqd, mask=row_ok[:, None], other=0.0)
         if ROPE_K or ROPE_Q:
             invf = tl.load(INVF + offs_d)
+        else:
+            invf = tl.zeros([HALF], tl.float32)
         if ROPE_Q:
             qp = tl.load(QP + i, mask=row_ok, other=0).to(tl.float32)
-            cq, sq = _cos_sin(qp[:, None] * invf[None, :], PRECISE)
+            cq, sq = _cos_sin(qp[:, None] * invf[None, :], ROPE_MODE)
             q1f = q1.to(tl.float32)
             q2f = q2.to(tl.float32)
             q1 = (q1f * cq - q2f * sq).to(Q.dtype.element_ty)
@@ -129,45 +196,32 @@ if HAS_TRITON:
         gq = q_start + i
         if HAS_BLOCKS:
             qb = tl.load(QB + i, mask=row_ok, other=0)
+        else:
+            qb = gq
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, 2 * HALF], tl.float32)
         k_base = K + b * skb + kvh * skh
         v_base = V + b * svb + kvh * svh
-        for it in range(lo, hi):
-            if USE_TABLE:
-                kt = tl.load(TABLE + qt * n_kt + it)
-            else:
-                kt = it
-            offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < Lk
-            k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :] * skd
-            k1 = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
-            k2 = tl.load(k_ptrs + HALF * skd, mask=n_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=n_ok[:, None], other=0.0)
-            if ROPE_K:
-                kp = tl.load(KP + offs_n, mask=n_ok, other=0).to(tl.float32)
-                ck, sk = _cos_sin(kp[:, None] * invf[None, :], PRECISE)
-                k1f = k1.to(tl.float32)
-                k2f = k2.to(tl.float32)
-                k1 = (k1f * ck - k2f * sk).to(K.dtype.element_ty)
-                k2 = (k2f * ck + k1f * sk).to(K.dtype.element_ty)
-            s = _dot(q1, tl.trans(k1), DOT_PREC, UPCAST)
-            s += _dot(q2, tl.trans(k2), DOT_PREC, UPCAST)
-            s = s * qk_scale
-            vis = (offs_n[None, :] <= gq[:, None]) & n_ok[None, :]
-            if HAS_BLOCKS:
-                kb = tl.load(KB + offs_n, mask=n_ok, other=0)
-                vis = vis & ((kb[None, :] == 0) | (qb[:, None] < 0) | (kb[None, :] == qb[:, None]))
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(V.dtype.element_ty), v, DOT_PREC, UPCAST)
-            m_i = m_new
+        if USE_TABLE:
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q1, q2, k_base, v_base, KB, KP, invf, TABLE, qt, n_kt, lo, hi, gq, qb,
+                skn, skd, svn, svd, Lk, qk_scale,
+                BLOCK_N, HALF, True, HAS_BLOCKS, True, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST)
+        else:
+            # causal range: tiles below the tile's first row (and inside Lk) need no mask at all
+            i_first = (qt * BLOCK_M) // G
+            n_full = tl.minimum((q_start + i_first + 1) // BLOCK_N, Lk // BLOCK_N)
+            mid = tl.maximum(lo, tl.minimum(hi, n_full))
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q1, q2, k_base, v_base, KB, KP, invf, TABLE, qt, n_kt, lo, mid, gq, qb,
+                skn, skd, svn, svd, Lk, qk_scale,
+                BLOCK_N, HALF, False, False, False, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST)
+            acc, l_i, m_i = _fwd_inner(
+                acc, l_i, m_i, q1, q2, k_base, v_base, KB, KP, invf, TABLE, qt, n_kt, mid, hi, gq, qb,
+                skn, skd, svn, svd, Lk, qk_scale,
+                BLOCK_N, HALF, True, False, False, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -236,7 +290,7 @@ if HAS_TRITON:
         Hkv, G, Lq, Lk, q_start, R, NB, CHT, n_kt_causal, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr,
         HAS_BLOCKS: tl.constexpr, ROPE_K: tl.constexpr, ROPE_Q: tl.constexpr,
-        PRECISE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        ROPE_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
         kc = tl.program_id(0)
         bh = tl.program_id(1)
@@ -257,7 +311,7 @@ if HAS_TRITON:
             invf = tl.load(INVF + offs_d)
         if ROPE_Q:
             qp = tl.load(QP + i, mask=r_ok, other=0).to(tl.float32)
-            cq, sq = _cos_sin(qp[:, None] * invf[None, :], PRECISE)
+            cq, sq = _cos_sin(qp[:, None] * invf[None, :], ROPE_MODE)
             q1f = q1.to(tl.float32)
             q2f = q2.to(tl.float32)
             q1 = (q1f * cq - q2f * sq).to(Q.dtype.element_ty)
@@ -279,7 +333,7 @@ if HAS_TRITON:
             k2 = tl.load(k_ptrs + HALF * skd, mask=n_ok[:, None], other=0.0)
             if ROPE_K:
                 kp = tl.load(KP + offs_n, mask=n_ok, other=0).to(tl.float32)
-                ck, sk = _cos_sin(kp[:, None] * invf[None, :], PRECISE)
+                ck, sk = _cos_sin(kp[:, None] * invf[None, :], ROPE_MODE)
                 k1f = k1.to(tl.float32)
                 k2f = k2.to(tl.float32)
                 k1 = (k1f * ck - k2f * sk).to(K.dtype.element_ty)
@@ -394,6 +448,19 @@ def _work_plan(cnt: np.ndarray, n_bh: int, n_sm: int, programs_per_sm: float, ch
 _PLAN_CACHE: dict = {}
 LAST_LAUNCH: dict = {}  # compiled kernels of the last call (registers / spills, for the benchmark)
 _DUMMY: dict = {}
+_PLAN_CACHE_MAX = 64
+
+
+def _tensor_key(t):
+    if isinstance(t, torch.Tensor):
+        return (t.data_ptr(), t._version, t.numel(), t.dtype, str(t.device), t.stride())
+    return ("seq", tuple(int(x) for x in t))
+
+
+def _cache_put(key, plan):
+    if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
+        _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
+    _PLAN_CACHE[key] = plan
 
 
 def _dummies(dev):
@@ -408,8 +475,7 @@ def _upload_plan(plan: dict, device) -> dict:
     arrs = [plan["w_qt"], plan["w_c"], plan["nch"], plan["pbase"], plan["cnt"], plan["r_qt"]]
     sizes = [a.shape[0] for a in arrs]
     flat = torch.from_numpy(np.concatenate(arrs).astype(np.int32))
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
+    flat = flat.to(device)
     parts = torch.split(flat, sizes)
     out = dict(plan)
     for name, t in zip(["w_qt", "w_c", "nch", "pbase", "cnt", "r_qt"], parts):
@@ -423,7 +489,7 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
                   q_positions=None, inv_freq=None, scale: float | None = None, mass_rows=None,
                   n_blocks: int | None = None, block_m: int | None = None, block_n: int | None = None,
                   chunk: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                  programs_per_sm: float = 2.0, mass_chunk: int | None = None):
+                  programs_per_sm: float = 2.0, mass_chunk: int | None = None, rope_mode: str = "fast"):
     """Triton implementation of :func:`attention_kv.kernels.attend` (same semantics). The extra keyword
     arguments are tuning knobs (tile sizes, KV tiles per program ``chunk``, launch parameters)."""
     if not HAS_TRITON:
@@ -461,7 +527,9 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
     BN = block_n or cfg["block_n"]
     nw = num_warps or cfg["num_warps"]
     ns = num_stages or cfg["num_stages"]
-    precise = dev.type == "cuda" and not _interpret() and libdevice is not None
+    rope_mode_i = {"fast": 1, "libdevice": 2, "plain": 0}[rope_mode]
+    if rope_mode_i == 2 and (libdevice is None or _interpret()):
+        rope_mode_i = 1
     dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
     upcast = _interpret() and q.dtype == torch.bfloat16
     dummy_i, dummy_f = _dummies(dev)
@@ -472,10 +540,15 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
     if has_blocks:
         # A question block (every row < 0) sees every key: plain causal, no table, block ids unused by the
         # main pass. (This check syncs when q_block lives on the GPU; pass it on the CPU to avoid that.)
-        q_src = q_block if isinstance(q_block, torch.Tensor) else torch.as_tensor(q_block)
-        if q_src.numel() != Lq or len(k_block) != Lk:
+        if len(q_block) != Lq or len(k_block) != Lk:
             raise ValueError("q_block must have Lq entries and k_block Lk entries")
-        main_blocks = not bool((q_src < 0).all())
+        qkey = ("qneg", _tensor_key(q_block))
+        hit = _PLAN_CACHE.get(qkey)
+        if hit is None:
+            q_src = q_block if isinstance(q_block, torch.Tensor) else torch.as_tensor(q_block)
+            hit = (not bool((q_src < 0).all()), q_block)
+            _cache_put(qkey, hit)
+        main_blocks = hit[0]
         if main_blocks or want_mass:
             qb = torch.as_tensor(q_block).to(device=dev, dtype=torch.int32).contiguous()
             kb = torch.as_tensor(k_block).to(device=dev, dtype=torch.int32).contiguous()
@@ -496,9 +569,20 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
     n_sm = _num_sms(dev)
     n_kt = _cdiv(Lk, BN)
     if main_blocks:
-        table, cnt_dev = block_tile_table(qb, kb, Lq, Lk, q_start, G, BM, BN)
-        cnt = cnt_dev.cpu().numpy()
-        plan = _upload_plan(_work_plan(cnt, n_bh, n_sm, programs_per_sm, chunk), dev)
+        # The plan depends on the block ids' values: cache it on the identity (storage, version) of the
+        # tensors passed, so that the layers of one forward pass (same ids) build it once. A new or
+        # modified ids tensor builds a new plan (one device->host sync).
+        key = ("blocks", _tensor_key(q_block), _tensor_key(k_block), Lq, Lk, q_start, G, BM, BN, n_bh, n_sm,
+               programs_per_sm, chunk, str(dev))
+        plan = _PLAN_CACHE.get(key)
+        if plan is None:
+            table, cnt_dev = block_tile_table(qb, kb, Lq, Lk, q_start, G, BM, BN)
+            cnt = cnt_dev.cpu().numpy()
+            plan = _upload_plan(_work_plan(cnt, n_bh, n_sm, programs_per_sm, chunk), dev)
+            plan["table"] = table
+            plan["_keep"] = (q_block, k_block)  # pin the identity the key refers to
+            _cache_put(key, plan)
+        table = plan["table"]
     else:
         table = dummy_i
         key = (Lq, Lk, q_start, G, BM, BN, n_bh, n_sm, programs_per_sm, chunk, str(dev))
@@ -506,9 +590,7 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
         if plan is None:
             cnt = _causal_counts(Lq, Lk, q_start, G, BM, BN)
             plan = _upload_plan(_work_plan(cnt, n_bh, n_sm, programs_per_sm, chunk), dev)
-            if len(_PLAN_CACHE) > 256:
-                _PLAN_CACHE.clear()
-            _PLAN_CACHE[key] = plan
+            _cache_put(key, plan)
 
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=dev) if want_mass else out
     if plan["n_slots"]:
@@ -525,7 +607,7 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
         Hkv, G, Lq, Lk, q_start, n_kt, plan["chunk"], qk_scale,
         BLOCK_M=BM, BLOCK_N=BN, HALF=D // 2,
         HAS_BLOCKS=main_blocks, USE_TABLE=main_blocks, ROPE_K=rope_k, ROPE_Q=rope_q,
-        STORE_LSE=want_mass, PRECISE=precise, DOT_PREC=dot_prec, UPCAST=upcast,
+        STORE_LSE=want_mass, ROPE_MODE=rope_mode_i, DOT_PREC=dot_prec, UPCAST=upcast,
         num_warps=nw, num_stages=ns,
     )
     if plan["n_r"]:
@@ -555,7 +637,7 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
         *q.stride(), *k.stride(),
         Hkv, G, Lq, Lk, q_start, R, n_blocks, mass_chunk, n_kt_causal, qk_scale,
         BLOCK_M=MB, BLOCK_N=BN, HALF=D // 2,
-        HAS_BLOCKS=has_blocks, ROPE_K=rope_k, ROPE_Q=rope_q, PRECISE=precise, DOT_PREC=dot_prec, UPCAST=upcast,
+        HAS_BLOCKS=has_blocks, ROPE_K=rope_k, ROPE_Q=rope_q, ROPE_MODE=rope_mode_i, DOT_PREC=dot_prec, UPCAST=upcast,
         num_warps=4 if MB <= 64 else 8, num_stages=ns,
     )
     return out, mass
