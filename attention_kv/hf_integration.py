@@ -4,8 +4,8 @@
   Without a :class:`BlockKVCache` in the call's kwargs it is exactly HF's SDPA path (so ``full`` mode and
   ordinary ``generate`` keep working); with one, it calls ``attention_kv.kernels.attend`` on the stitched,
   **un-rotated** cache (keys rotated in-kernel at contiguous positions).
-* :class:`BlockKVCache` is a duck-typed HF ``Cache``: static per-layer buffers (token-major
-  ``[layers, 1, max_len, Hkv, D]``), the question's keys are de-rotated on ``update`` so that the whole
+* :class:`BlockKVCache` is a duck-typed HF ``Cache``: static per-layer buffers (token-major, K and V
+  interleaved: ``kv[layers, 1, max_len, 2, Hkv, D]``), the question's keys are de-rotated on ``update`` so that the whole
   buffer is un-rotated, and context blocks are loaded into it layer by layer (host->device copies on a
   side stream, one CUDA event per layer that the layer's attention waits on).
 """
@@ -75,9 +75,11 @@ class BlockKVCache:
         self.dtype = dtype or p.dtype
         self.n_layers, self.n_kv, self.head_dim = model_dims(model)
         self.max_len = max_len
-        shape = (self.n_layers, 1, max_len, self.n_kv, self.head_dim)
-        self.k = torch.empty(shape, dtype=self.dtype, device=self.device)
-        self.v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # K and V interleaved per token: a chunk's layer slice [n, 2, Hkv, D] is one contiguous copy
+        self.kv = torch.empty(self.n_layers, 1, max_len, 2, self.n_kv, self.head_dim, dtype=self.dtype,
+                              device=self.device)
+        self.k = self.kv[:, :, :, 0]  # [layers, 1, max_len, Hkv, D] views
+        self.v = self.kv[:, :, :, 1]
         inv_freq, self.rope_scaling = rope_params(model)
         if self.rope_scaling != 1.0:
             raise NotImplementedError("RoPE variants with attention scaling != 1 (YaRN/LongRoPE) are not supported")
@@ -87,6 +89,7 @@ class BlockKVCache:
         self.backend = backend
         self._attend = get_attend()
         self._events = None
+        self.prefetcher = None  # attention_kv.prefetch.LayerPrefetcher, when loading from host memory
         self._rows = None
         self.dummy_mask = torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=self.device)
         self.k_block = None  # optional int32 [max_len] block ids (question rows see all anyway)
@@ -114,15 +117,11 @@ class BlockKVCache:
                 for p in parts:
                     n = p.n_tokens
                     if p.scale is None:
-                        src = p.kv[l]
-                        self.k[l, 0, off:off + n].copy_(src[:, 0], non_blocking=True)
-                        self.v[l, 0, off:off + n].copy_(src[:, 1], non_blocking=True)
+                        self.kv[l, 0, off:off + n].copy_(p.kv[l], non_blocking=True)
                     else:  # int8: move the bytes, dequantise on the device
                         q = p.kv[l].to(self.device, non_blocking=True)
                         s = p.scale[l].to(self.device, non_blocking=True)
-                        deq = (q.float() * s).to(self.dtype)
-                        self.k[l, 0, off:off + n] = deq[:, 0]
-                        self.v[l, 0, off:off + n] = deq[:, 1]
+                        self.kv[l, 0, off:off + n] = (q.float() * s).to(self.dtype)
                     off += n
                 if use_stream:
                     self._events[l].record(stream)
@@ -133,8 +132,7 @@ class BlockKVCache:
         """Device-resident blocks: one ``torch.cat`` per layer and K/V (no per-chunk copies)."""
         n = sum(p.n_tokens for p in parts_gpu)
         for l in range(self.n_layers):
-            torch.cat([p.kv[l, :, 0] for p in parts_gpu], dim=0, out=self.k[l, 0, start:start + n])
-            torch.cat([p.kv[l, :, 1] for p in parts_gpu], dim=0, out=self.v[l, 0, start:start + n])
+            torch.cat([p.kv[l] for p in parts_gpu], dim=0, out=self.kv[l, 0, start:start + n])
         self.length = start + n
         return self.length
 
@@ -187,6 +185,8 @@ class BlockKVCache:
     def attend(self, layer_idx: int, q, k, v, scaling):
         if self._events is not None:
             torch.cuda.current_stream(self.device).wait_event(self._events[layer_idx])
+        if self.prefetcher is not None:
+            self.prefetcher.wait(layer_idx)
         L = k.shape[2]
         if self._rows is None:
             kb = qb = None
