@@ -30,7 +30,7 @@ from attention_kv.kernels import attend_reference, make_block_ids, visibility_ma
 from attention_kv.kernels.triton_attention import attend_triton, default_config
 
 HQ, HKV, D = 32, 8, 128
-SWEEP_DECODE = ((128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))
+SWEEP_DECODE = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))
 SWEEP_PREFILL = ((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3))
 DT = torch.bfloat16
 THETA = 500000.0  # Llama-3

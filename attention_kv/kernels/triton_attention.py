@@ -93,8 +93,9 @@ if HAS_TRITON:
         skn, skd, svn, svd, Lk, qk_scale,
         BLOCK_N: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr, HAS_BLOCKS: tl.constexpr,
         USE_TABLE: tl.constexpr, ROPE_K: tl.constexpr, ROPE_MODE: tl.constexpr,
-        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
     ):
+        # SPLIT: q and k handled as two halves of D (needed by rotate_half); otherwise q1 is the whole q.
         offs_d = tl.arange(0, HALF)
         offs_dv = tl.arange(0, 2 * HALF)
         for it in range(lo, hi):
@@ -103,16 +104,21 @@ if HAS_TRITON:
             else:
                 kt = it
             offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-            k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :] * skd
             v_ptrs = v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd
+            if SPLIT:
+                k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :] * skd
+            else:
+                k_ptrs = k_base + offs_n[:, None] * skn + offs_dv[None, :] * skd
             if MASKED:
                 n_ok = offs_n < Lk
                 k1 = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
-                k2 = tl.load(k_ptrs + HALF * skd, mask=n_ok[:, None], other=0.0)
+                if SPLIT:
+                    k2 = tl.load(k_ptrs + HALF * skd, mask=n_ok[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
             else:  # a tile fully inside the sequence and fully visible to every row of the query tile
                 k1 = tl.load(k_ptrs)
-                k2 = tl.load(k_ptrs + HALF * skd)
+                if SPLIT:
+                    k2 = tl.load(k_ptrs + HALF * skd)
                 v = tl.load(v_ptrs)
             if ROPE_K:
                 if MASKED:
@@ -125,7 +131,8 @@ if HAS_TRITON:
                 k1 = (k1f * ck - k2f * sk).to(k1.dtype)
                 k2 = (k2f * ck + k1f * sk).to(k2.dtype)
             s = _dot(q1, tl.trans(k1), DOT_PREC, UPCAST)
-            s += _dot(q2, tl.trans(k2), DOT_PREC, UPCAST)
+            if SPLIT:
+                s += _dot(q2, tl.trans(k2), DOT_PREC, UPCAST)
             s = s * qk_scale
             if MASKED:
                 vis = (offs_n[None, :] <= gq[:, None]) & n_ok[None, :]
@@ -158,6 +165,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr,
         HAS_BLOCKS: tl.constexpr, USE_TABLE: tl.constexpr, ROPE_K: tl.constexpr, ROPE_Q: tl.constexpr,
         STORE_LSE: tl.constexpr, ROPE_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        SPLIT: tl.constexpr,
     ):
         w = tl.program_id(0)
         bh = tl.program_id(1)
@@ -179,12 +187,15 @@ if HAS_TRITON:
         offs_d = tl.arange(0, HALF)
         offs_dv = tl.arange(0, 2 * HALF)
 
-        q_ptrs = Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_d[None, :] * sqd
-        q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        q2 = tl.load(q_ptrs + HALF * sqd, mask=row_ok[:, None], other=0.0)
-        if ROPE_K or ROPE_Q:
+        if SPLIT:
+            q_ptrs = Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_d[None, :] * sqd
+            q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            q2 = tl.load(q_ptrs + HALF * sqd, mask=row_ok[:, None], other=0.0)
             invf = tl.load(INVF + offs_d)
         else:
+            q_ptrs = Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_dv[None, :] * sqd
+            q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+            q2 = q1
             invf = tl.zeros([HALF], tl.float32)
         if ROPE_Q:
             qp = tl.load(QP + i, mask=row_ok, other=0).to(tl.float32)
@@ -208,7 +219,7 @@ if HAS_TRITON:
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q1, q2, k_base, v_base, KB, KP, invf, TABLE, qt, n_kt, lo, hi, gq, qb,
                 skn, skd, svn, svd, Lk, qk_scale,
-                BLOCK_N, HALF, True, HAS_BLOCKS, True, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST)
+                BLOCK_N, HALF, True, HAS_BLOCKS, True, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST, SPLIT)
         else:
             # causal range: tiles below the tile's first row (and inside Lk) need no mask at all
             i_first = (qt * BLOCK_M) // G
@@ -217,11 +228,11 @@ if HAS_TRITON:
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q1, q2, k_base, v_base, KB, KP, invf, TABLE, qt, n_kt, lo, mid, gq, qb,
                 skn, skd, svn, svd, Lk, qk_scale,
-                BLOCK_N, HALF, False, False, False, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST)
+                BLOCK_N, HALF, False, False, False, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST, SPLIT)
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q1, q2, k_base, v_base, KB, KP, invf, TABLE, qt, n_kt, mid, hi, gq, qb,
                 skn, skd, svn, svd, Lk, qk_scale,
-                BLOCK_N, HALF, True, False, False, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST)
+                BLOCK_N, HALF, True, False, False, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST, SPLIT)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -607,7 +618,7 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
         Hkv, G, Lq, Lk, q_start, n_kt, plan["chunk"], qk_scale,
         BLOCK_M=BM, BLOCK_N=BN, HALF=D // 2,
         HAS_BLOCKS=main_blocks, USE_TABLE=main_blocks, ROPE_K=rope_k, ROPE_Q=rope_q,
-        STORE_LSE=want_mass, ROPE_MODE=rope_mode_i, DOT_PREC=dot_prec, UPCAST=upcast,
+        STORE_LSE=want_mass, ROPE_MODE=rope_mode_i, DOT_PREC=dot_prec, UPCAST=upcast, SPLIT=rope_k or rope_q,
         num_warps=nw, num_stages=ns,
     )
     if plan["n_r"]:
