@@ -1,0 +1,488 @@
+"""Query modes over a :class:`graph.index.GraphIndex`, each a retriever returning chunk hits.
+
+* ``local``  (LightRAG): low-level keywords -> matching entities -> their chunks and their neighbours'.
+* ``global`` (LightRAG): the query -> matching relations -> the chunks that state them and their endpoints'.
+* ``hybrid``: local + global (reciprocal-rank fusion). ``mix``: hybrid + plain chunk vectors.
+  ``naive``: chunk vectors only.
+* ``path`` (PathRAG): simple paths of <= ``max_hops`` hops between the retrieved entities, pruned by flow
+  (resource 1 at the source, split evenly over the next hops that lie on candidate paths, decayed by
+  ``alpha`` per hop, dropped below ``theta``); a path's reliability is its mean flow, multiplied here by
+  how well its relations match the query (a documented extension: flow alone cannot tell a "works for"
+  hop from a "born in" hop). Enumeration is guarded by a branching cap and an expansion budget.
+* ``ppr`` (HippoRAG): personalized PageRank over an entity-passage graph (passage-entity edges weighted
+  by entity specificity, entity-entity edges by relation weight, boosted for relations matching the
+  query) seeded by the query's entities and, lightly, by the passages nearest to the query.
+
+:meth:`GraphRetriever.context` returns the structured context (entities, relations, path texts, chunks)
+trimmed to a token budget, most reliable path last.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from retrievers.base import Hit
+
+from .extract import normalise_name, query_keywords
+from .store import edge_ends, edge_id
+
+MODES = ("local", "global", "hybrid", "mix", "naive", "path", "ppr")
+
+
+@dataclass
+class Analysis:
+    query: str
+    low: list[str]
+    high: list[str]
+    qvec: np.ndarray
+    entities: dict[str, float]   # entity key -> match score (0..1)
+    relations: dict[str, float]  # edge id -> similarity to the query
+
+
+@dataclass
+class Path:
+    nodes: list[str]
+    flow: float
+    relevance: float
+    score: float
+
+    @property
+    def edges(self) -> list[str]:
+        return [edge_id(a, b) for a, b in zip(self.nodes, self.nodes[1:])]
+
+
+@dataclass
+class GraphContext:
+    entities: list[dict] = field(default_factory=list)
+    relations: list[dict] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    chunks: list[dict] = field(default_factory=list)
+    tokens: int = 0
+
+    def text(self) -> str:
+        parts = []
+        if self.entities:
+            parts.append("Entities:\n" + "\n".join(f"- {e['name']} ({e['type']}): {e['description']}"
+                                                  for e in self.entities))
+        if self.relations:
+            parts.append("Relations:\n" + "\n".join(
+                f"- {r['source']} -- {', '.join(r['keywords'])} -- {r['target']}: {r['description']}"
+                for r in self.relations))
+        if self.chunks:
+            parts.append("Sources:\n" + "\n".join(f"[{c['id']}] {c.get('text', '')}" for c in self.chunks))
+        if self.paths:  # last: nearest the question, most reliable path at the very end
+            parts.append("Reasoning paths:\n" + "\n".join(f"- {p}" for p in self.paths))
+        return "\n\n".join(parts)
+
+
+def approx_tokens(text: str) -> int:
+    return max(1, int(len(text.split()) * 1.3))
+
+
+class GraphRetriever:
+    """``GraphRetriever(graph_index, mode="local")``: a retriever (``retrieve``, ``retrieve_batch``).
+
+    ``collection``: optional, supplies chunk texts to :meth:`context` (anything with ``get_chunks(ids)``).
+    ``keyword_extractor``: optional callable ``query -> (low, high)`` (e.g. :class:`graph.llm.LLMKeywordExtractor`);
+    the default uses the index's extractor (spaCy noun phrases/entities vs. content words).
+    """
+
+    def __init__(self, index, mode: str = "local", collection=None, keyword_extractor: Callable | None = None,
+                 top_entities: int = 20, top_relations: int = 60, entity_threshold: float = 0.75,
+                 neighbour_weight: float = 0.3, alpha: float = 0.8, theta: float = 0.05, max_hops: int = 3,
+                 max_paths: int = 30, max_branch: int = 40, max_expansions: int = 20000,
+                 damping: float = 0.5, passage_weight: float = 0.05, relation_boost: float = 4.0,
+                 rrf_k: int = 60, name: str | None = None):
+        if mode not in MODES:
+            raise ValueError(f"unknown graph mode {mode!r}; choose from {', '.join(MODES)}")
+        self.index, self.mode, self.collection = index, mode, collection
+        self.keyword_extractor = keyword_extractor
+        self.name = name or f"graph-{mode}"
+        self.top_entities, self.top_relations = top_entities, top_relations
+        self.entity_threshold, self.neighbour_weight = entity_threshold, neighbour_weight
+        self.alpha, self.theta, self.max_hops = alpha, theta, max_hops
+        self.max_paths, self.max_branch, self.max_expansions = max_paths, max_branch, max_expansions
+        self.damping, self.passage_weight, self.relation_boost = damping, passage_weight, relation_boost
+        self.rrf_k = rrf_k
+        self._cache: OrderedDict = OrderedDict()
+        self._ppr = None  # (store version, matrix parts)
+        self.last_paths: list[Path] = []
+
+    # ------------------------------------------------------------ protocol
+    def retrieve(self, query: str, k: int = 10) -> list[Hit]:
+        scores = self.score(query, k)
+        return [Hit(c, float(s)) for c, s in sorted(scores.items(), key=lambda kv: -kv[1])[:k]]
+
+    def retrieve_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        return [self.retrieve(q, k) for q in queries]
+
+    def score(self, query: str, k: int = 10) -> dict[str, float]:
+        if len(self.index) == 0:
+            return {}
+        mode = self.mode
+        if mode == "naive":
+            return self._naive(query, max(k, 1))
+        a = self.analyse(query)
+        if mode == "local":
+            return self._local(a)
+        if mode == "global":
+            return self._global(a)
+        if mode == "hybrid":
+            return self._rrf([self._local(a), self._global(a)])
+        if mode == "mix":
+            return self._rrf([self._local(a), self._global(a), self._naive(query, max(3 * k, 30))])
+        if mode == "path":
+            return self._path(a, k)
+        return self._pagerank(a, k)
+
+    # ------------------------------------------------------------ analysis
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        return self.index._encode(texts)
+
+    def analyse(self, query: str) -> Analysis:
+        """Keywords, query vector, matched entities and relations (cached for the last few queries)."""
+        key = (query, self.index.store.version)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        idx, g = self.index, self.index.store.g
+        if self.keyword_extractor is not None:
+            low, high = self.keyword_extractor(query)
+        else:
+            low, high = query_keywords(idx.extractor, query)
+        vecs = self._encode([query] + list(low))
+        qvec, lvecs = vecs[0], vecs[1:]
+        ents: dict[str, float] = {}
+        for kw in low:
+            k = normalise_name(kw)
+            if k in g:
+                ents[k] = 1.0
+        if idx.entities is not None and len(idx.entities):
+            if len(lvecs):
+                for kw, hits in zip(low, idx.entities.search(lvecs, 5)):
+                    for e, s in hits:
+                        if s >= self.entity_threshold:
+                            ents[e] = max(ents.get(e, 0.0), float(s))
+            if not ents:  # no keyword matched: the entities nearest to the whole query
+                for e, s in idx.entities.search(qvec[None], self.top_entities)[0]:
+                    ents[e] = max(ents.get(e, 0.0), float(s))
+        rels: dict[str, float] = {}
+        if idx.relations is not None and len(idx.relations):
+            for e, s in idx.relations.search(qvec[None], self.top_relations)[0]:
+                rels[e] = float(s)
+        a = Analysis(query, list(low), list(high), qvec, ents, rels)
+        self._cache[key] = a
+        if len(self._cache) > 256:
+            self._cache.popitem(last=False)
+        return a
+
+    def _seeds(self, a: Analysis) -> list[tuple[str, float]]:
+        """Matched entities weighted by specificity, best first."""
+        idx = self.index
+        seeds = [(e, s * idx.idf(e)) for e, s in a.entities.items() if e in idx.store.g]
+        seeds.sort(key=lambda kv: -kv[1])
+        return seeds[: self.top_entities]
+
+    # ------------------------------------------------------------ modes
+    def _naive(self, query: str, k: int) -> dict[str, float]:
+        idx = self.index
+        if idx.chunks is None or len(idx.chunks) == 0:
+            return {}
+        qvec = self._encode([query])
+        return {c: float(s) for c, s in idx.chunks.search(qvec, k)[0]}
+
+    def _local(self, a: Analysis) -> dict[str, float]:
+        idx, g = self.index, self.index.store.g
+        scores: dict[str, float] = defaultdict(float)
+        seeds = self._seeds(a)
+        max_idf = max((idx.idf(e) for e, _ in seeds), default=1.0)
+        for e, w in seeds:
+            for c in idx.store.entity_chunks(e):
+                scores[c] += w
+            nbrs = sorted(g[e].items(), key=lambda kv: -sum(x[0] for x in kv[1]["support"].values()))[:10]
+            if not nbrs:
+                continue
+            top_w = max(sum(x[0] for x in d["support"].values()) for _, d in nbrs)
+            for n, d in nbrs:
+                rel = sum(x[0] for x in d["support"].values()) / top_w
+                contrib = self.neighbour_weight * w * rel * idx.idf(n) / max_idf
+                for c in idx.store.entity_chunks(n):
+                    scores[c] += contrib
+        return dict(scores)
+
+    def _global(self, a: Analysis) -> dict[str, float]:
+        idx = self.index
+        scores: dict[str, float] = defaultdict(float)
+        for eid, s in a.relations.items():
+            sup = idx.store.relation_support(eid)
+            for c, (w, _, _) in sup.items():
+                scores[c] += s * min(w, 2.0) / 2.0
+            for end in edge_ends(eid):
+                for c in idx.store.entity_chunks(end):
+                    scores[c] += self.neighbour_weight * s / len(sup or [1]) * 0.5
+        return dict(scores)
+
+    def _rrf(self, score_dicts: list[dict[str, float]]) -> dict[str, float]:
+        out: dict[str, float] = defaultdict(float)
+        for sd in score_dicts:
+            for rank, (c, _) in enumerate(sorted(sd.items(), key=lambda kv: -kv[1]), start=1):
+                out[c] += 1.0 / (self.rrf_k + rank)
+        return dict(out)
+
+    # ------------------------------------------------------------ PathRAG
+    def paths(self, a: Analysis) -> list[Path]:
+        """Best paths between retrieved entities, most reliable first."""
+        idx, g = self.index, self.index.store.g
+        seeds = self._seeds(a)
+        if not seeds:
+            return []
+        targets = set(e for e, _ in seeds)
+        for eid in a.relations:
+            targets.update(edge_ends(eid))
+        sources = [e for e, _ in seeds[:5]]
+        budget = [self.max_expansions]
+        found: list[list[str]] = []
+
+        def neighbours(u):
+            nb = g[u]
+            if len(nb) <= self.max_branch:
+                return list(nb)
+            return sorted(nb, key=lambda v: -(sum(x[0] for x in nb[v]["support"].values())
+                                               + (10.0 if edge_id(u, v) in a.relations else 0.0)))[: self.max_branch]
+
+        def dfs(path):
+            u = path[-1]
+            if len(path) - 1 >= self.max_hops or budget[0] <= 0:
+                return
+            for v in neighbours(u):
+                if v in path:
+                    continue
+                budget[0] -= 1
+                if budget[0] <= 0:
+                    return
+                p = path + [v]
+                if v in targets:
+                    found.append(p)
+                dfs(p)
+
+        for s in sources:
+            dfs([s])
+        if not found:
+            return []
+        # flow over the candidate paths (PathRAG): split over next hops that lie on candidate paths
+        by_source: dict[str, list[list[str]]] = defaultdict(list)
+        for p in found:
+            by_source[p[0]].append(p)
+        scored: list[Path] = []
+        edge_rel = self._edge_relevance(a, {e for p in found for e in (edge_id(x, y) for x, y in zip(p, p[1:]))})
+        for s, plist in by_source.items():
+            follow: dict[tuple, set] = defaultdict(set)  # prefix -> next nodes
+            for p in plist:
+                for i in range(len(p) - 1):
+                    follow[tuple(p[: i + 1])].add(p[i + 1])
+            flow: dict[tuple, float] = {(s,): 1.0}
+            for p in sorted(plist, key=len):
+                ok = True
+                for i in range(1, len(p)):
+                    pre, cur = tuple(p[:i]), tuple(p[: i + 1])
+                    if cur not in flow:
+                        flow[cur] = self.alpha * flow[pre] / len(follow[pre])
+                    if flow[cur] < self.theta:
+                        ok = False
+                        break
+                if not ok:
+                    continue
+                flows = [flow[tuple(p[: i + 1])] for i in range(1, len(p))]
+                mean_flow = sum(flows) / len(flows)
+                rels = [edge_rel.get(edge_id(x, y), 0.0) for x, y in zip(p, p[1:])]
+                relevance = max(0.0, sum(rels) / len(rels))
+                scored.append(Path(p, mean_flow, relevance, mean_flow * (0.1 + relevance) ** 2))
+        scored.sort(key=lambda p: -p.score)
+        return scored[: self.max_paths]
+
+    def _edge_relevance(self, a: Analysis, edges: set[str]) -> dict[str, float]:
+        """Cosine of each relation's text with the query (from the relation index's stored vectors)."""
+        rel = self.index.relations
+        ids = [e for e in edges if e in rel.rows]
+        if not ids:
+            return {}
+        vecs = rel.vectors(ids)
+        sims = vecs @ a.qvec
+        return dict(zip(ids, sims.tolist()))
+
+    def _path(self, a: Analysis, k: int) -> dict[str, float]:
+        idx = self.index
+        paths = self.paths(a)
+        self.last_paths = paths
+        scores: dict[str, float] = defaultdict(float)
+        for rank, p in enumerate(paths):
+            for eid in p.edges:
+                for c, (w, _, _) in idx.store.relation_support(eid).items():
+                    scores[c] += p.score * min(w, 2.0) / 2.0
+        if not scores:
+            return self._local(a)
+        # chunks of the query's own entities come next (1-hop facts), then neighbours'
+        top = max(scores.values())
+        local = self._local(a)
+        lt = max(local.values(), default=1.0) or 1.0
+        for c, s in local.items():
+            scores[c] += 0.2 * top * s / lt
+        return dict(scores)
+
+    # ------------------------------------------------------------ HippoRAG PPR
+    def _ppr_matrix(self):
+        import scipy.sparse as sp
+
+        idx = self.index
+        store = idx.store
+        if self._ppr is not None and self._ppr[0] == store.version:
+            return self._ppr[1]
+        ents = list(store.g.nodes)
+        chunk_ids = list(store.chunk_doc)
+        e_pos = {e: i for i, e in enumerate(ents)}
+        c_pos = {c: len(ents) + i for i, c in enumerate(chunk_ids)}
+        rows, cols, vals = [], [], []
+        for e in ents:
+            w = idx.idf(e)
+            for c in store.g.nodes[e]["chunks"]:
+                if c in c_pos:
+                    rows += [e_pos[e], c_pos[c]]
+                    cols += [c_pos[c], e_pos[e]]
+                    vals += [w, w]
+        for a_, b_, d in store.g.edges(data=True):
+            w = min(sum(x[0] for x in d["support"].values()), 4.0)
+            rows += [e_pos[a_], e_pos[b_]]
+            cols += [e_pos[b_], e_pos[a_]]
+            vals += [w, w]
+        n = len(ents) + len(chunk_ids)
+        A = sp.csr_matrix((np.asarray(vals, np.float64), (rows, cols)), shape=(n, n))
+        parts = (A, ents, chunk_ids, e_pos, c_pos)
+        self._ppr = (store.version, parts)
+        return parts
+
+    def _pagerank(self, a: Analysis, k: int) -> dict[str, float]:
+        import scipy.sparse as sp
+
+        A, ents, chunk_ids, e_pos, c_pos = self._ppr_matrix()
+        n = A.shape[0]
+        seeds = self._seeds(a)
+        if not seeds:
+            return self._naive(a.query, max(k, 10))
+        pers = np.zeros(n)
+        for e, w in seeds:
+            pers[e_pos[e]] += w
+        if self.passage_weight > 0:
+            naive = self._naive(a.query, 20)
+            if naive:
+                tot = pers.sum()
+                mx = max(naive.values())
+                for c, s in naive.items():
+                    if c in c_pos:
+                        pers[c_pos[c]] += self.passage_weight * tot * max(s, 0.0) / (mx or 1.0)
+        pers /= pers.sum()
+        M = A
+        if self.relation_boost > 0 and a.relations:
+            r, c, v = [], [], []
+            for eid, s in a.relations.items():
+                x, y = edge_ends(eid)
+                if x in e_pos and y in e_pos and s > 0:
+                    d = self.index.store.g.edges[x, y]
+                    w = min(sum(z[0] for z in d["support"].values()), 4.0) * self.relation_boost * s
+                    r += [e_pos[x], e_pos[y]]
+                    c += [e_pos[y], e_pos[x]]
+                    v += [w, w]
+            if r:
+                M = A + sp.csr_matrix((v, (r, c)), shape=A.shape)
+        deg = np.asarray(M.sum(axis=1)).ravel()
+        inv = np.divide(1.0, deg, out=np.zeros_like(deg), where=deg > 0)
+        P = sp.diags(inv) @ M  # row-stochastic
+        PT = P.T.tocsr()
+        dangling = deg == 0
+        p = pers.copy()
+        d = self.damping
+        for _ in range(60):
+            nxt = d * (PT @ p + p[dangling].sum() * pers) + (1 - d) * pers
+            if np.abs(nxt - p).sum() < 1e-8:
+                p = nxt
+                break
+            p = nxt
+        ne = len(ents)
+        chunk_scores = p[ne:]
+        top = np.argsort(-chunk_scores)[: max(k, 10) * 3]
+        return {chunk_ids[i]: float(chunk_scores[i]) for i in top if chunk_scores[i] > 0}
+
+    # ------------------------------------------------------------ context
+    def context(self, query: str, k: int = 10, token_budget: int = 2000,
+                count_tokens: Callable[[str], int] = approx_tokens, chunk_texts: dict | None = None) -> GraphContext:
+        """Entities, relations, path texts and chunks for ``query`` within ``token_budget`` tokens.
+
+        The budget is split: 25% entities, 25% relations, 20% paths, the rest chunks (unused parts roll over
+        to the chunks). Chunk texts come from ``chunk_texts`` or the retriever's ``collection``.
+        """
+        idx = self.index
+        s = idx.store
+        a = self.analyse(query) if len(idx) else None
+        hits = self.retrieve(query, k)
+        ctx = GraphContext()
+        if a is None:
+            return ctx
+        used = 0
+
+        def take(budget, items, render):
+            nonlocal used
+            out, spent = [], 0
+            for it in items:
+                t = count_tokens(render(it))
+                if spent + t > budget:
+                    break
+                out.append(it)
+                spent += t
+            used += spent
+            return out, spent
+
+        ent_keys = [e for e, _ in self._seeds(a)]
+        for e in list(ent_keys):
+            for n in sorted(s.g[e], key=lambda v: -idx.idf(v))[:5]:
+                if n not in ent_keys:
+                    ent_keys.append(n)
+        ents = [{"name": s.entity_name(e), "type": s.entity_type(e), "description": s.entity_description(e, 2),
+                 "chunks": sorted(s.entity_chunks(e))} for e in ent_keys if e in s.g]
+        ctx.entities, spent_e = take(int(token_budget * 0.25), ents,
+                                     lambda e: f"{e['name']} {e['type']} {e['description']}")
+        rel_ids = list(a.relations)
+        paths = self.paths(a) if self.mode in {"path", "mix", "hybrid"} else self.last_paths
+        for p in paths:
+            for eid in p.edges:
+                if eid not in rel_ids:
+                    rel_ids.insert(0, eid)
+        rels = []
+        for eid in rel_ids:
+            x, y = edge_ends(eid)
+            if s.g.has_edge(x, y):
+                rels.append({"source": s.entity_name(x), "target": s.entity_name(y),
+                             "keywords": s.relation_keywords(eid), "description": s.relation_description(eid, 1)})
+        ctx.relations, spent_r = take(int(token_budget * 0.25), rels,
+                                      lambda r: f"{r['source']} {r['target']} {r['keywords']} {r['description']}")
+        texts = [self.path_text(p) for p in paths]
+        kept, spent_p = take(int(token_budget * 0.2), texts, lambda t: t)
+        ctx.paths = list(reversed(kept))  # most reliable last
+        texts_by_id = dict(chunk_texts or {})
+        if not texts_by_id and self.collection is not None:
+            texts_by_id = {c.id: c.text for c in self.collection.get_chunks([h.chunk_id for h in hits])}
+        chunks = [{"id": h.chunk_id, "score": h.score, "text": texts_by_id.get(h.chunk_id, "")} for h in hits]
+        ctx.chunks, _ = take(token_budget - used, chunks, lambda c: c["text"] or c["id"])
+        ctx.tokens = used
+        return ctx
+
+    def path_text(self, p: Path) -> str:
+        s = self.index.store
+        parts = [s.entity_name(p.nodes[0])]
+        for x, y in zip(p.nodes, p.nodes[1:]):
+            eid = edge_id(x, y)
+            kws = [k for k in s.relation_keywords(eid) if k != "co-occurs"][:2] or ["related to"]
+            parts.append(f"--[{', '.join(kws)}]--> {s.entity_name(y)}")
+        return " ".join(parts)
