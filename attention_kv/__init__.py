@@ -5,7 +5,7 @@ Public API (exact signatures)::
     from attention_kv import Generator, KVCacheStore
 
     gen = Generator(model_name=None, *, cache_dir=None, model=None, tokenizer=None, device=None, dtype=None,
-                    store=None, system_prompt=None, quant=None, kv_dtype=None)
+                    store=None, system_prompt=None, quant=None, kv_dtype=None, rope="kernel")
         # model_name: anything rag.models.resolve_generator accepts (default SmolLM2-135M-Instruct);
         # or pass model=/tokenizer= already loaded. The model is switched to the "blockrag" attention
         # implementation (identical to SDPA unless a BlockKVCache is passed). cache_dir defaults to

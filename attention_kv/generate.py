@@ -67,7 +67,7 @@ def _sync(device) -> None:
 
 class Generator:
     """Entry point. ``Generator(model_name=None, *, cache_dir=None, model=None, tokenizer=None, device=None,
-    dtype=None, store=None, system_prompt=None, quant=None)``.
+    dtype=None, store=None, system_prompt=None, quant=None, kv_dtype=None, rope="kernel")``.
 
     ``generate(question, chunks, mode="turbo", max_new_tokens=64, stream=False, blend_ratio=0.15,
     check_layer=1)`` -> :class:`GenerationResult` (or :class:`GenerationStream` with ``stream=True``).
@@ -77,7 +77,8 @@ class Generator:
 
     def __init__(self, model_name: str | None = None, *, cache_dir: str | Path | None = None, model=None,
                  tokenizer=None, device: str | None = None, dtype=None, store: KVCacheStore | None = None,
-                 system_prompt: str | None = None, quant: str | None = None, kv_dtype=None):
+                 system_prompt: str | None = None, quant: str | None = None, kv_dtype=None,
+                 rope: str = "kernel"):
         if model is None:
             from rag.models import load_generator
 
@@ -100,6 +101,7 @@ class Generator:
             store = KVCacheStore(cache_dir, model, tokenizer, system_prompt=system_prompt, quant=quant,
                                  dtype=kv_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32))
         self.store = store
+        self.rope = rope  # "kernel": RoPE applied by the attention kernel on load; "stitch": once at stitching
         self.eos_ids = set()
         for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id:
@@ -142,7 +144,7 @@ class Generator:
             info["length"] = Lc + Lq
             return out.logits[0], info
         parts = [store.prefix_kv()] + store.get_many(chunks)
-        cache = BlockKVCache(self.model, cache_max_len or (Lc + Lq + 256), device=dev)
+        cache = BlockKVCache(self.model, cache_max_len or (Lc + Lq + 256), device=dev, rope=self.rope)
         stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         cache.load(parts, 0, stream=stream)
         info["cache"] = cache
@@ -228,7 +230,7 @@ def blend_prefill(model, cache: BlockKVCache, ctx_ids: torch.Tensor, q_ids: torc
     cos, sin = base.rotary_emb(h, pos)
     old_k = cache.k[check_layer, 0, :Lc].float().clone()
     layers = base.layers
-    cache.begin(0, N)
+    cache.begin(0, N, layers=(0, check_layer + 1))
     for l in range(check_layer + 1):
         h = _layer(layers[l], h, (cos, sin), pos, cache)
     dev = (cache.k[check_layer, 0, :Lc].float() - old_k).pow(2).sum(dim=(-1, -2))  # [Lc]
@@ -237,7 +239,7 @@ def blend_prefill(model, cache: BlockKVCache, ctx_ids: torch.Tensor, q_ids: torc
     rows = torch.cat([sel, torch.arange(Lc, N, device=ids.device)])
     h = h[:, rows]
     pe = (cos[:, rows], sin[:, rows])
-    cache.begin(rows=rows, kv_len=N)
+    cache.begin(rows=rows, kv_len=N, layers=(check_layer + 1, len(layers)))
     for l in range(check_layer + 1, len(layers)):
         h = _layer(layers[l], h, pe, rows[None], cache)
     cache.length = N

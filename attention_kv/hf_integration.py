@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from .masks import attend_reference, get_attend
-from .rope import cos_sin, rope_params, unrotate
+from .rope import cos_sin, rope_params, rope_rows_
 
 ATTN_NAME = "blockrag"
 _registered = False
@@ -69,12 +69,17 @@ class BlockKVCache:
     is_compileable = False
     is_sliding = [False]
 
-    def __init__(self, model, max_len: int, device=None, dtype=None, backend: str = "auto"):
+    def __init__(self, model, max_len: int, device=None, dtype=None, backend: str = "auto", rope: str = "kernel"):
+        """``rope="kernel"``: context keys stay un-rotated and the attention kernel rotates them as it loads
+        them (no stitching pass); ``rope="stitch"``: keys are rotated once while stitching (one extra pass)."""
+        if rope not in ("kernel", "stitch"):
+            raise ValueError("rope must be 'kernel' or 'stitch'")
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
         self.dtype = dtype or p.dtype
         self.n_layers, self.n_kv, self.head_dim = model_dims(model)
         self.max_len = max_len
+        self.rope = rope
         # K and V interleaved per token: a chunk's layer slice [n, 2, Hkv, D] is one contiguous copy
         self.kv = torch.empty(self.n_layers, 1, max_len, 2, self.n_kv, self.head_dim, dtype=self.dtype,
                               device=self.device)
@@ -84,16 +89,34 @@ class BlockKVCache:
         if self.rope_scaling != 1.0:
             raise NotImplementedError("RoPE variants with attention scaling != 1 (YaRN/LongRoPE) are not supported")
         self.inv_freq = inv_freq.to(self.device)
-        self.k_positions = torch.arange(max_len, device=self.device, dtype=torch.int32)
+        # Per layer, the position each stored key is rotated to in-kernel. Keys written by the model itself
+        # (question, decoded, recomputed tokens) are already rotated by HF: position 0 = identity rotation.
+        self.kpos = torch.zeros(self.n_layers, max_len, dtype=torch.int32, device=self.device)
+        self._arange = torch.arange(max_len, dtype=torch.int32, device=self.device)
+        if rope == "stitch":
+            c, s_ = cos_sin(self._arange, self.inv_freq)
+            half = self.head_dim // 2
+            self.cos_half, self.sin_half = c[:, :half].contiguous(), s_[:, :half].contiguous()
         self.length = 0  # valid positions
         self.backend = backend
         self._attend = get_attend()
-        self._events = None
-        self.prefetcher = None  # attention_kv.prefetch.LayerPrefetcher, when loading from host memory
-        self._rows = None
         self.dummy_mask = torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=self.device)
         self.k_block = None  # optional int32 [max_len] block ids (question rows see all anyway)
         self.q_block = None
+        self._events = None
+        self.prefetcher = None  # attention_kv.prefetch.LayerPrefetcher, when loading from host memory
+        self._rows = None
+        self._span = None
+
+    def loaded(self, start: int, end: int, layer: int | None = None) -> None:
+        """Mark positions ``start..end`` as freshly loaded un-rotated context (all layers or one)."""
+        if self.rope == "stitch":
+            k = self.k if layer is None else self.k[layer:layer + 1]
+            rope_rows_(k, self.cos_half, self.sin_half, start, end)
+        elif layer is None:
+            self.kpos[:, start:end] = self._arange[start:end]
+        else:
+            self.kpos[layer, start:end] = self._arange[start:end]
 
     # ------------------------------------------------------------------ loading context blocks
     def load(self, parts: Sequence, start: int = 0, stream: torch.cuda.Stream | None = None) -> int:
@@ -123,16 +146,17 @@ class BlockKVCache:
                         s = p.scale[l].to(self.device, non_blocking=True)
                         self.kv[l, 0, off:off + n] = (q.float() * s).to(self.dtype)
                     off += n
+                self.loaded(start, total, l)
                 if use_stream:
                     self._events[l].record(stream)
         self.length = total
         return total
 
     def load_gathered(self, parts_gpu: Sequence, start: int = 0) -> int:
-        """Device-resident blocks: one ``torch.cat`` per layer and K/V (no per-chunk copies)."""
+        """Device-resident blocks: one ``torch.cat`` over all layers (no per-chunk copies)."""
         n = sum(p.n_tokens for p in parts_gpu)
-        for l in range(self.n_layers):
-            torch.cat([p.kv[l] for p in parts_gpu], dim=0, out=self.kv[l, 0, start:start + n])
+        torch.cat([p.kv for p in parts_gpu], dim=1, out=self.kv[:, 0, start:start + n])
+        self.loaded(start, start + n)
         self.length = start + n
         return self.length
 
@@ -141,34 +165,37 @@ class BlockKVCache:
 
     # ------------------------------------------------------------------ HF Cache protocol
     def begin(self, start: int | None = None, n: int = 1, rows: torch.Tensor | None = None,
-              kv_len: int | None = None) -> None:
-        """Declare the positions of the next forward's tokens: ``start..start+n`` or explicit ``rows``."""
+              kv_len: int | None = None, layers: tuple[int, int] | None = None) -> None:
+        """Declare the positions of the next forward's tokens: ``start..start+n`` or explicit ``rows``
+        (``layers``: the layer range whose keys at these positions will be rewritten; default all)."""
+        l0, l1 = layers or (0, self.n_layers)
         if rows is None:
             start = self.length if start is None else start
             self._span = (start, start + n)
             self._rows = None
-            pos = torch.arange(start, start + n, device=self.device)
             self._kv_len = kv_len or start + n
+            if self.rope == "kernel":
+                self.kpos[l0:l1, start:start + n] = 0
         else:
             self._rows = rows.to(self.device)
             self._span = None
-            pos = self._rows
             self._kv_len = kv_len or int(rows.max().item()) + 1
-        self._cos, self._sin = cos_sin(pos, self.inv_freq)
+            if self.rope == "kernel":
+                self.kpos[l0:l1].index_fill_(1, self._rows, 0)
 
     def end(self) -> None:
         if self._span is not None:
             self.length = max(self.length, self._span[1])
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        ku = unrotate(key_states, self._cos, self._sin, self.dtype)  # [1, Hkv, T, D]
+        """Store the (HF-rotated) keys and values of the current tokens; return the layer's K/V views."""
         if self._rows is None:
             s, e = self._span
-            self.k[layer_idx, :, s:e] = ku.transpose(1, 2)
-            self.v[layer_idx, :, s:e] = value_states.transpose(1, 2).to(self.dtype)
+            self.k[layer_idx, :, s:e] = key_states.transpose(1, 2)
+            self.v[layer_idx, :, s:e] = value_states.transpose(1, 2)
         else:
-            self.k[layer_idx, 0].index_copy_(0, self._rows, ku[0].transpose(0, 1))
-            self.v[layer_idx, 0].index_copy_(0, self._rows, value_states[0].transpose(0, 1).to(self.dtype))
+            kv = torch.stack([key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)], dim=1)
+            self.kv[layer_idx, 0].index_copy_(0, self._rows, kv.to(self.dtype))
         L = self._kv_len
         return self.k[layer_idx, :, :L].transpose(1, 2), self.v[layer_idx, :, :L].transpose(1, 2)
 
@@ -188,16 +215,18 @@ class BlockKVCache:
         if self.prefetcher is not None:
             self.prefetcher.wait(layer_idx)
         L = k.shape[2]
+        if self.rope == "kernel":
+            rope = dict(inv_freq=self.inv_freq, k_positions=self.kpos[layer_idx, :L])
+        else:
+            rope = {}
         if self._rows is None:
             kb = qb = None
             if self.k_block is not None:
                 kb = self.k_block[:L]
                 qb = self.q_block
-            return self._attend(q, k, v, q_start=self._span[0], q_block=qb, k_block=kb,
-                                k_positions=self.k_positions[:L], inv_freq=self.inv_freq, scale=scaling,
-                                backend=self.backend)
-        return attend_reference(q, k, v, q_rows=self._rows, k_positions=self.k_positions[:L],
-                                inv_freq=self.inv_freq, scale=scaling)
+            return self._attend(q, k, v, q_start=self._span[0], q_block=qb, k_block=kb, scale=scaling,
+                                backend=self.backend, **rope)
+        return attend_reference(q, k, v, q_rows=self._rows, scale=scaling, **rope)
 
 
 class _nullcontext:

@@ -86,19 +86,35 @@ class LayerPrefetcher:
         self.epoch = 0
         self.max_iter = max_iter
         self.stage = None
+        self._meta: dict = {}
+        self._armed = None
         cache.prefetcher = self
 
     def wait(self, layer: int) -> None:
         _spin_kernel[(1,)](self.flags, self.epoch_t, layer, self.max_iter, num_warps=1)
 
-    def start(self, parts: Sequence, start: int = 0, blobs: Sequence[torch.Tensor] | None = None) -> int:
-        """Begin loading; returns the context length. ``blobs`` (from :func:`int8_blob`) selects 8-bit."""
-        cache = self.cache
-        main = torch.cuda.current_stream(cache.device)
+    def arm(self) -> torch.cuda.Event:
+        """New epoch (on the compute stream); returns the event the copies must wait for. Call ``arm()``,
+        then launch the forward (e.g. replay its graph), then ``issue(...)``: the CPU work of issuing the
+        copies then overlaps the GPU work too."""
+        main = torch.cuda.current_stream(self.cache.device)
         self.epoch += 1
         self.epoch_t.fill_(self.epoch)
+        ev = torch.cuda.Event()
+        ev.record(main)
+        self._armed = ev
+        return ev
+
+    def start(self, parts: Sequence, start: int = 0, blobs: Sequence[torch.Tensor] | None = None) -> int:
+        """``arm()`` + ``issue()``: load before the forward is launched (eager use)."""
+        self.arm()
+        return self.issue(parts, start, blobs)
+
+    def issue(self, parts: Sequence, start: int = 0, blobs: Sequence[torch.Tensor] | None = None) -> int:
+        """Copy ``parts`` layer by layer; ``blobs`` (from :func:`int8_blob`) selects the 8-bit path."""
+        cache = self.cache
         s = self.stream
-        s.wait_stream(main)
+        s.wait_event(self._armed)
         n_tok = [p.n_tokens for p in parts]
         total = start + sum(n_tok)
         HD = cache.n_kv * cache.head_dim
@@ -109,13 +125,17 @@ class LayerPrefetcher:
                     for p, n in zip(parts, n_tok):
                         cache.kv[l, 0, off:off + n].copy_(p.kv[l], non_blocking=True)
                         off += n
+                    cache.loaded(start, total, l)
                     self.flags[l:l + 1].fill_(self.epoch)
             else:
                 sizes = [b.shape[1] for b in blobs]
                 nbytes = sum(sizes)
                 if self.stage is None or self.stage.numel() < 2 * nbytes:
                     self.stage = torch.empty(2 * nbytes, dtype=torch.uint8, device=cache.device)
-                meta_t = _blob_meta(n_tok, sizes, cache.device)
+                key = (tuple(n_tok), tuple(sizes))
+                meta_t = self._meta.get(key)
+                if meta_t is None:
+                    meta_t = self._meta[key] = _blob_meta(n_tok, sizes, cache.device)
                 ntot = total - start
                 for l in range(cache.n_layers):
                     st = self.stage[(l % 2) * nbytes:(l % 2 + 1) * nbytes]  # double buffer
@@ -125,6 +145,7 @@ class LayerPrefetcher:
                         base += sz
                     _dequant_kernel[(ntot,)](st, meta_t, cache.k[l], cache.v[l], cache.kv.stride(2), start,
                                              HD=HD, num_warps=4)
+                    cache.loaded(start, total, l)
                     self.flags[l:l + 1].fill_(self.epoch)
         cache.length = total
         return total

@@ -44,3 +44,45 @@ def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype=No
     if scaling != 1.0:
         y = y / (scaling * scaling)
     return y.to(out_dtype or x.dtype)
+
+
+try:  # in-place RoPE over a token range of stitched K buffers (one pass; used when rope="stitch")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rope_rows_kernel(k_ptr, cos_ptr, sin_ptr, layer_stride, tok_stride, head_stride, start,
+                          HALF: tl.constexpr, HKV: tl.constexpr, HKV_P2: tl.constexpr):
+        t = start + tl.program_id(0)
+        layer = tl.program_id(1)
+        h = tl.arange(0, HKV_P2)[:, None]
+        d = tl.arange(0, HALF)[None, :]
+        m = (h < HKV) & (d < HALF)
+        base = k_ptr + layer * layer_stride + t * tok_stride + h * head_stride
+        x1 = tl.load(base + d, mask=m).to(tl.float32)
+        x2 = tl.load(base + HALF + d, mask=m).to(tl.float32)
+        c = tl.load(cos_ptr + t * HALF + d)
+        s = tl.load(sin_ptr + t * HALF + d)
+        tl.store(base + d, (x1 * c - x2 * s).to(k_ptr.dtype.element_ty), mask=m)
+        tl.store(base + HALF + d, (x2 * c + x1 * s).to(k_ptr.dtype.element_ty), mask=m)
+
+    _HAS_TRITON = True
+except Exception:  # pragma: no cover
+    _HAS_TRITON = False
+
+
+def rope_rows_(k: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, start: int, end: int) -> None:
+    """Rotate in place ``k[layers, 1, max_len, Hkv, D]`` (any strides, last dim contiguous) at positions
+    ``start..end`` with fp32 tables ``[max_len, D/2]``."""
+    if end <= start:
+        return
+    nl, _, _, hkv, d = k.shape
+    if k.is_cuda and _HAS_TRITON:
+        _rope_rows_kernel[(end - start, nl)](k, cos_half, sin_half, k.stride(0), k.stride(2), k.stride(3), start,
+                                            HALF=d // 2, HKV=hkv, HKV_P2=triton.next_power_of_2(hkv),
+                                            num_warps=2)
+        return
+    c = torch.cat([cos_half[start:end]] * 2, -1)[:, None, :]
+    s = torch.cat([sin_half[start:end]] * 2, -1)[:, None, :]
+    x = k[:, :, start:end]
+    x.copy_(rotate(x, c, s))
