@@ -51,6 +51,31 @@ STOPWORDS_EN = (
 )
 
 
+def _hit_factory():
+    """``Hit(chunk_id, score)``, built without the frozen dataclass's ``__init__`` where that is safe
+    (5x cheaper; at 10-100 hits per query it is a fair share of a query's time)."""
+    if hasattr(Hit, "__slots__") or getattr(Hit, "__post_init__", None) is not None:
+        return Hit
+    new = object.__new__
+
+    def make(chunk_id, score):
+        h = new(Hit)
+        d = h.__dict__
+        d["chunk_id"] = chunk_id
+        d["score"] = score
+        return h
+
+    try:
+        if make("x", 1.0) == Hit("x", 1.0) and hash(make("x", 1.0)) == hash(Hit("x", 1.0)):
+            return make
+    except Exception:  # pragma: no cover - a Hit that is not a plain dataclass
+        pass
+    return Hit
+
+
+_hit = _hit_factory()
+
+
 # ------------------------------------------------------------------------------------------ tokens
 class Tokenizer:
     """Lowercase -> regex word tokens -> drop stopwords -> Snowball stem (cached per word)."""
@@ -166,12 +191,113 @@ def _nonoccurrence(variant: str, idf: np.ndarray, k1: float, delta: float) -> np
 
 
 # ------------------------------------------------------------------------------------------ kernel
+# Plain Python functions, compiled with numba on first use (``_kernel()``); on disk cache after that.
+# the kernel scans every row (instead of only the touched ones) when postings * ratio >= rows
+_DENSE_RATIO = 4
 _KERNEL = None
+_topk_into_jit = None
+
+
+def _topk_into(indptr, indices, data, terms, buf, mark, touched, dense_ratio, hr, hs):
+    """Sum the query's term rows; write the best len(hr) (row, score) pairs among rows with a nonzero
+    score into hr/hs, best first (higher score, then lower row); return how many were written.
+
+    buf (float32) and mark (uint8) are all-zero scratch arrays with one slot per chunk and are left
+    all-zero again; touched is int64 scratch of the same length. The heap is written inline: a call
+    per candidate (with its array reference counting) costs ten times the scoring itself.
+    """
+    n_docs = buf.shape[0]
+    cap = hs.shape[0]
+    postings = 0
+    for t in terms:
+        postings += indptr[t + 1] - indptr[t]
+    if postings * dense_ratio >= n_docs:
+        # dense: scatter-add, then a branch-free pass that lists the nonzero rows (an `if` per row
+        # would mispredict about half the time and cost more than the scatter)
+        for t in terms:
+            for j in range(indptr[t], indptr[t + 1]):
+                buf[indices[j]] += data[j]
+        n = 0
+        for d in range(n_docs):
+            touched[n] = d
+            n += buf[d] != 0.0
+    else:  # large corpus, rare terms: remember the touched rows and visit only those
+        n = 0
+        for t in terms:
+            for j in range(indptr[t], indptr[t + 1]):
+                d = indices[j]
+                if mark[d] == 0:
+                    mark[d] = 1
+                    touched[n] = d
+                    n += 1
+                buf[d] += data[j]
+    size = 0
+    for i in range(n):
+        d = touched[i]
+        mark[d] = 0
+        s = buf[d]
+        buf[d] = 0.0
+        if s == 0.0:
+            continue
+        if size < cap:  # min-heap of the best so far, worst at the root: sift up
+            c = size
+            size += 1
+            while c > 0:
+                p = (c - 1) >> 1
+                if hs[p] < s or (hs[p] == s and hr[p] > d):
+                    break
+                hs[c] = hs[p]
+                hr[c] = hr[p]
+                c = p
+            hs[c] = s
+            hr[c] = d
+        elif s > hs[0] or (s == hs[0] and d < hr[0]):  # replace the root, sift down
+            c = 0
+            while True:
+                lft = 2 * c + 1
+                if lft >= size:
+                    break
+                m = lft
+                r = lft + 1
+                if r < size and (hs[r] < hs[lft] or (hs[r] == hs[lft] and hr[r] > hr[lft])):
+                    m = r
+                if hs[m] > s or (hs[m] == s and hr[m] < d):
+                    break
+                hs[c] = hs[m]
+                hr[c] = hr[m]
+                c = m
+            hs[c] = s
+            hr[c] = d
+    for i in range(1, size):  # best first (insertion sort: k is small)
+        s = hs[i]
+        d = hr[i]
+        j = i - 1
+        while j >= 0 and (hs[j] < s or (hs[j] == s and hr[j] > d)):
+            hs[j + 1] = hs[j]
+            hr[j + 1] = hr[j]
+            j -= 1
+        hs[j + 1] = s
+        hr[j + 1] = d
+    return size
+
+
+def _score_topk(indptr, indices, data, flat_terms, ptr, buf, mark, touched, k, dense_ratio):
+    """Queries i = flat_terms[ptr[i]:ptr[i+1]] -> (rows (nq, k), scores (nq, k), counts (nq,))."""
+    nq = ptr.shape[0] - 1
+    kk = min(k, buf.shape[0])
+    rows = np.zeros((nq, kk), dtype=np.int64)
+    scores = np.zeros((nq, kk), dtype=np.float32)
+    counts = np.zeros(nq, dtype=np.int64)
+    for i in range(nq):
+        counts[i] = _topk_into_jit(indptr, indices, data, flat_terms[ptr[i]:ptr[i + 1]], buf, mark, touched,
+                              dense_ratio, rows[i], scores[i])
+    return rows, scores, counts
+
 
 
 def _kernel():
     """The compiled query kernel (numba, cached on disk), or None where numba is unavailable."""
-    global _KERNEL
+    global _KERNEL, _topk_into_jit
     if _KERNEL is not None:
         return _KERNEL or None
     if os.environ.get("BLOCKRAG_BM25_NUMBA", "1") == "0":
@@ -182,74 +308,8 @@ def _kernel():
     except ImportError:  # pragma: no cover - numba ships with ranx
         _KERNEL = False
         return None
-
-    @njit(cache=True, nogil=True)
-    def score_topk(indptr, indices, data, terms, buf, mark, touched, k):
-        # accumulate the query's term rows into buf, remembering which rows were touched
-        n = 0
-        for t in terms:
-            for j in range(indptr[t], indptr[t + 1]):
-                d = indices[j]
-                if mark[d] == 0:
-                    mark[d] = 1
-                    touched[n] = d
-                    n += 1
-                buf[d] += data[j]
-        # top-k with a min-heap on (score, -row): best = higher score, then lower row
-        kk = min(k, n)
-        hs = np.empty(kk, dtype=np.float32)
-        hr = np.empty(kk, dtype=np.int64)
-        size = 0
-        for i in range(n):
-            d = touched[i]
-            s = buf[d]
-            buf[d] = 0.0
-            mark[d] = 0
-            if size < kk:
-                # sift up
-                c = size
-                size += 1
-                while c > 0:
-                    p = (c - 1) >> 1
-                    if hs[p] < s or (hs[p] == s and hr[p] > d):
-                        break
-                    hs[c] = hs[p]
-                    hr[c] = hr[p]
-                    c = p
-                hs[c] = s
-                hr[c] = d
-            elif s > hs[0] or (s == hs[0] and d < hr[0]):
-                # replace the worst (root) and sift down
-                c = 0
-                while True:
-                    l = 2 * c + 1
-                    if l >= size:
-                        break
-                    r = l + 1
-                    m = l
-                    if r < size and (hs[r] < hs[l] or (hs[r] == hs[l] and hr[r] > hr[l])):
-                        m = r
-                    if hs[m] > s or (hs[m] == s and hr[m] < d):
-                        break
-                    hs[c] = hs[m]
-                    hr[c] = hr[m]
-                    c = m
-                hs[c] = s
-                hr[c] = d
-        # sort the heap best-first (insertion sort: k is small)
-        for i in range(1, size):
-            s = hs[i]
-            d = hr[i]
-            j = i - 1
-            while j >= 0 and (hs[j] < s or (hs[j] == s and hr[j] > d)):
-                hs[j + 1] = hs[j]
-                hr[j + 1] = hr[j]
-                j -= 1
-            hs[j + 1] = s
-            hr[j + 1] = d
-        return hr[:size], hs[:size]
-
-    _KERNEL = score_topk
+    _topk_into_jit = njit(cache=True, nogil=True)(_topk_into)
+    _KERNEL = njit(cache=True, nogil=True)(_score_topk)
     return _KERNEL
 
 
@@ -257,8 +317,8 @@ def _kernel():
 class BM25Retriever:
     """BM25 retriever and index over chunks (``.id``, ``.text``), keyed by chunk id.
 
-    ``retrieve`` returns only chunks that contain at least one query term, best first (ties by
-    insertion order). For ``bm25l``/``bm25+`` the reported scores include every query term's
+    ``retrieve`` returns only chunks that contain a query term (strictly: whose summed term score is
+    nonzero), best first, ties broken by insertion order. For ``bm25l``/``bm25+`` the reported scores include every query term's
     non-occurrence constant, as in bm25s.
     """
 
@@ -468,13 +528,15 @@ class BM25Retriever:
         return rows, scores[rows]
 
     def _top(self, rows: np.ndarray, scores: np.ndarray, k: int, offset: float = 0.0) -> list[Hit]:
+        nz = scores != 0  # same candidate rule as the kernel: a nonzero (stored) score
+        rows, scores = rows[nz], scores[nz]
         if len(rows) > k:  # keep everything tied with the k-th score, so ties break by row as in the kernel
             kth = -np.partition(-scores, k - 1)[k - 1]
             keep = scores >= kth
             rows, scores = rows[keep], scores[keep]
         order = np.lexsort((rows, -scores))[:k]
         ids = self.ids
-        return [Hit(ids[r], float(s) + offset) for r, s in zip(rows[order].tolist(), scores[order].tolist())]
+        return [_hit(ids[r], float(s) + offset) for r, s in zip(rows[order].tolist(), scores[order].tolist())]
 
     def retrieve(self, query: str, k: int = 10) -> list[Hit]:
         if k <= 0 or not self.ids:
@@ -486,19 +548,8 @@ class BM25Retriever:
             return []
         if self._ref is not None:
             return self._retrieve_reference(terms, k)
-        kernel = _kernel() if k <= 1000 else None
-        if kernel is not None:
-            if self._buf is None or len(self._buf) != len(self.ids):
-                n = len(self.ids)
-                self._buf = np.zeros(n, dtype=np.float32)
-                self._mark = np.zeros(n, dtype=np.uint8)
-                self._touched = np.empty(n, dtype=np.int64)
-            with self._lock:  # the scratch arrays are shared: one query at a time per index
-                rows, scores = kernel(self._indptr, self._indices, self._data, np.asarray(terms, dtype=np.int64),
-                                      self._buf, self._mark, self._touched, k)
-            offset = float(self._nonocc[terms].sum()) if self._nonocc is not None else 0.0
-            ids = self.ids
-            return [Hit(ids[r], s + offset) for r, s in zip(rows.tolist(), scores.tolist())]
+        if _kernel() is not None and k <= 10_000:
+            return self._retrieve_kernel([terms], k)[0]
         rows, scores = self._scores(terms)
         offset = float(self._nonocc[terms].sum()) if self._nonocc is not None else 0.0
         return self._top(rows, scores, k, offset)
@@ -512,7 +563,31 @@ class BM25Retriever:
         return self._top(rows, full[rows], k)
 
     def retrieve_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
-        return [self.retrieve(q, k) for q in queries]
+        """Like ``retrieve`` per query, in one compiled call for the whole batch."""
+        if k <= 0 or not self.ids or self._ref is not None or _kernel() is None or k > 10_000:
+            return [self.retrieve(q, k) for q in queries]
+        return self._retrieve_kernel([self._query_terms(q) for q in queries], k)
+
+    def _retrieve_kernel(self, term_lists: list[list[int]], k: int) -> list[list[Hit]]:
+        n = len(self.ids)
+        if self._buf is None or len(self._buf) != n:
+            self._buf = np.zeros(n, dtype=np.float32)
+            self._mark = np.zeros(n, dtype=np.uint8)
+            self._touched = np.empty(n, dtype=np.int64)
+        lens = [len(t) for t in term_lists]
+        ptr = np.zeros(len(term_lists) + 1, dtype=np.int64)
+        np.cumsum(lens, out=ptr[1:])
+        flat = np.fromiter(chain.from_iterable(term_lists), dtype=np.int64, count=int(ptr[-1]))
+        with self._lock:  # the scratch arrays are shared: one batch at a time per index
+            rows, scores, counts = _kernel()(self._indptr, self._indices, self._data, flat, ptr, self._buf,
+                                             self._mark, self._touched, k, _DENSE_RATIO)
+        ids = self.ids
+        if self._nonocc is not None:
+            offsets = [float(self._nonocc[t].sum()) if t else 0.0 for t in term_lists]
+            return [[_hit(ids[r], s + off) for r, s in zip(rr[:c], ss[:c])]
+                    for rr, ss, c, off in zip(rows.tolist(), scores.tolist(), counts.tolist(), offsets)]
+        return [[_hit(ids[r], s) for r, s in zip(rr[:c], ss[:c])]
+                for rr, ss, c in zip(rows.tolist(), scores.tolist(), counts.tolist())]
 
     def search(self, queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:
         """BEIR-style ``{qid: {chunk_id: score}}``."""
