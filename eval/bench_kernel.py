@@ -30,8 +30,8 @@ from attention_kv.kernels import attend_reference, make_block_ids, visibility_ma
 from attention_kv.kernels.triton_attention import attend_triton, default_config
 
 HQ, HKV, D = 32, 8, 128
-SWEEP_DECODE = ((128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3))
-SWEEP_PREFILL = ((64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3))
+SWEEP_DECODE = ((128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3))
+SWEEP_PREFILL = ((128, 64, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3))
 DT = torch.bfloat16
 THETA = 500000.0  # Llama-3
 
@@ -93,6 +93,17 @@ def bench_graph(fn, target_ms: float = 300.0) -> dict | None:
     r = bench(g.replay, target_ms=target_ms)
     del g
     return r
+
+
+def _kinfo() -> str:
+    """Registers / spills of the attention kernel of the last call (empty for non-Triton calls)."""
+    from attention_kv.kernels import triton_attention as ta
+
+    h = ta.LAST_LAUNCH.pop("fwd", None)
+    try:
+        return f"[regs {h.n_regs} spills {h.n_spills}]" if h is not None else ""
+    except Exception:  # noqa: BLE001
+        return ""
 
 
 def cpu_us(fn, n: int = 50) -> float:
@@ -201,9 +212,9 @@ def correctness(inv_freq) -> list:
           lambda: attend_reference(q, k, v, inv_freq=inv_freq, k_positions=kpos),
           lambda: naive64(q, apply_rope(k, kpos, inv_freq), v, mask, scale))
     kpos2 = torch.arange(Lk, device="cuda") + 30000  # large angles: checks the sin/cos range reduction
-    for mode in ("fast", "libdevice"):
-        check(f"question 50 x 4133, RoPE on load (pos+30000, {mode} sin/cos)",
-              lambda: attend_triton(q, k, v, inv_freq=inv_freq, k_positions=kpos2, rope_mode=mode),
+    for mode, impl in (("fast", "prepass"), ("fast", "fused"), ("libdevice", "fused")):
+        check(f"question 50 x 4133, RoPE on load (pos+30000, {impl}, {mode} sin/cos)",
+              lambda: attend_triton(q, k, v, inv_freq=inv_freq, k_positions=kpos2, rope_mode=mode, rope_impl=impl),
               lambda: attend_reference(q, k, v, inv_freq=inv_freq, k_positions=kpos2),
               lambda: naive64(q, apply_rope(k, kpos2, inv_freq), v, mask, scale))
     check("question, RoPE on load == pre-rotated (bf16-rounded) keys",
@@ -290,15 +301,17 @@ def bench_decode(ceil, inv_freq, lengths, sweep: bool) -> list:
         variants = [
             ("ours", lambda: attend_triton(q, k, v)),
             ("ours, block ids (q_block on CPU)", lambda: attend_triton(q, k, v, q_block=q_blk_cpu, k_block=k_blk)),
-            ("ours, RoPE on load", lambda: attend_triton(q, k, v, inv_freq=inv_freq, k_positions=kpos)),
+            ("ours, RoPE on load (prepass)", lambda: attend_triton(q, k, v, inv_freq=inv_freq, k_positions=kpos)),
+            ("ours, RoPE on load (fused)", lambda: attend_triton(q, k, v, inv_freq=inv_freq, k_positions=kpos,
+                                                                 rope_impl="fused")),
         ]
         if sweep and Lk in (8192, 32768):
-            variants.append(("ours, RoPE on load, libdevice sin/cos", lambda: attend_triton(
-                q, k, v, inv_freq=inv_freq, k_positions=kpos, rope_mode="libdevice")))
+            variants.append(("ours, RoPE on load (fused), libdevice sin/cos", lambda: attend_triton(
+                q, k, v, inv_freq=inv_freq, k_positions=kpos, rope_mode="libdevice", rope_impl="fused")))
             for bm, bn, nw, ns in SWEEP_DECODE:
                 variants.append((f"ours bm{bm} bn{bn} w{nw} s{ns}", lambda bm=bm, bn=bn, nw=nw, ns=ns: attend_triton(
                     q, k, v, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)))
-            for pps in (1.0, 3.0):
+            for pps in (0.5, 2.0):
                 variants.append((f"ours pps{pps:g}", lambda pps=pps: attend_triton(q, k, v, programs_per_sm=pps)))
         sname, sfn, se = pick_sdpa(sdpa_decode_candidates(q, k, v), ref)
         if sfn is not None:
@@ -306,6 +319,7 @@ def bench_decode(ceil, inv_freq, lengths, sweep: bool) -> list:
         for name, fn in variants:
             try:
                 o = fn()
+                kinfo = _kinfo()
                 if "RoPE" in name:
                     e = rel(o, attend_reference(q, k, v, inv_freq=inv_freq, k_positions=kpos))
                 else:
@@ -318,8 +332,8 @@ def bench_decode(ceil, inv_freq, lengths, sweep: bool) -> list:
                 rows.append(dict(bench="question", Lk=Lk, impl=name, ms=t["ms"], p10=t["p10"], p90=t["p90"],
                                  graph_ms=tg["ms"] if tg else None, graph_p10=tg["p10"] if tg else None,
                                  graph_p90=tg["p90"] if tg else None, cpu_us=cu,
-                                 GBps=gbs, pct_copy=100 * gbs / ceil["copy_GBps"], rel_err=e))
-                log(f"  Lk={Lk:6d} {name:44s} call {t['ms']:.4f} ms  graph {dev_ms:.4f} ms "
+                                 GBps=gbs, pct_copy=100 * gbs / ceil["copy_GBps"], rel_err=e, kernel=kinfo))
+                log(f"  Lk={Lk:6d} {name:44s} {kinfo} call {t['ms']:.4f} ms  graph {dev_ms:.4f} ms "
                     f"[{(tg or t)['p10']:.4f}-{(tg or t)['p90']:.4f}]  cpu {cu:5.0f} us  {gbs:6.0f} GB/s "
                     f"{100 * gbs / ceil['copy_GBps']:5.1f}%  err {e:.2g}")
             except Exception as ex:  # noqa: BLE001
@@ -363,7 +377,7 @@ def bench_prefill(ceil, Ns, sweep: bool) -> list:
 
         variants = [("ours", lambda: attend_triton(q, k, v, q_start=0, q_block=ids, k_block=ids)),
                     ("ours + block mass (32 rows)", lambda: attend_triton(q, k, v, q_start=0, q_block=ids, k_block=ids,
-                                                                          mass_rows=mrows))]
+                                                                          mass_rows=mrows, n_blocks=N + 2))]
         if sweep and N in (50, 200):
             for bm, bn, nw, ns in SWEEP_PREFILL:
                 variants.append((f"ours bm{bm} bn{bn} w{nw} s{ns}", lambda bm=bm, bn=bn, nw=nw, ns=ns: attend_triton(
@@ -442,7 +456,7 @@ def table(ceil, dec, pre) -> str:
     lines.append("(a) 50-token question over a cache, Llama-3-8B heads (32q/8kv, d=128, bf16). call = per call from "
                  "Python (L2 flushed); graph = CUDA-graph replay (device time); GB/s and % copy from graph time")
     lines.append(f"{'Lk':>6} | {'impl':<50} | {'call ms':>8} | {'graph ms':>8} | {'K/V GB/s':>8} | {'% copy':>6}")
-    keep = ("ours", "ours, RoPE on load")
+    keep = ("ours", "ours, RoPE on load (prepass)", "ours, RoPE on load (fused)")
     for r in dec:
         if r["impl"] in keep or r["impl"].startswith("sdpa"):
             lines.append(f"{r['Lk']:>6} | {r['impl'][:50]:<50} | {r['ms']:8.4f} | {_f(r['graph_ms'], '8.4f'):>8} | "

@@ -221,6 +221,28 @@ def test_rope_on_load(backend, rope_q):
 
 
 @needs_triton
+@pytest.mark.parametrize("rope_impl", ["prepass", "fused"])
+def test_rope_impls_agree_with_mass(rope_impl):
+    """Both RoPE strategies (scratch pre-rotation / rotation inside the attention loop), with in-kernel q
+    rotation, a BlockRank mask, split-KV and block mass."""
+    torch.manual_seed(31)
+    Hkv, G, D = 1, 4, 32
+    ids = make_block_ids(5, [8, 13, 6], 6)
+    L = ids.numel()
+    invf = inv_freq_for(D)
+    pos = torch.arange(L) + 40000
+    rows = torch.tensor([L - 1, L - 2, 9])
+    q, k, v = rand(1, Hkv * G, L, D), rand(1, Hkv, L, D), rand(1, Hkv, L, D)
+    ref, mref = naive64(q, k, v, q_block=ids, k_block=ids, inv_freq=invf, k_positions=pos, q_positions=pos,
+                        mass_rows=rows)
+    out, mass = attend_triton(*to_dev(q, k, v), q_block=ids.to(DEV), k_block=ids.to(DEV), inv_freq=invf.to(DEV),
+                              k_positions=pos.to(DEV), q_positions=pos.to(DEV), mass_rows=rows.to(DEV),
+                              rope_impl=rope_impl, chunk=2)
+    assert rel(out, ref) < 1e-5
+    assert (mass.cpu().double() - mref).abs().max().item() < 1e-5
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(dtype):
     torch.manual_seed(5)

@@ -250,6 +250,32 @@ if HAS_TRITON:
             tl.store(PL + base + offs_l, lse, mask=row_ok)
 
     @triton.jit
+    def _rope_keys(
+        K, KO, KP, INVF, skb, skh, skn, skd, Hkv, Lk,
+        BLOCK_N: tl.constexpr, HALF: tl.constexpr, ROPE_MODE: tl.constexpr,
+    ):
+        # Rotates keys once into a contiguous scratch copy [B, Hkv, Lk, D] (fp32 math, stored in the input
+        # dtype, exactly what the fused path feeds its dot), for the "prepass" RoPE strategy.
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // Hkv
+        h = bh % Hkv
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        offs_d = tl.arange(0, HALF)
+        ptr = K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        k1 = tl.load(ptr, mask=n_ok[:, None], other=0.0)
+        k2 = tl.load(ptr + HALF * skd, mask=n_ok[:, None], other=0.0)
+        invf = tl.load(INVF + offs_d)
+        kp = tl.load(KP + offs_n, mask=n_ok, other=0).to(tl.float32)
+        c, s = _cos_sin(kp[:, None] * invf[None, :], ROPE_MODE)
+        k1f = k1.to(tl.float32)
+        k2f = k2.to(tl.float32)
+        optr = KO + (bh * Lk + offs_n[:, None]) * (2 * HALF) + offs_d[None, :]
+        tl.store(optr, (k1f * c - k2f * s).to(k1.dtype), mask=n_ok[:, None])
+        tl.store(optr + HALF, (k2f * c + k1f * s).to(k1.dtype), mask=n_ok[:, None])
+
+    @triton.jit
     def _attn_reduce(
         O, LSE, PO, PL, R_QT, NCH, PBASE,
         sob, soh, som, sod,
@@ -372,10 +398,16 @@ if HAS_TRITON:
 # host side
 
 
+_SMS: dict = {}
+
+
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
 
 
 def default_config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -384,9 +416,9 @@ def default_config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
         return dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
     if D >= 256 or dtype == torch.float32:
         return dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    if D >= 128:
-        return dict(block_m=128, block_n=64, num_warps=8, num_stages=2)
-    return dict(block_m=128, block_n=64, num_warps=4, num_stages=2)
+    if D >= 128:  # best of a small sweep on an H100 (eval/bench_kernel.py --sweep)
+        return dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    return dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
 
 
 def block_tile_table(q_block, k_block, Lq: int, Lk: int, q_start: int, G: int, block_m: int, block_n: int):
@@ -500,9 +532,16 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
                   q_positions=None, inv_freq=None, scale: float | None = None, mass_rows=None,
                   n_blocks: int | None = None, block_m: int | None = None, block_n: int | None = None,
                   chunk: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                  programs_per_sm: float = 2.0, mass_chunk: int | None = None, rope_mode: str = "fast"):
+                  programs_per_sm: float = 1.0, mass_chunk: int | None = None, rope_mode: str = "fast",
+                  rope_impl: str = "prepass"):
     """Triton implementation of :func:`attention_kv.kernels.attend` (same semantics). The extra keyword
-    arguments are tuning knobs (tile sizes, KV tiles per program ``chunk``, launch parameters)."""
+    arguments are tuning knobs (tile sizes, KV tiles per program ``chunk``, launch parameters).
+
+    rope_impl: "prepass" (default) rotates the keys once, in fp32, into a scratch copy that the attention
+    pass then streams straight into the tensor cores; "fused" rotates each K tile in registers inside the
+    attention loop (no scratch memory, but the rotated tile must round-trip through registers, which
+    defeats Triton's load pipelining: measured ~2x slower on an H100). Both feed the dot the same bf16
+    values. rope_mode: "fast" (range-reduced hardware sin/cos) or "libdevice"."""
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed")
     B, Hq, Lq, D = q.shape
@@ -572,6 +611,17 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
         kp = (k_positions if k_positions is not None else torch.arange(Lk, device=dev))
         kp = torch.as_tensor(kp).to(device=dev, dtype=torch.int32).contiguous()
         qp = (torch.as_tensor(q_positions).to(device=dev, dtype=torch.int32).contiguous() if rope_q else dummy_i)
+        if rope_impl not in ("prepass", "fused"):
+            raise ValueError(f"rope_impl must be 'prepass' or 'fused', got {rope_impl!r}")
+        if rope_impl == "prepass":
+            k_rot = torch.empty(B, Hkv, Lk, D, dtype=k.dtype, device=dev)
+            RB = 64
+            _rope_keys[(_cdiv(Lk, RB), B * Hkv)](
+                k, k_rot, kp, invf, *k.stride(), Hkv, Lk,
+                BLOCK_N=RB, HALF=D // 2, ROPE_MODE=rope_mode_i, num_warps=4,
+            )
+            k = k_rot
+            rope_k = False
     else:
         invf = dummy_f
         kp = qp = dummy_i
