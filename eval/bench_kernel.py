@@ -311,6 +311,7 @@ def bench_decode(ceil, inv_freq, lengths, sweep: bool) -> list:
             for bm, bn, nw, ns in SWEEP_DECODE:
                 variants.append((f"ours bm{bm} bn{bn} w{nw} s{ns}", lambda bm=bm, bn=bn, nw=nw, ns=ns: attend_triton(
                     q, k, v, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)))
+            variants.append(("ours, lazy rescale", lambda: attend_triton(q, k, v, lazy_rescale=True)))
             for pps in (0.5, 2.0):
                 variants.append((f"ours pps{pps:g}", lambda pps=pps: attend_triton(q, k, v, programs_per_sm=pps)))
         sname, sfn, se = pick_sdpa(sdpa_decode_candidates(q, k, v), ref)

@@ -93,7 +93,7 @@ if HAS_TRITON:
         skn, skd, svn, svd, Lk, qk_scale,
         BLOCK_N: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr, HAS_BLOCKS: tl.constexpr,
         USE_TABLE: tl.constexpr, ROPE_K: tl.constexpr, ROPE_MODE: tl.constexpr,
-        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr, LAZY: tl.constexpr,
     ):
         # SPLIT: q and k handled as two halves of D (needed by rotate_half); otherwise q1 is the whole q.
         offs_d = tl.arange(0, HALF)
@@ -142,14 +142,30 @@ if HAS_TRITON:
                 s = tl.where(vis, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_use)
+                p = tl.exp2(s - m_use[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+                m_i = m_new
+            elif LAZY:
+                # lazy rescaling: keep the running max unless some row's max grew by more than 2^8; the
+                # probabilities stay <= 256 (exact in fp32 sums, fine in bf16) and the rescale of acc is skipped
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                if tl.max(m_new - m_i, 0) > 8.0:
+                    alpha = tl.exp2(m_i - m_new)
+                    acc = acc * alpha[:, None]
+                    l_i = l_i * alpha
+                    m_i = m_new
+                p = tl.exp2(s - m_i[:, None])
+                l_i = l_i + tl.sum(p, 1)
+                acc = acc + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
             else:
                 m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = m_new
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-            m_i = m_new
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+                m_i = m_new
         return acc, l_i, m_i
 
     @triton.jit
@@ -165,7 +181,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr,
         HAS_BLOCKS: tl.constexpr, USE_TABLE: tl.constexpr, ROPE_K: tl.constexpr, ROPE_Q: tl.constexpr,
         STORE_LSE: tl.constexpr, ROPE_MODE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-        SPLIT: tl.constexpr,
+        SPLIT: tl.constexpr, LAZY: tl.constexpr,
     ):
         w = tl.program_id(0)
         bh = tl.program_id(1)
@@ -219,7 +235,7 @@ if HAS_TRITON:
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q1, q2, k_base, v_base, KB, KP, invf, TABLE, qt, n_kt, lo, hi, gq, qb,
                 skn, skd, svn, svd, Lk, qk_scale,
-                BLOCK_N, HALF, True, HAS_BLOCKS, True, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST, SPLIT)
+                BLOCK_N, HALF, True, HAS_BLOCKS, True, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST, SPLIT, LAZY)
         else:
             # causal range: tiles below the tile's first row (and inside Lk) need no mask at all
             i_first = (qt * BLOCK_M) // G
@@ -228,11 +244,11 @@ if HAS_TRITON:
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q1, q2, k_base, v_base, KB, KP, invf, TABLE, qt, n_kt, lo, mid, gq, qb,
                 skn, skd, svn, svd, Lk, qk_scale,
-                BLOCK_N, HALF, False, False, False, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST, SPLIT)
+                BLOCK_N, HALF, False, False, False, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST, SPLIT, LAZY)
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q1, q2, k_base, v_base, KB, KP, invf, TABLE, qt, n_kt, mid, hi, gq, qb,
                 skn, skd, svn, svd, Lk, qk_scale,
-                BLOCK_N, HALF, True, False, False, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST, SPLIT)
+                BLOCK_N, HALF, True, False, False, ROPE_K, ROPE_MODE, DOT_PREC, UPCAST, SPLIT, LAZY)
 
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -533,7 +549,7 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
                   n_blocks: int | None = None, block_m: int | None = None, block_n: int | None = None,
                   chunk: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                   programs_per_sm: float = 1.0, mass_chunk: int | None = None, rope_mode: str = "fast",
-                  rope_impl: str = "prepass"):
+                  rope_impl: str = "prepass", lazy_rescale: bool = False):
     """Triton implementation of :func:`attention_kv.kernels.attend` (same semantics). The extra keyword
     arguments are tuning knobs (tile sizes, KV tiles per program ``chunk``, launch parameters).
 
@@ -668,7 +684,7 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
         Hkv, G, Lq, Lk, q_start, n_kt, plan["chunk"], qk_scale,
         BLOCK_M=BM, BLOCK_N=BN, HALF=D // 2,
         HAS_BLOCKS=main_blocks, USE_TABLE=main_blocks, ROPE_K=rope_k, ROPE_Q=rope_q,
-        STORE_LSE=want_mass, ROPE_MODE=rope_mode_i, DOT_PREC=dot_prec, UPCAST=upcast, SPLIT=rope_k or rope_q,
+        STORE_LSE=want_mass, ROPE_MODE=rope_mode_i, DOT_PREC=dot_prec, UPCAST=upcast, SPLIT=rope_k or rope_q, LAZY=lazy_rescale,
         num_warps=nw, num_stages=ns,
     )
     if plan["n_r"]:
