@@ -319,6 +319,9 @@ def bench_decode(ceil, inv_freq, lengths, sweep: bool) -> list:
             variants.append((f"sdpa ({sname})", sfn))
         for name, fn in variants:
             try:
+                from attention_kv.kernels import triton_attention as ta
+
+                ta.LAST_LAUNCH.clear()
                 o = fn()
                 kinfo = _kinfo()
                 if "RoPE" in name:
