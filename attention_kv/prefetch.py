@@ -1,7 +1,8 @@
 """Host -> device loading of stitched contexts, overlapped with the question-block forward layer by layer.
 
-The copies of layer ``l`` (every selected chunk, pinned host memory -> the static stitched buffers) run on
-a side stream; after them a one-word "layer ready" flag is set to the current epoch. The forward (eager
+The copies of a group of layers (every selected chunk, pinned host memory -> a staging buffer -> the
+static stitched buffers) run on a side stream; after them one-word "layer ready" flags are set to the
+current epoch. The forward (eager
 or a replayed CUDA graph) waits for the flag of layer ``l`` right before that layer's attention with a
 one-program spin kernel, so layer ``l``'s compute overlaps the copies of layers ``> l``. Flags are
 compared against an epoch held on the device, so one captured graph serves every query.
@@ -47,6 +48,51 @@ try:
         tl.store(k_ptr + dst + offs, (qk * sk).to(k_ptr.dtype.element_ty))
         tl.store(v_ptr + dst + offs, (qv * sv).to(v_ptr.dtype.element_ty))
 
+    @triton.jit
+    def _unpack_kernel(buf_ptr, meta_ptr, dst_ptr, cos_ptr, sin_ptr, start, dst_layer_stride, dst_tok_stride,
+                       HKV: tl.constexpr, HKV_P2: tl.constexpr, HALF: tl.constexpr, INT8: tl.constexpr,
+                       ROPE: tl.constexpr):
+        """Staging (one group of layers, chunk-major) -> stitched buffer; int8 dequant and RoPE fused."""
+        t = tl.program_id(0)
+        j = tl.program_id(1)  # layer within the group
+        base = tl.load(meta_ptr + t * 3)
+        local = tl.load(meta_ptr + t * 3 + 1)
+        n = tl.load(meta_ptr + t * 3 + 2)
+        ROW: tl.constexpr = HKV * 4 * HALF  # K and V of one token
+        h = tl.arange(0, HKV_P2)[:, None]
+        d = tl.arange(0, HALF)[None, :]
+        m = (h < HKV) & (d < HALF)
+        col = h * (2 * HALF) + d
+        if INT8:
+            lbytes = n * ROW + ROW * 4
+            row = buf_ptr + base + j * lbytes + local * ROW
+            sp = (buf_ptr + base + j * lbytes + n * ROW).to(tl.pointer_type(tl.float32), bitcast=True)
+            k1 = tl.load(row + col, mask=m).to(tl.int8, bitcast=True).to(tl.float32) * tl.load(sp + col, mask=m)
+            k2 = tl.load(row + col + HALF, mask=m).to(tl.int8, bitcast=True).to(tl.float32) * tl.load(sp + col + HALF, mask=m)
+            VO: tl.constexpr = HKV * 2 * HALF
+            v1 = tl.load(row + VO + col, mask=m).to(tl.int8, bitcast=True).to(tl.float32) * tl.load(sp + VO + col, mask=m)
+            v2 = tl.load(row + VO + col + HALF, mask=m).to(tl.int8, bitcast=True).to(tl.float32) * tl.load(sp + VO + col + HALF, mask=m)
+        else:
+            row = buf_ptr + base + (j * n + local) * ROW
+            VO2: tl.constexpr = HKV * 2 * HALF
+            k1 = tl.load(row + col, mask=m).to(tl.float32)
+            k2 = tl.load(row + col + HALF, mask=m).to(tl.float32)
+            v1 = tl.load(row + VO2 + col, mask=m)
+            v2 = tl.load(row + VO2 + col + HALF, mask=m)
+        if ROPE:
+            c = tl.load(cos_ptr + (start + t) * HALF + d)
+            sn = tl.load(sin_ptr + (start + t) * HALF + d)
+            a = k1
+            k1 = a * c - k2 * sn
+            k2 = k2 * c + a * sn
+        ty = dst_ptr.dtype.element_ty
+        dst = dst_ptr + j.to(tl.int64) * dst_layer_stride + (start + t).to(tl.int64) * dst_tok_stride + col
+        tl.store(dst, k1.to(ty), mask=m)
+        tl.store(dst + HALF, k2.to(ty), mask=m)
+        VO3: tl.constexpr = HKV * 2 * HALF
+        tl.store(dst + VO3, v1.to(ty), mask=m)
+        tl.store(dst + VO3 + HALF, v2.to(ty), mask=m)
+
     HAS_TRITON = True
 except Exception:  # pragma: no cover
     HAS_TRITON = False
@@ -61,10 +107,14 @@ def int8_blob(ckv) -> torch.Tensor:
     return torch.cat([data, sc], dim=1).contiguous()
 
 
-def _blob_meta(n_tok: Sequence[int], sizes: Sequence[int], device) -> torch.Tensor:
-    """int64 [ntot, 3]: (chunk blob byte offset, token index in chunk, chunk length) per token."""
+def _blob_meta(n_tok: Sequence[int], sizes: Sequence[int], device, absolute: bool = False) -> torch.Tensor:
+    """int64 [ntot, 3]: (chunk blob offset, token index in chunk, chunk length) per token. ``sizes`` are
+    the chunks' blob sizes, or (``absolute=True``) their offsets."""
     nt = torch.tensor(list(n_tok), dtype=torch.int64)
-    bases = torch.cumsum(torch.tensor([0] + list(sizes[:-1]), dtype=torch.int64), 0)
+    if absolute:
+        bases = torch.tensor(list(sizes), dtype=torch.int64)
+    else:
+        bases = torch.cumsum(torch.tensor([0] + list(sizes[:-1]), dtype=torch.int64), 0)
     starts = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64), nt[:-1]]), 0)
     cidx = torch.repeat_interleave(torch.arange(len(nt)), nt)
     local = torch.arange(int(nt.sum())) - starts[cidx]
@@ -77,7 +127,7 @@ def _blob_meta(n_tok: Sequence[int], sizes: Sequence[int], device) -> torch.Tens
 class LayerPrefetcher:
     """Copies ``parts`` into a :class:`BlockKVCache` layer by layer on a side stream (see module doc)."""
 
-    def __init__(self, cache, max_iter: int = 1 << 26):
+    def __init__(self, cache, max_iter: int = 1 << 26, group: int = 4):
         dev = cache.device
         self.cache = cache
         self.stream = torch.cuda.Stream(dev)
@@ -88,6 +138,7 @@ class LayerPrefetcher:
         self.stage = None
         self._meta: dict = {}
         self._armed = None
+        self.group = group
         cache.prefetcher = self
 
     def wait(self, layer: int) -> None:
@@ -110,42 +161,136 @@ class LayerPrefetcher:
         self.arm()
         return self.issue(parts, start, blobs)
 
-    def issue(self, parts: Sequence, start: int = 0, blobs: Sequence[torch.Tensor] | None = None) -> int:
-        """Copy ``parts`` layer by layer; ``blobs`` (from :func:`int8_blob`) selects the 8-bit path."""
+    def issue(self, parts: Sequence, start: int = 0, blobs: Sequence[torch.Tensor] | None = None,
+              group: int | None = None) -> int:
+        """Copy ``parts`` ``group`` layers at a time; ``blobs`` (from :func:`int8_blob`) selects 8-bit.
+
+        Per group: one host->device copy per chunk into a chunk-major staging buffer (double-buffered),
+        then one kernel unpacks the group into the stitched buffer (int8 dequant, RoPE when the cache
+        rotates at stitch time), then the group's layer flags are set.
+        """
         cache = self.cache
         s = self.stream
         s.wait_event(self._armed)
         n_tok = [p.n_tokens for p in parts]
         total = start + sum(n_tok)
+        ntot = total - start
+        L = cache.n_layers
+        G = group or self.group
+        int8 = blobs is not None
+        srcs = list(blobs) if int8 else [p.kv.reshape(L, -1) for p in parts]
+        per_layer = [x.shape[1] for x in srcs]  # elements (bytes for int8) per layer and chunk
+        gsize = G * sum(per_layer)
+        dt = srcs[0].dtype
+        key = (dt, 2 * gsize)
+        if self.stage is None or self.stage.dtype != dt or self.stage.numel() < 2 * gsize:
+            self.stage = torch.empty(2 * gsize, dtype=dt, device=cache.device)
+        mkey = (tuple(n_tok), tuple(per_layer), G)
+        meta_t = self._meta.get(mkey)
+        if meta_t is None:
+            bases = [0]
+            for x in per_layer[:-1]:
+                bases.append(bases[-1] + G * x)
+            meta_t = self._meta[mkey] = _blob_meta(n_tok, bases, cache.device, absolute=True)
+        rope = cache.rope == "stitch"
         HD = cache.n_kv * cache.head_dim
+        tabs = (cache.cos_half, cache.sin_half) if rope else (meta_t, meta_t)
         with torch.cuda.stream(s):
-            if blobs is None:
-                for l in range(cache.n_layers):
-                    off = start
-                    for p, n in zip(parts, n_tok):
-                        cache.kv[l, 0, off:off + n].copy_(p.kv[l], non_blocking=True)
-                        off += n
-                    cache.loaded(start, total, l)
-                    self.flags[l:l + 1].fill_(self.epoch)
-            else:
-                sizes = [b.shape[1] for b in blobs]
-                nbytes = sum(sizes)
-                if self.stage is None or self.stage.numel() < 2 * nbytes:
-                    self.stage = torch.empty(2 * nbytes, dtype=torch.uint8, device=cache.device)
-                key = (tuple(n_tok), tuple(sizes))
-                meta_t = self._meta.get(key)
-                if meta_t is None:
-                    meta_t = self._meta[key] = _blob_meta(n_tok, sizes, cache.device)
-                ntot = total - start
-                for l in range(cache.n_layers):
-                    st = self.stage[(l % 2) * nbytes:(l % 2 + 1) * nbytes]  # double buffer
-                    base = 0
-                    for b, sz in zip(blobs, sizes):
-                        st[base:base + sz].copy_(b[l], non_blocking=True)
-                        base += sz
-                    _dequant_kernel[(ntot,)](st, meta_t, cache.k[l], cache.v[l], cache.kv.stride(2), start,
-                                             HD=HD, num_warps=4)
-                    cache.loaded(start, total, l)
-                    self.flags[l:l + 1].fill_(self.epoch)
+            for g, l0 in enumerate(range(0, L, G)):
+                g_n = min(G, L - l0)
+                buf = self.stage[(g % 2) * gsize:(g % 2 + 1) * gsize]
+                base = 0
+                for x, pl in zip(srcs, per_layer):
+                    buf[base:base + g_n * pl].copy_(x[l0:l0 + g_n].reshape(-1), non_blocking=True)
+                    base += G * pl
+                _unpack_kernel[(ntot, g_n)](buf, meta_t, cache.kv[l0], tabs[0], tabs[1], start,
+                                            cache.kv.stride(0), cache.kv.stride(2), HKV=cache.n_kv,
+                                            HKV_P2=triton.next_power_of_2(cache.n_kv),
+                                            HALF=cache.head_dim // 2, INT8=int8, ROPE=rope, num_warps=2)
+                if not rope:
+                    cache.kpos[l0:l0 + g_n, start:total] = cache._arange[start:total]
+                self.flags[l0:l0 + g_n].fill_(self.epoch)
         cache.length = total
         return total
+
+
+# ----------------------------------------------------------------------------- GPU-resident tier
+if HAS_TRITON:
+    @triton.jit
+    def _gather_kernel(src_ptr, idx_ptr, dst_ptr, cos_ptr, sin_ptr, ntok, start,
+                       src_layer_stride, src_tok_stride, dst_layer_stride, dst_tok_stride,
+                       HKV: tl.constexpr, HKV_P2: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr,
+                       ROPE: tl.constexpr):
+        layer = tl.program_id(1)
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        tm = t < ntok
+        s = tl.load(idx_ptr + t, mask=tm, other=0)
+        h = tl.arange(0, HKV_P2)
+        d = tl.arange(0, HALF)
+        m = tm[:, None, None] & (h < HKV)[None, :, None] & (d < HALF)[None, None, :]
+        col = h[None, :, None] * (2 * HALF) + d[None, None, :]
+        src = src_ptr + layer.to(tl.int64) * src_layer_stride + s[:, None, None] * src_tok_stride + col
+        dst = dst_ptr + layer.to(tl.int64) * dst_layer_stride + (start + t)[:, None, None].to(tl.int64) * dst_tok_stride + col
+        k1 = tl.load(src, mask=m)
+        k2 = tl.load(src + HALF, mask=m)
+        VOFF: tl.constexpr = HKV * 2 * HALF
+        v1 = tl.load(src + VOFF, mask=m)
+        v2 = tl.load(src + VOFF + HALF, mask=m)
+        if ROPE:
+            cs = (start + t)[:, None, None] * HALF + d[None, None, :]
+            c = tl.load(cos_ptr + cs, mask=m, other=1.0)
+            sn = tl.load(sin_ptr + cs, mask=m, other=0.0)
+            a = k1.to(tl.float32)
+            b = k2.to(tl.float32)
+            k1 = (a * c - b * sn).to(dst_ptr.dtype.element_ty)
+            k2 = (b * c + a * sn).to(dst_ptr.dtype.element_ty)
+        tl.store(dst, k1, mask=m)
+        tl.store(dst + HALF, k2, mask=m)
+        tl.store(dst + VOFF, v1, mask=m)
+        tl.store(dst + VOFF + HALF, v2, mask=m)
+
+
+class DeviceKVPool:
+    """GPU-resident tier: chunk caches in one arena ``kv[L, capacity, 2, Hkv, D]`` (bump allocation);
+    stitching a context is one fused gather kernel over all layers, rotating K to its stitched position
+    when the target cache uses ``rope="stitch"``."""
+
+    def __init__(self, n_layers: int, n_kv: int, head_dim: int, capacity: int, dtype=torch.bfloat16,
+                 device="cuda"):
+        self.kv = torch.empty(n_layers, capacity, 2, n_kv, head_dim, dtype=dtype, device=device)
+        self.capacity, self.used = capacity, 0
+        self.entries: dict = {}
+        self._idx: dict = {}
+
+    def put(self, key, ckv) -> tuple[int, int]:
+        if key in self.entries:
+            return self.entries[key]
+        n = ckv.n_tokens
+        if self.used + n > self.capacity:
+            raise MemoryError("DeviceKVPool is full")
+        self.kv[:, self.used:self.used + n].copy_(ckv.dequant(self.kv.dtype) if ckv.scale is not None else ckv.kv)
+        self.entries[key] = (self.used, n)
+        self.used += n
+        return self.entries[key]
+
+    def gather_into(self, cache, keys, start: int = 0) -> int:
+        ents = tuple(self.entries[k] for k in keys)
+        idx = self._idx.get(ents)
+        if idx is None:
+            idx = torch.cat([torch.arange(o, o + n, dtype=torch.int64) for o, n in ents])
+            idx = idx.pin_memory().to(self.kv.device, non_blocking=True)
+            if len(self._idx) > 64:
+                self._idx.clear()
+            self._idx[ents] = idx
+        ntot = idx.numel()
+        rope = cache.rope == "stitch"
+        BT = 4
+        _gather_kernel[(triton.cdiv(ntot, BT), cache.n_layers)](
+            self.kv, idx, cache.kv, cache.cos_half if rope else idx, cache.sin_half if rope else idx,
+            ntot, start, self.kv.stride(0), self.kv.stride(1), cache.kv.stride(0), cache.kv.stride(2),
+            HKV=cache.n_kv, HKV_P2=triton.next_power_of_2(cache.n_kv), HALF=cache.head_dim // 2, BT=BT,
+            ROPE=rope, num_warps=4)
+        if not rope:
+            cache.kpos[:, start:start + ntot] = cache._arange[start:start + ntot]
+        cache.length = start + ntot
+        return cache.length
