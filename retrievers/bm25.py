@@ -351,7 +351,9 @@ class BM25Retriever:
         self._post_term = np.zeros(0, dtype=np.int32)
         self._post_tf = np.zeros(0, dtype=np.int32)
         self._doc_len = np.zeros(0, dtype=np.int32)  # tokens after stopword removal
-        self._lock = threading.Lock()
+        # guards the index arrays and the kernel's scratch buffers: queries run one at a time per
+        # index (each takes microseconds) and never see a half-applied add/delete
+        self._lock = threading.RLock()
         self._reset_matrix()
 
     # ------------------------------------------------------------------ protocol helpers
@@ -369,54 +371,66 @@ class BM25Retriever:
     # ------------------------------------------------------------------ building
     def build(self, chunks: Sequence) -> "BM25Retriever":
         """Index ``chunks`` from scratch (drops anything indexed before)."""
-        self.ids, self._row = [], {}
-        self._terms, self._vocab = [], {}
-        self._doc_ptr = np.zeros(1, dtype=np.int64)
-        self._post_term = np.zeros(0, dtype=np.int32)
-        self._post_tf = np.zeros(0, dtype=np.int32)
-        self._doc_len = np.zeros(0, dtype=np.int32)
-        self.add(chunks)
+        with self._lock:
+            self.ids, self._row = [], {}
+            self._terms, self._vocab = [], {}
+            self._doc_ptr = np.zeros(1, dtype=np.int64)
+            self._post_term = np.zeros(0, dtype=np.int32)
+            self._post_tf = np.zeros(0, dtype=np.int32)
+            self._doc_len = np.zeros(0, dtype=np.int32)
+            self._reset_matrix()
+            self.add(chunks)
         return self
 
-    def add(self, chunks: Sequence) -> None:
-        """Add (or replace, by id) chunks; only the new chunks are tokenised."""
+    def add(self, chunks: Iterable, batch_size: int = 50_000) -> None:
+        """Add (or replace, by id) chunks; only the new chunks are tokenised (``batch_size`` at a time,
+        to bound memory), then the score matrix is rebuilt once."""
         latest: dict[str, str] = {}
         for c in chunks:
             latest[str(c.id)] = c.text or ""
         if not latest:
             return
-        replaced = [cid for cid in latest if cid in self._row]
-        if replaced:
-            self._drop_rows(replaced)
-        new_ids = list(latest)
-        token_lists = self.tokenizer.tokenize_many(list(latest.values()))
+        with self._lock:
+            replaced = [cid for cid in latest if cid in self._row]
+            if replaced:
+                self._drop_rows(replaced)
+            items = list(latest.items())
+            for i in range(0, len(items), batch_size):
+                self._append(items[i:i + batch_size])
+            self._rebuild()
+
+    def _append(self, items: list[tuple[str, str]]) -> None:
+        """Tokenise ``(chunk id, text)`` pairs and append their postings (no rebuild)."""
+        new_ids = [cid for cid, _ in items]
+        token_lists = self.tokenizer.tokenize_many([text for _, text in items])
         vocab, terms = self._vocab, self._terms
         for toks in token_lists:
             for t in toks:
                 if t not in vocab:
                     vocab[t] = len(terms)
                     terms.append(t)
+        n_terms = max(len(terms), 1)
         lens = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
         flat = np.fromiter((vocab[t] for t in chain.from_iterable(token_lists)), dtype=np.int64,
                            count=int(lens.sum()))
         local_doc = np.repeat(np.arange(len(new_ids), dtype=np.int64), lens)
-        keys, tf = np.unique(local_doc * len(terms) + flat, return_counts=True)  # sorted by (doc, term)
-        per_doc = np.bincount(keys // max(len(terms), 1), minlength=len(new_ids))
+        keys, tf = np.unique(local_doc * n_terms + flat, return_counts=True)  # sorted by (chunk, term)
+        per_doc = np.bincount(keys // n_terms, minlength=len(new_ids))
         start = len(self.ids)
         self.ids.extend(new_ids)
         for i, cid in enumerate(new_ids):
             self._row[cid] = start + i
-        self._post_term = np.concatenate([self._post_term, (keys % len(terms)).astype(np.int32)])
+        self._post_term = np.concatenate([self._post_term, (keys % n_terms).astype(np.int32)])
         self._post_tf = np.concatenate([self._post_tf, tf.astype(np.int32)])
         self._doc_ptr = np.concatenate([self._doc_ptr, self._doc_ptr[-1] + np.cumsum(per_doc)])
         self._doc_len = np.concatenate([self._doc_len, lens.astype(np.int32)])
-        self._rebuild()
 
     def delete(self, chunk_ids: Sequence[str]) -> int:
         """Remove chunks by id (unknown ids are ignored); returns how many were removed."""
-        n = self._drop_rows([str(c) for c in chunk_ids if str(c) in self._row])
-        if n:
-            self._rebuild()
+        with self._lock:
+            n = self._drop_rows([str(c) for c in chunk_ids if str(c) in self._row])
+            if n:
+                self._rebuild()
         return n
 
     def _drop_rows(self, chunk_ids: list[str]) -> int:
@@ -543,16 +557,17 @@ class BM25Retriever:
             if not self.ids:
                 log.info("BM25 index %r is empty: nothing to retrieve", self.name)
             return []
-        terms = self._query_terms(query)
-        if not terms:
-            return []
-        if self._ref is not None:
-            return self._retrieve_reference(terms, k)
-        if _kernel() is not None and k <= 10_000:
-            return self._retrieve_kernel([terms], k)[0]
-        rows, scores = self._scores(terms)
-        offset = float(self._nonocc[terms].sum()) if self._nonocc is not None else 0.0
-        return self._top(rows, scores, k, offset)
+        with self._lock:
+            terms = self._query_terms(query)
+            if not terms:
+                return []
+            if self._ref is not None:
+                return self._retrieve_reference(terms, k)
+            if _kernel() is not None and k <= 10_000:
+                return self._retrieve_kernel([terms], k)[0]
+            rows, scores = self._scores(terms)
+            offset = float(self._nonocc[terms].sum()) if self._nonocc is not None else 0.0
+            return self._top(rows, scores, k, offset)
 
     def _retrieve_reference(self, terms: list[int], k: int) -> list[Hit]:
         full = self._ref.get_scores(terms)
@@ -566,7 +581,8 @@ class BM25Retriever:
         """Like ``retrieve`` per query, in one compiled call for the whole batch."""
         if k <= 0 or not self.ids or self._ref is not None or _kernel() is None or k > 10_000:
             return [self.retrieve(q, k) for q in queries]
-        return self._retrieve_kernel([self._query_terms(q) for q in queries], k)
+        with self._lock:
+            return self._retrieve_kernel([self._query_terms(q) for q in queries], k)
 
     def _retrieve_kernel(self, term_lists: list[list[int]], k: int) -> list[list[Hit]]:
         n = len(self.ids)
@@ -593,7 +609,7 @@ class BM25Retriever:
         """BEIR-style ``{qid: {chunk_id: score}}``."""
         return {qid: {h.chunk_id: h.score for h in self.retrieve(q, k)} for qid, q in queries.items()}
 
-    def score_terms(self, query: str) -> list[str]:
+    def query_terms(self, query: str) -> list[str]:
         """The stems of ``query`` that are in the index (for debugging and explanations)."""
         return [self._terms[t] for t in self._query_terms(query)]
 
@@ -606,9 +622,11 @@ class BM25Retriever:
         tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
         tmp.mkdir()
         try:
-            np.savez(tmp / "bm25.npz", ids=np.array(self.ids, dtype=str), terms=np.array(self._terms, dtype=str),
-                     doc_ptr=self._doc_ptr, post_term=self._post_term, post_tf=self._post_tf,
-                     doc_len=self._doc_len, indptr=self._indptr, indices=self._indices, data=self._data)
+            with self._lock:  # a consistent snapshot
+                np.savez(tmp / "bm25.npz", ids=np.array(self.ids, dtype=str),
+                         terms=np.array(self._terms, dtype=str), doc_ptr=self._doc_ptr, post_term=self._post_term,
+                         post_tf=self._post_tf, doc_len=self._doc_len, indptr=self._indptr, indices=self._indices,
+                         data=self._data)
             meta = {"format_version": FORMAT_VERSION, "name": self.name, "manifest": self.manifest(),
                     "n_chunks": len(self.ids), "n_terms": len(self._terms)}
             (tmp / "bm25.json").write_text(json.dumps(meta, indent=1))

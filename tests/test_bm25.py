@@ -198,6 +198,9 @@ def test_incremental_add_delete_equals_fresh_build(path):
     for q in QUERIES:
         assert as_pairs(inc.retrieve(q, 20)) == as_pairs(fresh.retrieve(q, 20)), q
     assert inc.retrieve("zebra") == []  # the vocabulary forgets terms of deleted chunks
+    batched = BM25Retriever()
+    batched.add(a + b, batch_size=3)
+    assert [batched.retrieve(q, 20) for q in QUERIES] == [fresh.retrieve(q, 20) for q in QUERIES]
     assert len(inc) == len(fresh) == len(TEXTS)
 
 
