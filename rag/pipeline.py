@@ -52,8 +52,15 @@ class Pipeline:
         answer = Answer(question, None, chunks, scores, {"retrieve_ms": retrieve_ms})
         if self.generator is None or not chunks:
             return answer
-        result = self.generator.generate(question, chunks, mode=self.mode, max_new_tokens=self.max_new_tokens,
-                                         on_token=stream)
-        answer.text = result.text
-        answer.timings.update(result.timings)
+        if stream is None:
+            result = self.generator.generate(question, chunks, mode=self.mode, max_new_tokens=self.max_new_tokens)
+        else:
+            pieces = self.generator.generate(question, chunks, mode=self.mode, max_new_tokens=self.max_new_tokens,
+                                             stream=True)
+            for piece in pieces:
+                stream(piece)
+            result = pieces.result
+        answer.text = result.answer.strip()
+        answer.timings.update({"ttft_ms": result.ttft_ms, "tokens_per_s": result.decode_tokens_per_s,
+                               "context_tokens": result.n_context_tokens})
         return answer
