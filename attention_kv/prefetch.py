@@ -182,20 +182,20 @@ class LayerPrefetcher:
         per_layer = [x.shape[1] for x in srcs]  # elements (bytes for int8) per layer and chunk
         gsize = G * sum(per_layer)
         dt = srcs[0].dtype
-        key = (dt, 2 * gsize)
-        if self.stage is None or self.stage.dtype != dt or self.stage.numel() < 2 * gsize:
-            self.stage = torch.empty(2 * gsize, dtype=dt, device=cache.device)
-        mkey = (tuple(n_tok), tuple(per_layer), G)
-        meta_t = self._meta.get(mkey)
-        if meta_t is None:
-            bases = [0]
-            for x in per_layer[:-1]:
-                bases.append(bases[-1] + G * x)
-            meta_t = self._meta[mkey] = _blob_meta(n_tok, bases, cache.device, absolute=True)
         rope = cache.rope == "stitch"
-        HD = cache.n_kv * cache.head_dim
-        tabs = (cache.cos_half, cache.sin_half) if rope else (meta_t, meta_t)
         with torch.cuda.stream(s):
+            # everything the copy stream uses is made on the copy stream: the compute stream may already
+            # be blocked in a replayed graph waiting for these very copies
+            if self.stage is None or self.stage.dtype != dt or self.stage.numel() < 2 * gsize:
+                self.stage = torch.empty(2 * gsize, dtype=dt, device=cache.device)
+            mkey = (tuple(n_tok), tuple(per_layer), G)
+            meta_t = self._meta.get(mkey)
+            if meta_t is None:
+                bases = [0]
+                for x in per_layer[:-1]:
+                    bases.append(bases[-1] + G * x)
+                meta_t = self._meta[mkey] = _blob_meta(n_tok, bases, cache.device, absolute=True)
+            tabs = (cache.cos_half, cache.sin_half) if rope else (meta_t, meta_t)
             for g, l0 in enumerate(range(0, L, G)):
                 g_n = min(G, L - l0)
                 buf = self.stage[(g % 2) * gsize:(g % 2 + 1) * gsize]
