@@ -32,6 +32,7 @@ _DETERMINERS = {"the", "a", "an", "this", "that", "these", "those", "its", "thei
                 "which", "what", "whose"}
 _PRONOUNS = {"it", "he", "she", "they", "him", "her", "them", "we", "i", "you", "us", "its", "this", "that",
              "who", "which", "what", "whom", "one", "itself", "himself", "herself", "themselves"}
+_ANAPHORIC = {"the", "this", "that", "these", "those", "its", "their", "his", "her", "our", "such"}
 _GENERIC = {"time", "way", "thing", "part", "lot", "kind", "number", "year", "years", "day", "days", "result",
             "results", "case", "cases", "use", "study", "studies", "data", "effect", "effects", "level",
             "levels", "role", "group", "groups", "type", "types", "fact", "place", "people", "work", "others",
@@ -281,8 +282,10 @@ class SpacyExtractor:
             is_proper = root.pos_ == "PROPN"
             if not is_proper and not self.noun_phrases:
                 continue
-            if not is_proper and (len(span) == 1 and (root.lemma_.lower() in _GENERIC or len(root.text) < 3)):
-                continue
+            if not is_proper and len(span) == 1 and (root.lemma_.lower() in _GENERIC or len(root.text) < 3
+                                                     or (nc.start < span.start and
+                                                         doc[nc.start].lower_ in _ANAPHORIC)):
+                continue  # "the company", "its founder": anaphoric or generic, not an entity of its own
             if len(span) > 6:
                 span = doc[max(span.start, root.i - 5): root.i + 1]
             spans.append((span, "PROPN" if is_proper else "CONCEPT"))

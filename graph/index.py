@@ -131,7 +131,7 @@ class GraphIndex:
                  progress: bool = False, **_ignored):
         self.name = name
         self._extractor = extractor
-        self.embedder = embedder if hasattr(embedder, "encode") else make_embedder(embedder)
+        self.embedder = embedder if (hasattr(embedder, "encode") and not isinstance(embedder, str)) else make_embedder(embedder)
         self.chunk_vectors = chunk_vectors
         self.max_chunk_chars, self.batch_size = max_chunk_chars, batch_size
         self.default_mode, self.progress = default_mode, progress
@@ -195,16 +195,17 @@ class GraphIndex:
         for start in iterator:
             part = chunks[start:start + batch]
             rep.chunks_seen += len(part)
-            todo, texts, dup_of = [], [], {}
+            todo, texts, dup_of, pending = [], [], {}, set()
             for c in part:
                 text = c.text or ""
                 h = hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:16]
                 self.chunk_hash[c.id] = h
                 first = self.hash_chunk.get(h)
-                if first is not None and first in self.store and first != c.id:
+                if first is not None and first != c.id and (first in self.store or first in pending):
                     dup_of[c.id] = first
                     continue
                 self.hash_chunk.setdefault(h, c.id)
+                pending.add(c.id)
                 if len(text) > self.max_chunk_chars:
                     rep.truncated += 1
                     text = text[: self.max_chunk_chars]

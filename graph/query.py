@@ -93,9 +93,10 @@ class GraphRetriever:
 
     def __init__(self, index, mode: str = "local", collection=None, keyword_extractor: Callable | None = None,
                  top_entities: int = 20, top_relations: int = 60, entity_threshold: float = 0.75,
-                 neighbour_weight: float = 0.3, alpha: float = 0.8, theta: float = 0.05, max_hops: int = 3,
+                 neighbour_weight: float = 0.3, alpha: float = 0.8, theta: float = 1e-3, max_hops: int = 3,
                  max_paths: int = 30, max_branch: int = 40, max_expansions: int = 20000,
                  damping: float = 0.5, passage_weight: float = 0.05, relation_boost: float = 4.0,
+                 relation_sharpness: float = 10.0,
                  rrf_k: int = 60, name: str | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown graph mode {mode!r}; choose from {', '.join(MODES)}")
@@ -107,6 +108,7 @@ class GraphRetriever:
         self.alpha, self.theta, self.max_hops = alpha, theta, max_hops
         self.max_paths, self.max_branch, self.max_expansions = max_paths, max_branch, max_expansions
         self.damping, self.passage_weight, self.relation_boost = damping, passage_weight, relation_boost
+        self.relation_sharpness = relation_sharpness
         self.rrf_k = rrf_k
         self._cache: OrderedDict = OrderedDict()
         self._ppr = None  # (store version, matrix parts)
@@ -304,6 +306,23 @@ class GraphRetriever:
         scored.sort(key=lambda p: -p.score)
         return scored[: self.max_paths]
 
+    def _ball_edges(self, seeds: list[str], radius: int = 2, cap: int = 20000) -> set[str]:
+        """Edges touching entities within ``radius`` hops of the seeds (at most ``cap``)."""
+        g = self.index.store.g
+        frontier, seen, edges = list(seeds), set(seeds), set()
+        for _ in range(radius):
+            nxt = []
+            for u in frontier:
+                for v in g[u]:
+                    edges.add(edge_id(u, v))
+                    if v not in seen:
+                        seen.add(v)
+                        nxt.append(v)
+                if len(edges) >= cap:
+                    return edges
+            frontier = nxt
+        return edges
+
     def _edge_relevance(self, a: Analysis, edges: set[str]) -> dict[str, float]:
         """Cosine of each relation's text with the query (from the relation index's stored vectors)."""
         rel = self.index.relations
@@ -385,18 +404,23 @@ class GraphRetriever:
                         pers[c_pos[c]] += self.passage_weight * tot * max(s, 0.0) / (mx or 1.0)
         pers /= pers.sum()
         M = A
-        if self.relation_boost > 0 and a.relations:
-            r, c, v = [], [], []
-            for eid, s in a.relations.items():
-                x, y = edge_ends(eid)
-                if x in e_pos and y in e_pos and s > 0:
-                    d = self.index.store.g.edges[x, y]
-                    w = min(sum(z[0] for z in d["support"].values()), 4.0) * self.relation_boost * s
-                    r += [e_pos[x], e_pos[y]]
-                    c += [e_pos[y], e_pos[x]]
-                    v += [w, w]
-            if r:
-                M = A + sp.csr_matrix((v, (r, c)), shape=A.shape)
+        if self.relation_boost > 0:
+            # query-aware transitions: relations near the seeds that match the question weigh more
+            rel = self._edge_relevance(a, self._ball_edges([e for e, _ in seeds]))
+            if rel:
+                best = max(rel.values())
+                r, c, v = [], [], []
+                g = self.index.store.g
+                for eid, sim in rel.items():
+                    x, y = edge_ends(eid)
+                    if x in e_pos and y in e_pos:
+                        w = min(sum(z[0] for z in g.edges[x, y]["support"].values()), 4.0)
+                        extra = w * self.relation_boost * math.exp(-self.relation_sharpness * (best - sim))
+                        r += [e_pos[x], e_pos[y]]
+                        c += [e_pos[y], e_pos[x]]
+                        v += [extra, extra]
+                if r:
+                    M = A + sp.csr_matrix((v, (r, c)), shape=A.shape)
         deg = np.asarray(M.sum(axis=1)).ravel()
         inv = np.divide(1.0, deg, out=np.zeros_like(deg), where=deg > 0)
         P = sp.diags(inv) @ M  # row-stochastic
