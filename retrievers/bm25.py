@@ -195,51 +195,19 @@ def _nonoccurrence(variant: str, idf: np.ndarray, k1: float, delta: float) -> np
 # the kernel scans every row (instead of only the touched ones) when postings * ratio >= rows
 _DENSE_RATIO = 4
 _KERNEL = None
-_topk_into_jit = None
+_topk_into_jit = _heap_offer_jit = None
 
 
-def _topk_into(indptr, indices, data, terms, buf, mark, touched, dense_ratio, hr, hs):
-    """Sum the query's term rows; write the best len(hr) (row, score) pairs among rows with a nonzero
-    score into hr/hs, best first (higher score, then lower row); return how many were written.
-
-    buf (float32) and mark (uint8) are all-zero scratch arrays with one slot per chunk and are left
-    all-zero again; touched is int64 scratch of the same length. The heap is written inline: a call
-    per candidate (with its array reference counting) costs ten times the scoring itself.
-    """
-    n_docs = buf.shape[0]
+def _heap_offer(cand, m, buf, hr, hs, size):
+    """Offer rows cand[:m] (scores in buf) to the min-heap hr/hs holding the best ``size`` so far
+    (best = higher score, then lower row; the worst sits at the root); return the new size."""
     cap = hs.shape[0]
-    postings = 0
-    for t in terms:
-        postings += indptr[t + 1] - indptr[t]
-    if postings * dense_ratio >= n_docs:
-        # dense: scatter-add, then a branch-free pass that lists the nonzero rows (an `if` per row
-        # would mispredict about half the time and cost more than the scatter)
-        for t in terms:
-            for j in range(indptr[t], indptr[t + 1]):
-                buf[indices[j]] += data[j]
-        n = 0
-        for d in range(n_docs):
-            touched[n] = d
-            n += buf[d] != 0.0
-    else:  # large corpus, rare terms: remember the touched rows and visit only those
-        n = 0
-        for t in terms:
-            for j in range(indptr[t], indptr[t + 1]):
-                d = indices[j]
-                if mark[d] == 0:
-                    mark[d] = 1
-                    touched[n] = d
-                    n += 1
-                buf[d] += data[j]
-    size = 0
-    for i in range(n):
-        d = touched[i]
-        mark[d] = 0
+    for i in range(m):
+        d = cand[i]
         s = buf[d]
-        buf[d] = 0.0
         if s == 0.0:
             continue
-        if size < cap:  # min-heap of the best so far, worst at the root: sift up
+        if size < cap:  # sift up
             c = size
             size += 1
             while c > 0:
@@ -257,17 +225,70 @@ def _topk_into(indptr, indices, data, terms, buf, mark, touched, dense_ratio, hr
                 lft = 2 * c + 1
                 if lft >= size:
                     break
-                m = lft
+                m2 = lft
                 r = lft + 1
                 if r < size and (hs[r] < hs[lft] or (hs[r] == hs[lft] and hr[r] > hr[lft])):
-                    m = r
-                if hs[m] > s or (hs[m] == s and hr[m] < d):
+                    m2 = r
+                if hs[m2] > s or (hs[m2] == s and hr[m2] < d):
                     break
-                hs[c] = hs[m]
-                hr[c] = hr[m]
-                c = m
+                hs[c] = hs[m2]
+                hr[c] = hr[m2]
+                c = m2
             hs[c] = s
             hr[c] = d
+    return size
+
+
+def _topk_into(indptr, indices, data, terms, buf, mark, touched, dense_ratio, hr, hs):
+    """Sum the query's term rows; write the best len(hr) (row, score) pairs among rows with a nonzero
+    score into hr/hs, best first (higher score, then lower row); return how many were written.
+
+    buf (float32) and mark (uint8) are all-zero scratch arrays with one slot per chunk and are left
+    all-zero again; touched is int64 scratch of the same length.
+    """
+    n_docs = buf.shape[0]
+    cap = hs.shape[0]
+    postings = 0
+    for t in terms:
+        postings += indptr[t + 1] - indptr[t]
+    size = 0
+    if postings * dense_ratio >= n_docs:
+        # dense: scatter-add, then sweep the rows in blocks. Each block is first filtered without
+        # branches (rows beating the heap's current worst, or nonzero while it fills): an `if` per row
+        # would mispredict on about half of them and cost more than the scatter itself.
+        for t in terms:
+            for j in range(indptr[t], indptr[t + 1]):
+                buf[indices[j]] += data[j]
+        for lo in range(0, n_docs, 1024):
+            hi = min(lo + 1024, n_docs)
+            m = 0
+            if size < cap:
+                for d in range(lo, hi):
+                    touched[m] = d
+                    m += buf[d] != 0.0
+            else:
+                worst = hs[0]  # rows here come after every heap row: a tie never wins
+                for d in range(lo, hi):
+                    touched[m] = d
+                    m += buf[d] > worst
+            size = _heap_offer_jit(touched, m, buf, hr, hs, size)
+            for d in range(lo, hi):
+                buf[d] = 0.0
+    else:  # large corpus, rare terms: remember the touched rows and visit only those
+        n = 0
+        for t in terms:
+            for j in range(indptr[t], indptr[t + 1]):
+                d = indices[j]
+                if mark[d] == 0:
+                    mark[d] = 1
+                    touched[n] = d
+                    n += 1
+                buf[d] += data[j]
+        size = _heap_offer_jit(touched, n, buf, hr, hs, size)
+        for i in range(n):
+            d = touched[i]
+            buf[d] = 0.0
+            mark[d] = 0
     for i in range(1, size):  # best first (insertion sort: k is small)
         s = hs[i]
         d = hr[i]
@@ -297,7 +318,7 @@ def _score_topk(indptr, indices, data, flat_terms, ptr, buf, mark, touched, k, d
 
 def _kernel():
     """The compiled query kernel (numba, cached on disk), or None where numba is unavailable."""
-    global _KERNEL, _topk_into_jit
+    global _KERNEL, _topk_into_jit, _heap_offer_jit
     if _KERNEL is not None:
         return _KERNEL or None
     if os.environ.get("BLOCKRAG_BM25_NUMBA", "1") == "0":
@@ -308,6 +329,7 @@ def _kernel():
     except ImportError:  # pragma: no cover - numba ships with ranx
         _KERNEL = False
         return None
+    _heap_offer_jit = njit(cache=True, nogil=True)(_heap_offer)
     _topk_into_jit = njit(cache=True, nogil=True)(_topk_into)
     _KERNEL = njit(cache=True, nogil=True)(_score_topk)
     return _KERNEL
