@@ -157,10 +157,12 @@ class RegexExtractor:
         return list(entities.values()), relations
 
 
-def _cooccurrence(names: list[str], linked: set, description: str, keywords: list[str]) -> list[Relation]:
+def _cooccurrence(names: list[str], linked: set, description: str, keywords: list[str],
+                  window: int | None = None) -> list[Relation]:
+    """Pairs of entities of one sentence (each with the next ``window`` ones, or all pairs)."""
     out = []
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1: i + 1 + window if window else None]:
             ka, kb = normalise_name(a), normalise_name(b)
             if ka == kb or (ka, kb) in linked or (kb, ka) in linked:
                 continue
@@ -202,17 +204,18 @@ class SpacyExtractor:
 
     def __init__(self, model: str | None = None, noun_phrases: bool = True, cooccurrence: bool = True,
                  max_entities_per_sentence: int = 10, max_chars: int = 20000, batch_size: int = 32,
-                 n_process: int = 1):
+                 n_process: int = 1, window: int | None = 4):
         self.nlp = load_spacy(model)
         self.model = self.nlp.meta.get("lang", "en") + "_" + self.nlp.meta.get("name", "?") + "-" + \
             self.nlp.meta.get("version", "?")
         self.noun_phrases, self.cooccurrence = noun_phrases, cooccurrence
         self.max_per_sentence, self.max_chars = max_entities_per_sentence, max_chars
         self.batch_size, self.n_process = batch_size, n_process
+        self.window = window  # co-occurrence: each entity with the next `window` of its sentence
 
     def config(self) -> dict:
         return {"extractor": self.name, "model": self.model, "noun_phrases": self.noun_phrases,
-                "cooccurrence": self.cooccurrence}
+                "cooccurrence": self.cooccurrence, "window": self.window}
 
     def extract(self, chunk) -> tuple[list[Entity], list[Relation]]:
         return self._from_doc(self.nlp(_text(chunk)[: self.max_chars]))
@@ -383,7 +386,7 @@ class SpacyExtractor:
                         names.append(e)
                 names = names[: self.max_per_sentence]
                 kws = [t.lemma_.lower() for t in sent if t.pos_ == "VERB" and not t.is_stop][:3]
-                relations += _cooccurrence(names, linked, sent.text.strip()[:300], kws)
+                relations += _cooccurrence(names, linked, sent.text.strip()[:300], kws, self.window)
             if subject_here:
                 last_subject = subject_here
         return list(entities.values()), relations

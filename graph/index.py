@@ -128,13 +128,19 @@ class GraphIndex:
 
     def __init__(self, name: str = "graph", extractor=None, embedder=None, chunk_vectors: bool = True,
                  max_chunk_chars: int = 20000, batch_size: int = 256, default_mode: str = "ppr",
-                 progress: bool = False, **_ignored):
+                 relation_vectors: str = "composed", dense=None, progress: bool = False, **_ignored):
+        if relation_vectors not in {"composed", "text"}:
+            raise ValueError("relation_vectors: 'composed' (entity + keyword vectors, fast) or 'text'")
         self.name = name
         self._extractor = extractor
         self.embedder = embedder if (hasattr(embedder, "encode") and not isinstance(embedder, str)) else make_embedder(embedder)
         self.chunk_vectors = chunk_vectors
         self.max_chunk_chars, self.batch_size = max_chunk_chars, batch_size
         self.default_mode, self.progress = default_mode, progress
+        self.relation_vectors = relation_vectors
+        self.dense = dense  # optional DenseRetriever for the naive/mix modes instead of own chunk vectors
+        self._kw_vec: dict[str, np.ndarray] = {}
+        self.analysis_cache: dict = {}
         self.store = GraphStore()
         self.entities = None  # VectorIndex over entity texts (id = entity key)
         self.relations = None  # VectorIndex over relation texts (id = edge id)
@@ -161,7 +167,7 @@ class GraphIndex:
     def _ensure_indexes(self):
         if self.entities is None:
             self.entities, self.relations = self._vi(), self._vi()
-        if self.chunks is None and self.chunk_vectors:
+        if self.chunks is None and self.chunk_vectors and self.dense is None:
             self.chunks = self._vi()
 
     # --------------------------------------------------------------- write
@@ -246,8 +252,8 @@ class GraphIndex:
         nodes = [k for k in new_nodes if k in self.store.g]
         edges = [e for e in new_edges if self.store.g.has_edge(*edge_ends(e))]
         self.entities.add(nodes, self._encode([self.store.entity_text(k) for k in nodes]))
-        self.relations.add(edges, self._encode([self.store.relation_text(e) for e in edges]))
-        if self.chunks is not None:
+        self.relations.add(edges, self._relation_vectors(edges))
+        if self.chunks is not None and self.dense is None:
             self.chunks.add([c.id for c in chunks], self._encode([(c.text or "")[: self.max_chunk_chars]
                                                                    for c in chunks]))
         rep.embed_s += time.perf_counter() - te
@@ -257,7 +263,26 @@ class GraphIndex:
         if hasattr(ex, "usage"):
             rep.llm = dict(ex.usage())
         self._retrievers.clear()
+        self.analysis_cache.clear()
         return rep
+
+    def _relation_vectors(self, edges: list[str]) -> np.ndarray:
+        """``text``: embed "source keywords target"; ``composed`` (default, far cheaper): the normalised sum
+        of both entity vectors and the keyword-phrase vector (keyword phrases repeat, so they are cached)."""
+        if self.relation_vectors == "text" or not edges:
+            return self._encode([self.store.relation_text(e) for e in edges])
+        phrases = []
+        for e in edges:
+            kws = [k for k in self.store.relation_keywords(e) if k != "co-occurs"][:3]
+            phrases.append(", ".join(kws) or "related to")
+        missing = sorted({p for p in phrases if p not in self._kw_vec})
+        for p, v in zip(missing, self._encode(missing)):
+            self._kw_vec[p] = v
+        ends = [edge_ends(e) for e in edges]
+        keys = sorted({k for pair in ends for k in pair})
+        ev = dict(zip(keys, self.entities.vectors(keys))) if keys else {}
+        out = np.stack([ev[a] + ev[b] + self._kw_vec[p] for (a, b), p in zip(ends, phrases)])
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
@@ -334,6 +359,7 @@ class GraphIndex:
         self.report.relations_removed += len(edges)
         self.report.total_s += time.perf_counter() - t0
         self._retrievers.clear()
+        self.analysis_cache.clear()
 
     def delete_documents(self, doc_ids: Sequence[str]) -> int:
         ids = [c for d in doc_ids for c in self.store.doc_chunks.get(d, ())]
@@ -385,6 +411,7 @@ class GraphIndex:
             revision = model_revision(resolve_embedder(model))
         return {"kind": "graph", "model": model, "dimension": self.embedder.dim, "revision": revision,
                 "params": {"extractor": self.extractor_config, "chunk_vectors": self.chunk_vectors,
+                           "relation_vectors": self.relation_vectors,
                            "format_version": FORMAT_VERSION, **self.store.stats()}}
 
     def save(self, folder: str | Path) -> None:
@@ -402,6 +429,7 @@ class GraphIndex:
                 "format_version": FORMAT_VERSION, "name": self.name,
                 "embedder": getattr(self.embedder, "name", None), "extractor": self.extractor_config,
                 "chunk_vectors": self.chunk_vectors, "max_chunk_chars": self.max_chunk_chars,
+                "relation_vectors": self.relation_vectors,
                 "default_mode": self.default_mode, "chunk_hash": self.chunk_hash,
                 "failed": sorted(self.failed), "report": asdict(self.report)}))
 
@@ -424,7 +452,8 @@ class GraphIndex:
         self = cls(name=meta["name"], extractor=extractor,
                    embedder=embedder if embedder is not None else meta["embedder"],
                    chunk_vectors=meta["chunk_vectors"], max_chunk_chars=meta["max_chunk_chars"],
-                   default_mode=meta.get("default_mode", "ppr"), **kwargs)
+                   default_mode=meta.get("default_mode", "ppr"),
+                   relation_vectors=meta.get("relation_vectors", "text"), **kwargs)
         self.store = GraphStore.load(folder / "graph.pkl")
         self.entities = VectorIndex.load(folder / "entities")
         self.relations = VectorIndex.load(folder / "relations")

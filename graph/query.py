@@ -19,7 +19,7 @@ trimmed to a token budget, most reliable path last.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -110,7 +110,6 @@ class GraphRetriever:
         self.damping, self.passage_weight, self.relation_boost = damping, passage_weight, relation_boost
         self.relation_sharpness = relation_sharpness
         self.rrf_k = rrf_k
-        self._cache: OrderedDict = OrderedDict()
         self._ppr = None  # (store version, matrix parts)
         self.last_paths: list[Path] = []
 
@@ -147,10 +146,11 @@ class GraphRetriever:
 
     def analyse(self, query: str) -> Analysis:
         """Keywords, query vector, matched entities and relations (cached for the last few queries)."""
-        key = (query, self.index.store.version)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        key = (query, self.index.store.version, id(self.keyword_extractor), self.entity_threshold,
+               self.top_entities, self.top_relations)
+        cache = self.index.analysis_cache  # shared by every mode over this index
+        if key in cache:
+            return cache[key]
         idx, g = self.index, self.index.store.g
         if self.keyword_extractor is not None:
             low, high = self.keyword_extractor(query)
@@ -177,9 +177,9 @@ class GraphRetriever:
             for e, s in idx.relations.search(qvec[None], self.top_relations)[0]:
                 rels[e] = float(s)
         a = Analysis(query, list(low), list(high), qvec, ents, rels)
-        self._cache[key] = a
-        if len(self._cache) > 256:
-            self._cache.popitem(last=False)
+        if len(cache) >= 4096:
+            cache.pop(next(iter(cache)))
+        cache[key] = a
         return a
 
     def _seeds(self, a: Analysis) -> list[tuple[str, float]]:
@@ -192,6 +192,8 @@ class GraphRetriever:
     # ------------------------------------------------------------ modes
     def _naive(self, query: str, k: int) -> dict[str, float]:
         idx = self.index
+        if idx.dense is not None:
+            return {h.chunk_id: h.score for h in idx.dense.retrieve(query, k)}
         if idx.chunks is None or len(idx.chunks) == 0:
             return {}
         qvec = self._encode([query])
