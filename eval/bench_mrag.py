@@ -62,6 +62,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="SmolLM2 weights/activations dtype (bfloat16 is ~1.4x faster on recent CPUs)")
     ap.add_argument("--no-minilm", action="store_true")
+    ap.add_argument("--minilm-only", action="store_true", help="only the MiniLM column (e.g. where SmolLM2 runs elsewhere)")
+    ap.add_argument("--extra-results", type=Path, default=None, help="merge the results of another run's --out")
+    ap.add_argument("--model", default=None, help="generator path / name (default: offline SmolLM2-135M-Instruct)")
+    ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -81,15 +85,22 @@ def main(argv=None):
     layers = [int(x) for x in args.layers.split(",")]
     print(f"{len(articles)} articles, {len(queries)} queries, layers {layers}", flush=True)
 
-    enc = HeadEncoder(layers=layers, batch_size=args.batch_size, max_doc_tokens=args.doc_tokens,
+    enc = HeadEncoder(args.model, layers=layers, device=args.device, batch_size=args.batch_size, max_doc_tokens=args.doc_tokens,
                       max_query_tokens=args.query_tokens, dtype=getattr(torch, args.dtype))
     timings = {}
     cached = None
-    if args.cache and args.cache.exists():
+    results: dict[str, dict[int, float]] = {}
+    ks = [len(q["topics"]) for q in queries]
+    weights = {}
+    if args.minilm_only:
+        pass
+    elif args.cache and args.cache.exists():
         z = np.load(args.cache)
         if list(z["ids"]) == ids and list(z["qtexts_hash"]) == [hash_texts(q_texts)] and list(z["layers"]) == enc.layers:
             cached = z
-    if cached is not None:
+    if args.minilm_only:
+        pass
+    elif cached is not None:
         d_heads = {l: cached[f"d_heads_{l}"] for l in enc.layers}
         q_heads = {l: cached[f"q_heads_{l}"] for l in enc.layers}
         d_single, q_single = cached["d_single"], cached["q_single"]
@@ -110,10 +121,7 @@ def main(argv=None):
                      **{f"q_heads_{l}": q_heads[l] for l in enc.layers})
     print(f"SmolLM2 encoding: {timings}", flush=True)
 
-    results: dict[str, dict[int, float]] = {}
-    ks = [len(q["topics"]) for q in queries]
-    weights = {}
-    for li, l in enumerate(enc.layers):
+    for li, l in enumerate([] if args.minilm_only else enc.layers):
         r = MRAGRetriever(layer=l, encoder=enc)
         r.add_embeddings(ids, d_heads[l], d_single)
         weights[l] = [round(float(w), 4) for w in r.head_weights]
@@ -136,6 +144,11 @@ def main(argv=None):
         hits = [[articles[j]["title"] for j in np.argsort(-sims[i])[:ks[i]]] for i in range(len(queries))]
         results["MiniLM dense"] = coverage(hits, queries)
 
+    if args.extra_results:
+        extra = json.loads(args.extra_results.read_text())
+        for name, r in extra["results"].items():
+            if name not in results:
+                results[name] = {int(n): v for n, v in r.items()}
     aspects = sorted({n for r in results.values() for n in r})
     counts = {n: sum(1 for k in ks if k == n) for n in aspects}
     summary = {

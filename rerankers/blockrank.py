@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -141,6 +142,7 @@ class _Plan:
     n_blocks: int | None = None
     mass_layers: tuple = ()         # extra layers whose mass is recorded too (layer sweep)
     mass: dict = field(default_factory=dict)        # layer -> [B, H, R, n_blocks]
+    warned: bool = False
 
 
 def _blockrank_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -155,17 +157,28 @@ def _blockrank_attention(module, query, key, value, attention_mask, dropout=0.0,
     attend = _kernel_attend()
     last = layer == plan.stop_layer
 
+    def safe_attend(*a, **kw):
+        if plan.attn == "sdpa":                    # SDPA run: read the few mass rows with the reference
+            return attend(*a, backend="torch", **kw) if attend is not _attend_fallback else attend(*a, **kw)
+        try:
+            return attend(*a, **kw)
+        except Exception as err:  # noqa: BLE001 - a kernel that cannot take this shape: reference path
+            if not plan.warned:
+                warnings.warn(f"attention kernel failed ({err!r}); using the PyTorch reference")
+                plan.warned = True
+            return _attend_fallback(*a, **kw) if attend is _attend_fallback else attend(*a, backend="torch", **kw)
+
     def out_attn(q, k, v, q_start):
         if plan.attn == "sdpa":
             return _sdpa_causal(q, k, v, q_start, scale)
-        return attend(q, k, v, q_start=q_start, scale=scale)
+        return safe_attend(q, k, v, q_start=q_start, scale=scale)
 
     def record_mass(k, v, q_rows_start):
         rows = plan.mass_rows
         r0 = int(rows[0])
         qr = query[:, :, r0:int(rows[-1]) + 1]
         q_block = torch.full((qr.shape[2],), -1, dtype=torch.int32, device=query.device)  # query rows see all
-        _, mass = attend(qr, k, v, q_start=q_rows_start + r0, q_block=q_block, k_block=plan.k_block, scale=scale,
+        _, mass = safe_attend(qr, k, v, q_start=q_rows_start + r0, q_block=q_block, k_block=plan.k_block, scale=scale,
                          mass_rows=torch.as_tensor(rows, device=query.device) - r0, n_blocks=plan.n_blocks)
         plan.mass[layer] = mass.float()
 
@@ -195,7 +208,7 @@ def _blockrank_attention(module, query, key, value, attention_mask, dropout=0.0,
         if last:
             raise _Stop
         if plan.phase == "flat" and plan.q_block is not None:
-            out = attend(query, k, v, q_start=q_start, q_block=plan.q_block, k_block=plan.k_block, scale=scale)
+            out = safe_attend(query, k, v, q_start=q_start, q_block=plan.q_block, k_block=plan.k_block, scale=scale)
         else:
             out = out_attn(query, k, v, q_start)
     else:  # pragma: no cover
@@ -426,40 +439,58 @@ class BlockRankReranker:
         self._run(plan, torch.tensor([prompt.instruction], device=dev), torch.arange(I, device=dev))
         prefix_kv = plan.prefix_kv
         # 2. documents, batched; each starts at position I; cached K/V reused
-        per_doc: list = [None] * N
+        pieces: list = []          # (doc indices, {layer: (k, v) [1, Hkv, tokens, D]}) in context order
+        done = set()
         if cache_keys is not None:
             for i, key in enumerate(cache_keys):
                 got = self.kv_cache.get(key)
                 if got is not None:
-                    per_doc[i] = got
-        todo = [i for i in range(N) if per_doc[i] is None]
-        pad = self.tokenizer.pad_token_id if self._tokenizer is not None and self.tokenizer.pad_token_id is not None else 0
+                    pieces.append(([i], {l: got[l] for l in range(stop + 1)}))
+                    done.add(i)
+        todo = [i for i in range(N) if i not in done]
+        pad = 0
+        if self._tokenizer is not None and self._tokenizer.pad_token_id is not None:
+            pad = self._tokenizer.pad_token_id
         for b0 in range(0, len(todo), self.doc_batch):
             rows = todo[b0:b0 + self.doc_batch]
-            width = max(len(prompt.docs[i]) for i in rows)
+            lens = [len(prompt.docs[i]) for i in rows]
+            width = max(lens)
             x = torch.full((len(rows), width), pad, dtype=torch.long)
             for j, i in enumerate(rows):            # right padding: real tokens never see the pads (causal)
-                x[j, :len(prompt.docs[i])] = torch.tensor(prompt.docs[i])
+                x[j, :lens[j]] = torch.tensor(prompt.docs[i])
             plan = _Plan("docs", stop, mode, prefix_kv=prefix_kv)
             self._run(plan, x.to(dev), torch.arange(I, I + width, device=dev))
-            for j, i in enumerate(rows):
-                n = len(prompt.docs[i])
-                kv = [(plan.doc_kv[l][0][j:j + 1, :, :n], plan.doc_kv[l][1][j:j + 1, :, :n]) for l in range(stop + 1)]
-                if not grad:
-                    kv = [(k.clone(), v.clone()) for k, v in kv]   # do not keep the whole batch alive
-                per_doc[i] = kv
-                if cache_keys is not None:
-                    self.kv_cache.put(cache_keys[i], kv)
-        # 3. query block over [instruction | docs | itself]
+            valid = None
+            if min(lens) < width:                   # drop the pads: flat indices of real tokens
+                valid = torch.cat([torch.arange(j * width, j * width + n) for j, n in enumerate(lens)]).to(dev)
+            flat = {}
+            for l in range(stop + 1):
+                kb, vb = plan.doc_kv[l]             # [Nb, Hkv, W, D] -> [1, Hkv, sum(lens), D]
+                nb, hkv, w, d = kb.shape
+                kf = kb.transpose(0, 1).reshape(hkv, nb * w, d)
+                vf = vb.transpose(0, 1).reshape(hkv, nb * w, d)
+                if valid is not None:
+                    kf, vf = kf[:, valid], vf[:, valid]
+                flat[l] = (kf.unsqueeze(0), vf.unsqueeze(0))
+            pieces.append((rows, flat))
+            if cache_keys is not None:
+                for j, i in enumerate(rows):
+                    n = lens[j]
+                    self.kv_cache.put(cache_keys[i], [(plan.doc_kv[l][0][j:j + 1, :, :n].clone(),
+                                                       plan.doc_kv[l][1][j:j + 1, :, :n].clone())
+                                                      for l in range(stop + 1)])
+        # 3. query block over [instruction | docs (context order) | itself]
+        order = [i for idx, _ in pieces for i in idx]
         doc_lens = [len(d) for d in prompt.docs]
         ctx = {}
         for l in range(stop + 1):
-            ks = [prefix_kv[l][0]] + [per_doc[i][l][0] for i in range(N)]
-            vs = [prefix_kv[l][1]] + [per_doc[i][l][1] for i in range(N)]
-            ctx[l] = (torch.cat(ks, dim=2), torch.cat(vs, dim=2))
+            ctx[l] = (torch.cat([prefix_kv[l][0]] + [p[l][0] for _, p in pieces], dim=2),
+                      torch.cat([prefix_kv[l][1]] + [p[l][1] for _, p in pieces], dim=2))
         Lq = len(prompt.query)
         rows = self._rows(prompt)
-        block = _block_ids(I, doc_lens, Lq, dev)
+        block = torch.cat([torch.zeros(I, dtype=torch.int32)]
+                          + [torch.full((doc_lens[i],), i + 1, dtype=torch.int32) for i in order]
+                          + [torch.full((Lq,), -1, dtype=torch.int32)]).to(dev)
         plan = _Plan("query", stop, mode, ctx_kv=ctx, mass_rows=rows, k_block=block, n_blocks=N + 2,
                      mass_layers=tuple(mass_layers))
         q0 = I + max(doc_lens)

@@ -221,10 +221,14 @@ class _Space:
     """One family of sub-embeddings (heads, or slices): unit vectors, norms, weights and one index each."""
 
     def __init__(self, n_sub: int, dim: int, index_kind: str = "flat"):
-        from retrievers.vector_index import VectorIndex
-
         self.n_sub, self.dim = n_sub, dim
-        self.indexes = [VectorIndex(dim, kind=index_kind) for _ in range(n_sub)]
+        try:
+            from retrievers.vector_index import VectorIndex
+
+            self.indexes = [VectorIndex(dim, kind=index_kind) for _ in range(n_sub)]
+        except ImportError:  # no faiss (e.g. a bare GPU box): exact numpy search, not persisted
+            log.warning("faiss not available: MRAG falls back to exact numpy search")
+            self.indexes = [_NumpyIndex(self, i) for i in range(n_sub)]
         self.units = np.zeros((0, n_sub, dim), np.float32)
         self.norms = np.zeros((0, n_sub), np.float32)
         self.weights = np.zeros(n_sub, np.float32)
@@ -248,6 +252,32 @@ class _Space:
         """q: [nq, n_sub, dim] -> per query, per sub-space, hits."""
         per_sub = [index.search(q[:, i], k) for i, index in enumerate(self.indexes)]
         return [[per_sub[i][j] for i in range(self.n_sub)] for j in range(len(q))]
+
+
+class _NumpyIndex:
+    """Exact inner-product search over one sub-space of a :class:`_Space` (fallback without faiss)."""
+
+    def __init__(self, space: "_Space", sub: int):
+        self.space, self.sub, self.ids = space, sub, []
+
+    def add(self, ids, vectors) -> None:
+        self.ids.extend(ids)
+
+    def delete(self, ids) -> None:
+        gone = set(ids)
+        self.ids = [i for i in self.ids if i not in gone]
+
+    def search(self, q: np.ndarray, k: int):
+        mat = self.space.units[:, self.sub]
+        scores = np.atleast_2d(q) @ mat.T
+        out = []
+        for row in scores:
+            top = np.argsort(-row, kind="stable")[:k]
+            out.append([(self.ids[j], float(row[j])) for j in top])
+        return out
+
+    def save(self, folder) -> None:
+        raise RuntimeError("saving an MRAG index needs faiss (pip install faiss-cpu)")
 
 
 class MRAGRetriever(BatchFromSingle):

@@ -1,0 +1,103 @@
+"""Pointwise LLM reranker: each (query, passage) pair is judged alone; score = log P(yes) - log P(no).
+
+Prompt (chat template of the generator; plain text for models without one)::
+
+    <|im_start|>system\\n{SYSTEM}<|im_end|>\\n<|im_start|>user\\n
+    Query: {query}\\nPassage: {passage, truncated to doc_tokens}\\n
+    Is the passage relevant to the query? Answer yes or no.<|im_end|>\\n<|im_start|>assistant\\n
+
+The next-token log-probabilities of " yes"/"yes"/"Yes" (summed in probability) and the same for "no"
+give the score. Pairs are batched with right padding; the logits are read at each row's last token.
+This is the baseline BlockRank is compared against (same model, one forward per passage).
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from retrievers.base import Hit
+
+SYSTEM = "You are a careful search engine that judges whether a passage is relevant to a query."
+
+
+class PointwiseReranker:
+    name = "pointwise"
+
+    def __init__(self, model_name: str | None = None, doc_tokens: int = 160, query_tokens: int = 128,
+                 batch_size: int = 8, model=None, tokenizer=None):
+        self.model_name = model_name
+        self._model, self._tokenizer = model, tokenizer
+        self.doc_tokens, self.query_tokens, self.batch_size = doc_tokens, query_tokens, batch_size
+        self._answer_ids = None
+
+    def _load(self):
+        if self._model is None:
+            from rag.models import load_generator
+
+            self._model, self._tokenizer = load_generator(self.model_name)
+        return self._model, self._tokenizer
+
+    @property
+    def model(self):
+        return self._load()[0]
+
+    @property
+    def tokenizer(self):
+        return self._load()[1]
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _answers(self) -> tuple[list[int], list[int]]:
+        if self._answer_ids is None:
+            def firsts(words):
+                return sorted({self._ids(w)[0] for w in words})
+            self._answer_ids = (firsts(["yes", " yes", "Yes", " Yes"]), firsts(["no", " no", "No", " No"]))
+        return self._answer_ids
+
+    def prompt_ids(self, query: str, passage: str) -> list[int]:
+        chat = "<|im_start|>" in self.tokenizer.get_vocab()
+        head = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n" if chat else f"{SYSTEM}\n"
+        tail = ("\nIs the passage relevant to the query? Answer yes or no."
+                + ("<|im_end|>\n<|im_start|>assistant\n" if chat else "\nAnswer:"))
+        return (self._ids(head) + self._ids("Query: ") + self._ids(query)[:self.query_tokens]
+                + self._ids("\nPassage: ") + self._ids(passage)[:self.doc_tokens] + self._ids(tail))
+
+    def score(self, query: str, doc_texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        model, tok = self._load()
+        dev = next(model.parameters()).device
+        yes, no = self._answers()
+        prompts = [self.prompt_ids(query, d) for d in doc_texts]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        out = np.zeros(len(prompts), np.float32)
+        with torch.inference_mode():
+            for b0 in range(0, len(prompts), self.batch_size):
+                batch = prompts[b0:b0 + self.batch_size]
+                width = max(len(p) for p in batch)
+                x = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for j, p in enumerate(batch):
+                    x[j, :len(p)] = torch.tensor(p)
+                    mask[j, :len(p)] = 1
+                hidden = model.model(input_ids=x.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+                last = torch.tensor([len(p) - 1 for p in batch], device=dev)
+                logits = model.lm_head(hidden[torch.arange(len(batch), device=dev), last]).float()
+                logp = torch.log_softmax(logits, -1)
+                s = torch.logsumexp(logp[:, yes], -1) - torch.logsumexp(logp[:, no], -1)
+                out[b0:b0 + len(batch)] = s.cpu().numpy()
+        return out
+
+    def rerank(self, query: str, items: Sequence, k: int | None = None,
+               texts: Mapping[str, str] | Callable[[str], str] | None = None) -> list[Hit]:
+        from rerankers.blockrank import _resolve
+
+        ids, doc_texts = _resolve(items, texts)
+        if not ids:
+            return []
+        scores = self.score(query, doc_texts)
+        order = np.argsort(-scores, kind="stable")
+        hits = [Hit(ids[i], float(scores[i])) for i in order]
+        return hits[:k] if k else hits
