@@ -306,7 +306,7 @@ def mistral7b(device: str = "cuda"):
             model = MistralForCausalLM(cfg)
     finally:
         torch.set_default_dtype(old)
-    return model.eval()
+    return model.to(torch.bfloat16).eval()
 
 
 def print_speed(title: str, rows: list[dict]) -> None:
