@@ -22,13 +22,16 @@ try:
     import triton.language as tl
 
     @triton.jit
-    def _spin_kernel(flags_ptr, epoch_ptr, layer, max_iter):
+    def _spin_kernel(flags_ptr, epoch_ptr, err_ptr, layer, max_iter):
         e = tl.load(epoch_ptr)
+        bad = tl.load(err_ptr, volatile=True)
         f = tl.load(flags_ptr + layer, volatile=True)
         i = 0
-        while (f < e) & (i < max_iter):
+        while (f < e) & (i < max_iter) & (bad == 0):
             f = tl.load(flags_ptr + layer, volatile=True)
             i += 1
+        if i >= max_iter:
+            tl.store(err_ptr, 1)  # timed out: the host reads it through LayerPrefetcher.timed_out()
 
     @triton.jit
     def _dequant_kernel(blob_ptr, meta_ptr, k_ptr, v_ptr, k_tok_stride, start,
@@ -127,12 +130,13 @@ def _blob_meta(n_tok: Sequence[int], sizes: Sequence[int], device, absolute: boo
 class LayerPrefetcher:
     """Copies ``parts`` into a :class:`BlockKVCache` layer by layer on a side stream (see module doc)."""
 
-    def __init__(self, cache, max_iter: int = 1 << 26, group: int = 4):
+    def __init__(self, cache, max_iter: int = 1 << 22, group: int = 4):
         dev = cache.device
         self.cache = cache
         self.stream = torch.cuda.Stream(dev)
         self.flags = torch.zeros(cache.n_layers, dtype=torch.int32, device=dev)
         self.epoch_t = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.err = torch.zeros(1, dtype=torch.int32, device=dev)
         self.epoch = 0
         self.max_iter = max_iter
         self.stage = None
@@ -142,7 +146,18 @@ class LayerPrefetcher:
         cache.prefetcher = self
 
     def wait(self, layer: int) -> None:
-        _spin_kernel[(1,)](self.flags, self.epoch_t, layer, self.max_iter, num_warps=1)
+        _spin_kernel[(1,)](self.flags, self.epoch_t, self.err, layer, self.max_iter, num_warps=1)
+
+    def timed_out(self) -> bool:
+        """True if a layer stopped waiting for its copies (results of that forward are invalid)."""
+        return bool(self.err.item())
+
+    def prepare(self, parts: Sequence, blobs: Sequence[torch.Tensor] | None = None) -> None:
+        """Load once without overlap: compiles the kernels and makes the buffers. Do this before the first
+        ``arm(); replay(); issue()``: a module load or pinned allocation while the compute stream is blocked
+        in the spin-wait can stall until the wait times out."""
+        self.start(parts, blobs=blobs)
+        torch.cuda.synchronize(self.cache.device)
 
     def arm(self) -> torch.cuda.Event:
         """New epoch (on the compute stream); returns the event the copies must wait for. Call ``arm()``,
