@@ -674,6 +674,8 @@ class BM25Retriever:
             else:
                 raise FileNotFoundError(f"no BM25 index in {folder} (bm25.json missing)")
         meta = json.loads((folder / "bm25.json").read_text())
+        if meta.get("manifest", {}).get("kind") != "bm25":
+            raise ValueError(f"{folder} does not hold a BM25 index (kind {meta.get('manifest', {}).get('kind')!r})")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"BM25 index in {folder} has format version {meta.get('format_version')}, "
                              f"this blockrag reads {FORMAT_VERSION}; rebuild it")
