@@ -340,8 +340,12 @@ class BM25Retriever:
     """BM25 retriever and index over chunks (``.id``, ``.text``), keyed by chunk id.
 
     ``retrieve`` returns only chunks that contain a query term (strictly: whose summed term score is
-    nonzero), best first, ties broken by insertion order. For ``bm25l``/``bm25+`` the reported scores include every query term's
-    non-occurrence constant, as in bm25s.
+    nonzero, so a term with idf 0, e.g. Robertson's for a term in half the chunks, matches nothing),
+    best first, ties broken by insertion order. For ``bm25l``/``bm25+`` the reported scores include
+    every query term's non-occurrence constant, as in bm25s.
+
+    Queries are single-threaded per index (a lock guards the scratch buffers; each query takes
+    microseconds); ``add``/``delete`` take the same lock, so a query never sees half an update.
     """
 
     kind = "bm25"
