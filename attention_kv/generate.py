@@ -218,7 +218,7 @@ def blend_prefill(model, cache: BlockKVCache, ctx_ids: torch.Tensor, q_ids: torc
     """CacheBlend over a loaded ``cache`` holding the stitched context (positions ``0..len(ctx_ids)``).
 
     Layers ``0..check_layer`` recompute every token with full causal attention; at ``check_layer`` the
-    recomputed K is compared with the cached K, and only the top ``ratio`` deviating context tokens (plus
+    recomputed K/V are compared with the cached ones (same RoPE frame), and only the top ``ratio`` deviating context tokens (plus
     the question) go through the later layers, their K/V overwriting the cache. Returns (logits, n_selected).
     """
     base = getattr(model, "model", model)
@@ -228,12 +228,21 @@ def blend_prefill(model, cache: BlockKVCache, ctx_ids: torch.Tensor, q_ids: torc
     h = base.embed_tokens(ids)
     pos = torch.arange(N, device=ids.device)[None]
     cos, sin = base.rotary_emb(h, pos)
-    old_k = cache.k[check_layer, 0, :Lc].float().clone()
+    old_kv = cache.kv[check_layer, 0, :Lc].float().clone()  # [Lc, 2, Hkv, D]
+    if cache.rope == "kernel":  # cached context keys are un-rotated: compare in the rotated frame
+        from .rope import cos_sin, rotate
+
+        c, s_ = cos_sin(torch.arange(Lc, device=ids.device), cache.inv_freq)
+        old_kv[:, 0] = rotate(old_kv[:, 0].transpose(0, 1), c, s_, torch.float32).transpose(0, 1)
     layers = base.layers
     cache.begin(0, N, layers=(0, check_layer + 1))
     for l in range(check_layer + 1):
         h = _layer(layers[l], h, (cos, sin), pos, cache)
-    dev = (cache.k[check_layer, 0, :Lc].float() - old_k).pow(2).sum(dim=(-1, -2))  # [Lc]
+    new_kv = cache.kv[check_layer, 0, :Lc].float()
+    # KV deviation per token, K and V each normalised by their mean squared norm
+    d = (new_kv - old_kv).pow(2).sum(dim=(-1, -2))  # [Lc, 2]
+    d = d / old_kv.pow(2).sum(dim=(-1, -2)).mean(0).clamp_min(1e-12)
+    dev = d.sum(-1)
     n_sel = min(Lc, int(math.ceil(ratio * Lc)))
     sel = torch.topk(dev, n_sel).indices.sort().values if n_sel > 0 else dev.new_zeros(0, dtype=torch.long)
     rows = torch.cat([sel, torch.arange(Lc, N, device=ids.device)])
