@@ -67,7 +67,10 @@ def main(argv=None):
     ap.add_argument("--model", default=None, help="generator path / name (default: offline SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, help="only print one table from --out files")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge)
 
     import torch
 
@@ -159,15 +162,34 @@ def main(argv=None):
     }
     if args.out:
         args.out.write_text(json.dumps(summary, indent=1))
-    # table last
-    print(f"\nfraction of query topics in top-k (k = #aspects); {len(articles)} articles, "
-          f"{len(queries)} queries ({', '.join(f'{n}:{c}' for n, c in counts.items())})")
-    head = "| aspects | " + " | ".join(results) + " |"
-    print(head)
+    print_table(summary)
+
+
+def print_table(summary: dict) -> None:
+    results = {k: {int(n): v for n, v in r.items()} for k, r in summary["results"].items()}
+    counts = {int(n): c for n, c in summary["queries_per_aspect"].items()}
+    aspects = sorted(counts)
+    print(f"\nfraction of query topics in top-k (k = #aspects); {summary['articles']} articles, "
+          f"{summary['queries']} queries ({', '.join(f'{n}:{c}' for n, c in counts.items())}); "
+          f"SmolLM2 prompts: docs {summary['doc_tokens']} tokens, queries {summary['query_tokens']} tokens")
+    print("| aspects | " + " | ".join(results) + " |")
     print("|" + "---|" * (len(results) + 1))
     for n in aspects:
         print(f"| {n} | " + " | ".join(f"{results[k].get(n, float('nan')):.3f}" for k in results) + " |")
-    print("| mean (>1 aspect) | " + " | ".join(f"{summary['mean_multi_aspect'][k]:.3f}" for k in results) + " |")
+    mean = {k: float(np.mean([v for n, v in r.items() if n > 1])) for k, r in results.items()}
+    print("| mean (>1 aspect) | " + " | ".join(f"{mean[k]:.3f}" for k in results) + " |")
+
+
+def merge(paths) -> None:
+    """Print one table from several ``--out`` files (same articles and queries), first file's settings."""
+    base = json.loads(Path(paths[0]).read_text())
+    for p in paths[1:]:
+        other = json.loads(Path(p).read_text())
+        if other["queries"] != base["queries"] or other["articles"] != base["articles"]:
+            raise SystemExit(f"{p}: different articles/queries ({other['articles']}/{other['queries']})")
+        for k, r in other["results"].items():
+            base["results"].setdefault(k, r)
+    print_table(base)
 
 
 def hash_texts(texts) -> str:
