@@ -48,9 +48,23 @@ def cmd_index(args) -> int:
 
 
 def _graph_retriever(collection, mode: str):
-    from graph import GraphRetriever  # noqa: deferred: spaCy is optional
+    from graph import retriever_for  # deferred: spaCy is optional
 
-    return GraphRetriever(collection.index("graph"), mode=mode, collection=collection)
+    return retriever_for(collection, mode=mode)
+
+
+def make_reranker(name: str | None, model: str | None = None):
+    if not name:
+        return None
+    if name == "blockrank":
+        from rerankers.blockrank import BlockRankReranker
+
+        return BlockRankReranker(model)
+    if name == "pointwise":
+        from rerankers.pointwise import PointwiseReranker
+
+        return PointwiseReranker(model)
+    raise SystemExit(f"error: unknown reranker {name!r} (blockrank or pointwise)")
 
 
 def make_retriever(collection, spec: str):
@@ -65,8 +79,11 @@ def cmd_query(args) -> int:
         print("the store is empty: nothing to retrieve (index some documents first)")
         return 0
     retriever = make_retriever(collection, args.mode or args.retriever)
+    reranker = make_reranker(args.rerank)
     start = time.perf_counter()
-    hits = retriever.retrieve(args.question, args.k)
+    hits = retriever.retrieve(args.question, args.rerank_depth if reranker else args.k)
+    if reranker is not None and hits:
+        hits = reranker.rerank(args.question, collection.get_chunks([h.chunk_id for h in hits]), k=args.k)
     ms = (time.perf_counter() - start) * 1000
     chunks = {c.id: c for c in collection.get_chunks([h.chunk_id for h in hits])}
     print(f"{len(hits)} results in {ms:.1f} ms ({getattr(retriever, 'name', args.retriever)})")
@@ -77,7 +94,8 @@ def cmd_query(args) -> int:
     if args.generate:
         from .pipeline import Pipeline
 
-        pipe = Pipeline(collection, retriever, k=args.k, generator=_generator(args), mode=args.gen_mode)
+        pipe = Pipeline(collection, retriever, k=args.k, reranker=reranker, rerank_depth=args.rerank_depth,
+                        generator=_generator(args), mode=args.gen_mode)
         answer = pipe.ask(args.question, stream=lambda t: print(t, end="", flush=True))
         print()
         print(_timing_line(answer.timings))
@@ -179,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["local", "global", "hybrid", "mix", "naive", "path", "ppr"],
                    help="graph RAG mode (needs a graph index)")
     s.add_argument("-k", type=int, default=5)
+    s.add_argument("--rerank", choices=["blockrank", "pointwise"], help="rerank the retrieved candidates")
+    s.add_argument("--rerank-depth", type=int, default=50, help="candidates passed to the reranker")
     s.add_argument("--generate", action="store_true", help="answer with the cached generator")
     s.add_argument("--gen-mode", default="turbo", choices=["full", "turbo", "block", "blend"])
     s.add_argument("--generator", default=None)
