@@ -626,10 +626,24 @@ class BM25Retriever:
         ids = self.ids
         if self._nonocc is not None:
             offsets = [float(self._nonocc[t].sum()) if t else 0.0 for t in term_lists]
-            return [[_hit(ids[r], s + off) for r, s in zip(rr[:c], ss[:c])]
+        else:
+            offsets = [0.0] * len(term_lists)
+        if _hit is Hit:
+            return [[Hit(ids[r], s + off) for r, s in zip(rr[:c], ss[:c])]
                     for rr, ss, c, off in zip(rows.tolist(), scores.tolist(), counts.tolist(), offsets)]
-        return [[_hit(ids[r], s) for r, s in zip(rr[:c], ss[:c])]
-                for rr, ss, c in zip(rows.tolist(), scores.tolist(), counts.tolist())]
+        # _hit's construction, inlined (no Python call per hit): a third of a batch's time otherwise
+        new = object.__new__
+        out = []
+        for rr, ss, c, off in zip(rows.tolist(), scores.tolist(), counts.tolist(), offsets):
+            hits = []
+            for r, s in zip(rr[:c], ss[:c]):
+                h = new(Hit)
+                d = h.__dict__
+                d["chunk_id"] = ids[r]
+                d["score"] = s + off
+                hits.append(h)
+            out.append(hits)
+        return out
 
     def search(self, queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:
         """BEIR-style ``{qid: {chunk_id: score}}``."""
