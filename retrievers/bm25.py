@@ -259,8 +259,10 @@ def _topk_into(indptr, indices, data, terms, buf, mark, touched, dense_ratio, hr
         for t in terms:
             for j in range(indptr[t], indptr[t + 1]):
                 buf[indices[j]] += data[j]
-        for lo in range(0, n_docs, 1024):
-            hi = min(lo + 1024, n_docs)
+        lo, step = 0, 64  # a short first block fills the heap, then long blocks
+        while lo < n_docs:
+            hi = min(lo + step, n_docs)
+            step = 1024
             m = 0
             if size < cap:
                 for d in range(lo, hi):
@@ -274,6 +276,7 @@ def _topk_into(indptr, indices, data, terms, buf, mark, touched, dense_ratio, hr
             size = _heap_offer_jit(touched, m, buf, hr, hs, size)
             for d in range(lo, hi):
                 buf[d] = 0.0
+            lo = hi
     else:  # large corpus, rare terms: remember the touched rows and visit only those
         n = 0
         for t in terms:
