@@ -5,7 +5,7 @@ Public API (exact signatures)::
     from attention_kv import Generator, KVCacheStore
 
     gen = Generator(model_name=None, *, cache_dir=None, model=None, tokenizer=None, device=None, dtype=None,
-                    store=None, system_prompt=None, quant=None, kv_dtype=None, rope="kernel")
+                    store=None, system_prompt=None, quant=None, kv_dtype=None, rope="stitch")
         # model_name: anything rag.models.resolve_generator accepts (default SmolLM2-135M-Instruct);
         # or pass model=/tokenizer= already loaded. The model is switched to the "blockrag" attention
         # implementation (identical to SDPA unless a BlockKVCache is passed). cache_dir defaults to
@@ -24,8 +24,15 @@ Public API (exact signatures)::
     store.add(chunks, progress=None) -> int      # chunks newly encoded (tqdm bar for > 32 chunks)
     store.delete(chunk_ids) -> int               # chunk ids removed
     store.get(chunk) -> ChunkKV                  # LRU tier, then memory-mapped safetensors
+    store.manifest() -> dict                     # identity (model, revision, tokenizer/prefix hash, dims,
+                                                 # dtype, quant) for DocStore.record_index(...)
     # A store folder built with another model revision / tokenizer / prefix raises KVCacheMismatch.
     # Share one store between indexing and Generator: Generator(..., store=store).
+
+GPU serving pieces (used by eval/bench_ttft.py): ``prefetch.DeviceKVPool`` (GPU-resident tier, one fused
+gather+RoPE kernel per stitch), ``prefetch.LayerPrefetcher`` (pinned host -> GPU copies in layer groups,
+overlapped with a replayed CUDA graph through per-layer device flags; int8 dequant fused),
+``GraphedBlockForward`` (CUDA graph of the question-block forward for a fixed context length).
 
 Lower level: ``BlockKVCache`` (HF-Cache-compatible static stitched cache), ``forward_block``,
 ``GraphedBlockForward`` (CUDA graph of the question-block forward), ``blend_prefill``, ``masks``, ``rope``.

@@ -264,6 +264,10 @@ class KVCacheStore:
         tmp.write_text(json.dumps(self._index))
         os.replace(tmp, p)
 
+    def manifest(self) -> dict:
+        """What identifies this cache (for ``DocStore.record_index``): model, revision, hashes, dims."""
+        return {**self.identity, "prefix_text": self.prefix_text, "chunks": len(self._index)}
+
     # ---------------------------------------------------------------- token ids
     def chunk_token_ids(self, chunk) -> list[int]:
         """The ids encoded for a chunk: its stored ``token_ids`` (never re-tokenised) + separator."""

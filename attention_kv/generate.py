@@ -3,12 +3,12 @@
 Modes
   ``full``   ordinary prefill of ``prefix + passages + question`` (HF SDPA path), then decoding.
   ``turbo``  TurboRAG / Block-Attention: passages' K/V come from the :class:`KVCacheStore`, are stitched
-  ``block``  after the shared prefix at contiguous positions (RoPE applied by the kernel as keys are
-             loaded), and only the question block is prefilled (``block`` is the same computation;
+  ``block``  after the shared prefix at contiguous positions (RoPE in fp32, once while stitching or by
+             the kernel as keys are loaded), and only the question block is prefilled (``block`` is the same computation;
              the papers differ in fine-tuning, not inference).
   ``blend``  CacheBlend: like ``turbo`` but the first layers (up to ``check_layer``) are recomputed for all
-             tokens, the ``blend_ratio`` of context tokens whose K deviates most from the cache there are
-             recomputed in every later layer (attending to the full, partly updated cache), the rest reused.
+             tokens, the ``blend_ratio`` of context tokens whose K/V deviate most from the cache there
+             (weighted by the question's attention to them) are recomputed in every later layer (attending to the full, partly updated cache), the rest reused.
 Every mode builds ``input_ids`` from stored per-chunk token ids (no re-tokenisation of joined text).
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _sync(device) -> None:
 
 class Generator:
     """Entry point. ``Generator(model_name=None, *, cache_dir=None, model=None, tokenizer=None, device=None,
-    dtype=None, store=None, system_prompt=None, quant=None, kv_dtype=None, rope="kernel")``.
+    dtype=None, store=None, system_prompt=None, quant=None, kv_dtype=None, rope="stitch")``.
 
     ``generate(question, chunks, mode="turbo", max_new_tokens=64, stream=False, blend_ratio=0.15,
     check_layer=1)`` -> :class:`GenerationResult` (or :class:`GenerationStream` with ``stream=True``).
@@ -78,7 +78,7 @@ class Generator:
     def __init__(self, model_name: str | None = None, *, cache_dir: str | Path | None = None, model=None,
                  tokenizer=None, device: str | None = None, dtype=None, store: KVCacheStore | None = None,
                  system_prompt: str | None = None, quant: str | None = None, kv_dtype=None,
-                 rope: str = "kernel"):
+                 rope: str = "stitch"):
         if model is None:
             from rag.models import load_generator
 
@@ -101,7 +101,10 @@ class Generator:
             store = KVCacheStore(cache_dir, model, tokenizer, system_prompt=system_prompt, quant=quant,
                                  dtype=kv_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32))
         self.store = store
-        self.rope = rope  # "kernel": RoPE applied by the attention kernel on load; "stitch": once at stitching
+        # "stitch": context keys rotated once while stitching (measured faster with the current kernel);
+        # "kernel": left un-rotated, the attention kernel rotates them as it loads them
+        self.rope = rope
+        self.blend_select = "dev*attn"  # CacheBlend token selection: "dev" (K/V deviation), "attn", "dev*attn"
         self.eos_ids = set()
         for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id:
@@ -122,7 +125,8 @@ class Generator:
 
     @torch.no_grad()
     def prefill(self, question: str, chunks: Sequence, mode: str, blend_ratio: float = 0.15,
-                check_layer: int = 1, extra_ids: Sequence[int] = (), cache_max_len: int | None = None):
+                check_layer: int = 1, extra_ids: Sequence[int] = (), cache_max_len: int | None = None,
+                blend_select: str | None = None):
         """Prefill only; returns (logits [T, V] for the question (+extra) tokens, state dict).
 
         ``extra_ids`` are appended after the question (teacher forcing of an answer).
@@ -153,7 +157,8 @@ class Generator:
             logits = forward_block(self.model, cache, q, Lc, logits_to_keep=Lq)[0]
         else:
             logits, nsel = blend_prefill(self.model, cache, torch.tensor(ctx_ids, device=dev), q,
-                                         blend_ratio, check_layer, logits_to_keep=Lq)
+                                         blend_ratio, check_layer, logits_to_keep=Lq,
+                                         select=blend_select or self.blend_select)
             info["n_recomputed"] = nsel
         cache.drop_events()
         info["length"] = cache.length
@@ -214,11 +219,13 @@ class Generator:
 
 @torch.no_grad()
 def blend_prefill(model, cache: BlockKVCache, ctx_ids: torch.Tensor, q_ids: torch.Tensor, ratio: float = 0.15,
-                  check_layer: int = 1, logits_to_keep: int = 1):
+                  check_layer: int = 1, logits_to_keep: int = 1, select: str = "dev*attn"):
     """CacheBlend over a loaded ``cache`` holding the stitched context (positions ``0..len(ctx_ids)``).
 
     Layers ``0..check_layer`` recompute every token with full causal attention; at ``check_layer`` the
-    recomputed K/V are compared with the cached ones (same RoPE frame), and only the top ``ratio`` deviating context tokens (plus
+    recomputed K/V are compared with the cached ones (same RoPE frame); tokens are ranked by that deviation
+    (``select="dev"``, CacheBlend), by the question's attention to them at the check layer (``"attn"``), or by
+    the product (``"dev*attn"``, default: measured best on SmolLM2, see eval/bench_kv_quality.py), and only the top ``ratio`` deviating context tokens (plus
     the question) go through the later layers, their K/V overwriting the cache. Returns (logits, n_selected).
     """
     base = getattr(model, "model", model)
@@ -237,12 +244,18 @@ def blend_prefill(model, cache: BlockKVCache, ctx_ids: torch.Tensor, q_ids: torc
     layers = base.layers
     cache.begin(0, N, layers=(0, check_layer + 1))
     for l in range(check_layer + 1):
+        if l == check_layer:
+            h_in = h
         h = _layer(layers[l], h, (cos, sin), pos, cache)
     new_kv = cache.kv[check_layer, 0, :Lc].float()
     # KV deviation per token, K and V each normalised by their mean squared norm
     d = (new_kv - old_kv).pow(2).sum(dim=(-1, -2))  # [Lc, 2]
     d = d / old_kv.pow(2).sum(dim=(-1, -2)).mean(0).clamp_min(1e-12)
     dev = d.sum(-1)
+    if select in ("attn", "dev*attn"):
+        att = _question_attention(layers[check_layer], h_in[:, Lc:], cos[:, Lc:], sin[:, Lc:],
+                                  cache.k[check_layer, 0, :Lc], cache.rope == "kernel", cache.inv_freq)
+        dev = att if select == "attn" else dev / dev.mean().clamp_min(1e-12) * att
     n_sel = min(Lc, int(math.ceil(ratio * Lc)))
     sel = torch.topk(dev, n_sel).indices.sort().values if n_sel > 0 else dev.new_zeros(0, dtype=torch.long)
     rows = torch.cat([sel, torch.arange(Lc, N, device=ids.device)])
@@ -255,6 +268,27 @@ def blend_prefill(model, cache: BlockKVCache, ctx_ids: torch.Tensor, q_ids: torc
     cache._rows = None
     h = base.norm(h[:, -logits_to_keep:])
     return model.lm_head(h)[0], n_sel
+
+
+def _question_attention(layer, h_q, cos_q, sin_q, k_ctx, unrotated: bool, inv_freq):
+    """Mean (over heads and question rows) attention probability of the question on each context token at
+    ``layer``, from the layer's own q projection (Llama/Qwen2/Mistral module names)."""
+    from .rope import cos_sin, rotate, rotate_half
+
+    attn = layer.self_attn
+    x = layer.input_layernorm(h_q)
+    hd = attn.head_dim
+    q = attn.q_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2).float()  # [1, Hq, Lq, D]
+    c, s_ = cos_q[:, None].float(), sin_q[:, None].float()
+    q = q * c + rotate_half(q) * s_
+    k = k_ctx.float().transpose(0, 1)  # [Hkv, Lc, D]
+    if unrotated:
+        cc, ss = cos_sin(torch.arange(k.shape[1], device=k.device), inv_freq)
+        k = rotate(k, cc, ss, torch.float32)
+    rep = q.shape[1] // k.shape[0]
+    k = k.repeat_interleave(rep, dim=0)[None]
+    p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scaling, dim=-1)  # question sees all context
+    return p.mean(dim=(0, 1, 2))
 
 
 def _layer(layer, h, pe, pos, cache):
