@@ -290,19 +290,20 @@ class BlockRankReranker:
     name = "blockrank"
 
     def __init__(self, model_name: str | None = None, layer: int | None = None, doc_tokens: int = 160,
-                 query_tokens: int = 128, query_rows: str | int = "tail", attn: str = "auto",
+                 query_tokens: int = 128, query_rows: str | int | None = None, attn: str = "auto",
                  doc_batch: int = 32, kv_cache: Any = None, model=None, tokenizer=None,
                  instruction: str = INSTRUCTION, question: str = QUESTION, answer_prefix: str = ANSWER_PREFIX):
         self.model_name = model_name
         self._model, self._tokenizer = model, tokenizer
         self._layer = layer
         self.doc_tokens, self.query_tokens = doc_tokens, query_tokens
-        self.query_rows = query_rows
+        self._query_rows = query_rows
         self.attn = attn
         self.doc_batch = doc_batch
         self.kv_cache = kv_cache
         self.instruction, self.question, self.answer_prefix = instruction, question, answer_prefix
         self._instr_cache: dict = {}
+        self._chat = None
 
     # -- model ------------------------------------------------------------------------------------
     def _load(self):
@@ -326,10 +327,11 @@ class BlockRankReranker:
 
     @property
     def layer(self) -> int:
-        """Scoring layer (0-based). Default: SciFact-train tuned for SmolLM2 (see eval/bench_blockrank), else 5/8 depth."""
+        """Scoring layer (0-based). Default: the SciFact-train choice for SmolLM2-135M (layer 17 of 30, see
+        eval/bench_blockrank), else the paper's relative depth (layer 20 of 32)."""
         if self._layer is None:
-            return DEFAULT_LAYERS.get(getattr(self.model.config, "_name_or_path", ""), None) or \
-                int(round(self.n_layers * 20 / 32))
+            tuned = _tuned(self.model.config)
+            return tuned[0] if tuned else int(round(self.n_layers * 20 / 32))
         return self._layer + self.n_layers if self._layer < 0 else self._layer
 
     def _attn_mode(self) -> str:
@@ -345,7 +347,10 @@ class BlockRankReranker:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _has_chat(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None)) and "<|im_start|>" in self.tokenizer.get_vocab()
+        if self._chat is None:                  # get_vocab() builds the whole vocabulary dict: ask once
+            self._chat = bool(getattr(self.tokenizer, "chat_template", None)) and \
+                "<|im_start|>" in self.tokenizer.get_vocab()
+        return self._chat
 
     def build_prompt(self, query: str, doc_texts: Sequence[str]) -> BlockPrompt:
         if self._has_chat():
@@ -362,6 +367,19 @@ class BlockRankReranker:
         tail_ids = self._ids(tail)
         query_ids = self._ids("Query: ") + self._ids(query)[:self.query_tokens] + tail_ids
         return BlockPrompt(instr_ids, docs, query_ids, len(tail_ids))
+
+    @property
+    def query_rows(self):
+        """Which query-block rows give the relevance: "tail" (the answer-side tokens after the query text),
+        "all", or the last n. Default (None): the SciFact-tuned choice for known models, else "tail"."""
+        if self._query_rows is None:
+            tuned = _tuned(self.model.config)
+            return tuned[1] if tuned else "tail"
+        return self._query_rows
+
+    @query_rows.setter
+    def query_rows(self, value):
+        self._query_rows = value
 
     def _rows(self, prompt: BlockPrompt) -> list[int]:
         Lq = len(prompt.query)
@@ -524,7 +542,11 @@ class BlockRankReranker:
         return {l: m[0] for l, m in plan.mass.items()}
 
 
-DEFAULT_LAYERS: dict[str, int] = {}
+def _tuned(cfg):
+    """(layer, query_rows) chosen on SciFact train for known models (SmolLM2-135M: 22 tune queries, top-100)."""
+    if getattr(cfg, "model_type", "") == "llama" and cfg.hidden_size == 576 and cfg.num_hidden_layers == 30:
+        return 17, "all"
+    return None
 
 
 def _block_ids(I: int, doc_lens: Sequence[int], Lq: int, device):

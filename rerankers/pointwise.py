@@ -30,6 +30,7 @@ class PointwiseReranker:
         self._model, self._tokenizer = model, tokenizer
         self.doc_tokens, self.query_tokens, self.batch_size = doc_tokens, query_tokens, batch_size
         self._answer_ids = None
+        self._chat = None
 
     def _load(self):
         if self._model is None:
@@ -57,7 +58,9 @@ class PointwiseReranker:
         return self._answer_ids
 
     def prompt_ids(self, query: str, passage: str) -> list[int]:
-        chat = "<|im_start|>" in self.tokenizer.get_vocab()
+        if self._chat is None:                  # get_vocab() builds a 49k-entry dict: ask once
+            self._chat = "<|im_start|>" in self.tokenizer.get_vocab()
+        chat = self._chat
         head = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n" if chat else f"{SYSTEM}\n"
         tail = ("\nIs the passage relevant to the query? Answer yes or no."
                 + ("<|im_end|>\n<|im_start|>assistant\n" if chat else "\nAnswer:"))
