@@ -18,9 +18,14 @@ Public API (exact signatures)::
         # stream=True returns a GenerationStream: iterate for text pieces, then .result.
     GenerationResult(answer, token_ids, mode, chunk_ids, ttft_ms, decode_tokens_per_s,
                      n_context_tokens, n_question_tokens, n_recomputed, timings)
+    logits, info = gen.prefill(question, chunks, mode, blend_ratio=0.15, check_layer=1, extra_ids=(),
+                               cache_max_len=None, blend_select=None)
+        # prefill only: logits [question (+extra_ids) tokens, vocab]; extra_ids = teacher-forced answer.
 
     store = KVCacheStore(folder, model, tokenizer, *, system_prompt=None, dtype=torch.bfloat16,
-                         quant=None, lru_bytes=1 << 30, model_name=None, batch_size=8)
+                         quant=None, lru_bytes=1 << 30, model_name=None, batch_size=8, prefix=None)
+        # prefix=None: the chat-template prefix (system prompt + opening of the user turn), shared sink;
+        # prefix="..." overrides it verbatim ("" = no shared prefix).
     store.add(chunks, progress=None) -> int      # chunks newly encoded (tqdm bar for > 32 chunks)
     store.delete(chunk_ids) -> int               # chunk ids removed
     store.get(chunk) -> ChunkKV                  # LRU tier, then memory-mapped safetensors
