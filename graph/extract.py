@@ -337,6 +337,12 @@ class SpacyExtractor:
                     if subjects[0] is None and tok.head.head is not None:  # appositive head: "X is an engineer who"
                         subjects = [self._ent_of(a, token_ent, None) for a in tok.head.head.children
                                     if a.dep_ in {"nsubj", "nsubjpass"}] or [None]
+                # "The head office of X is located in Y": X is the subject too
+                for c in tok.children:
+                    if c.dep_ in {"nsubj", "nsubjpass"} and c.pos_ == "NOUN":
+                        for p in c.children:
+                            if p.dep_ == "prep" and p.lower_ == "of":
+                                subjects += [o for o, _ in self._prep_objects(c, token_ent, only=p, verb=False)]
                 subjects = [s for s in subjects if s]
                 if subjects and subject_here is None:
                     subject_here = subjects[0]
@@ -346,6 +352,10 @@ class SpacyExtractor:
                         e = self._ent_of(c, token_ent, None)
                         if e:
                             objects.append((e, tok.lemma_.lower()))
+                        for p in c.children:  # "X has its headquarters in Y" -> X "have headquarters in" Y
+                            if p.dep_ == "prep":
+                                objects += [(o, f"{tok.lemma_.lower()} {c.lemma_.lower()} {p.lower_}")
+                                            for o, _ in self._prep_objects(c, token_ent, only=p, verb=False)]
                         for p in c.children:  # "is an archivist employed by X": attr -> acl -> agent
                             if p.dep_ == "acl":
                                 objects += self._prep_objects(p, token_ent)
@@ -385,7 +395,8 @@ class SpacyExtractor:
                     if e and e not in names:
                         names.append(e)
                 names = names[: self.max_per_sentence]
-                kws = [t.lemma_.lower() for t in sent if t.pos_ == "VERB" and not t.is_stop][:3]
+                kws = [t.lemma_.lower() for t in sent if t.pos_ in {"VERB", "NOUN"} and not t.is_stop
+                       and t.i not in token_ent][:4]
                 relations += _cooccurrence(names, linked, sent.text.strip()[:300], kws, self.window)
             if subject_here:
                 last_subject = subject_here

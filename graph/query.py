@@ -19,6 +19,7 @@ trimmed to a token budget, most reliable path last.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -41,6 +42,7 @@ class Analysis:
     qvec: np.ndarray
     entities: dict[str, float]   # entity key -> match score (0..1)
     relations: dict[str, float]  # edge id -> similarity to the query
+    hvec: np.ndarray | None = None  # the query without its matched entity names: what it asks about
 
 
 @dataclass
@@ -96,7 +98,8 @@ class GraphRetriever:
                  neighbour_weight: float = 0.3, alpha: float = 0.8, theta: float = 1e-3, max_hops: int = 3,
                  max_paths: int = 30, max_branch: int = 40, max_expansions: int = 20000,
                  damping: float = 0.5, passage_weight: float = 0.05, relation_boost: float = 4.0,
-                 relation_sharpness: float = 10.0,
+                 relation_sharpness: float = 10.0, passage_sim_power: float = 2.0, flow: str = "relevance",
+                 open_paths: bool = True,
                  rrf_k: int = 60, name: str | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown graph mode {mode!r}; choose from {', '.join(MODES)}")
@@ -108,7 +111,8 @@ class GraphRetriever:
         self.alpha, self.theta, self.max_hops = alpha, theta, max_hops
         self.max_paths, self.max_branch, self.max_expansions = max_paths, max_branch, max_expansions
         self.damping, self.passage_weight, self.relation_boost = damping, passage_weight, relation_boost
-        self.relation_sharpness = relation_sharpness
+        self.relation_sharpness, self.passage_sim_power = relation_sharpness, passage_sim_power
+        self.flow, self.open_paths = flow, open_paths
         self.rrf_k = rrf_k
         self._ppr = None  # (store version, matrix parts)
         self.last_paths: list[Path] = []
@@ -159,24 +163,34 @@ class GraphRetriever:
         vecs = self._encode([query] + list(low))
         qvec, lvecs = vecs[0], vecs[1:]
         ents: dict[str, float] = {}
+        exact = set()
         for kw in low:
             k = normalise_name(kw)
             if k in g:
                 ents[k] = 1.0
+                exact.add(kw)
         if idx.entities is not None and len(idx.entities):
             if len(lvecs):
                 for kw, hits in zip(low, idx.entities.search(lvecs, 5)):
+                    if kw in exact:  # a name found as is is not also fuzzily matched to look-alikes
+                        continue
                     for e, s in hits:
                         if s >= self.entity_threshold:
                             ents[e] = max(ents.get(e, 0.0), float(s))
             if not ents:  # no keyword matched: the entities nearest to the whole query
                 for e, s in idx.entities.search(qvec[None], self.top_entities)[0]:
                     ents[e] = max(ents.get(e, 0.0), float(s))
+        rest = query
+        for kw in low:
+            if normalise_name(kw) in ents:
+                rest = re.sub(re.escape(kw), " ", rest, flags=re.I)
+        rest = re.sub(r"\s+", " ", rest).strip()
+        hvec = self._encode([rest])[0] if rest and rest != query else qvec
         rels: dict[str, float] = {}
         if idx.relations is not None and len(idx.relations):
             for e, s in idx.relations.search(qvec[None], self.top_relations)[0]:
                 rels[e] = float(s)
-        a = Analysis(query, list(low), list(high), qvec, ents, rels)
+        a = Analysis(query, list(low), list(high), qvec, ents, rels, hvec)
         if len(cache) >= 4096:
             cache.pop(next(iter(cache)))
         cache[key] = a
@@ -239,74 +253,59 @@ class GraphRetriever:
 
     # ------------------------------------------------------------ PathRAG
     def paths(self, a: Analysis) -> list[Path]:
-        """Best paths between retrieved entities, most reliable first."""
-        idx, g = self.index, self.index.store.g
+        """Best paths (<= max_hops) from the query's entities, most reliable first.
+
+        Flow (PathRAG): resource 1 at the source, passed to next hops decayed by ``alpha``, dropped below
+        ``theta``; a path's reliability is the mean flow of its nodes after the source. ``flow="relevance"``
+        (default) splits the resource over next hops in proportion to exp(sharpness * relevance of the
+        relation's keywords to the question) instead of evenly (``flow="uniform"``, as in the paper).
+        ``open_paths`` (default) keeps paths ending anywhere; otherwise only those ending at retrieved
+        entities (seeds and endpoints of query-matched relations), as in PathRAG.
+        """
+        g = self.index.store.g
         seeds = self._seeds(a)
         if not seeds:
             return []
-        targets = set(e for e, _ in seeds)
-        for eid in a.relations:
-            targets.update(edge_ends(eid))
-        sources = [e for e, _ in seeds[:5]]
+        targets = None
+        if not self.open_paths:
+            targets = set(e for e, _ in seeds)
+            for eid in a.relations:
+                targets.update(edge_ends(eid))
         budget = [self.max_expansions]
-        found: list[list[str]] = []
+        found: list[Path] = []
 
-        def neighbours(u):
-            nb = g[u]
-            if len(nb) <= self.max_branch:
-                return list(nb)
-            return sorted(nb, key=lambda v: -(sum(x[0] for x in nb[v]["support"].values())
-                                               + (10.0 if edge_id(u, v) in a.relations else 0.0)))[: self.max_branch]
-
-        def dfs(path):
-            u = path[-1]
-            if len(path) - 1 >= self.max_hops or budget[0] <= 0:
+        def dfs(nodes, flows):
+            u = nodes[-1]
+            if len(nodes) - 1 >= self.max_hops or budget[0] <= 0:
                 return
-            for v in neighbours(u):
-                if v in path:
-                    continue
-                budget[0] -= 1
-                if budget[0] <= 0:
-                    return
-                p = path + [v]
-                if v in targets:
-                    found.append(p)
-                dfs(p)
+            nbrs = [v for v in g[u] if v not in nodes]
+            if not nbrs:
+                return
+            budget[0] -= len(nbrs)
+            rel = self._edge_relevance(a, {edge_id(u, v) for v in nbrs})
+            rs = np.array([rel.get(edge_id(u, v), 0.0) for v in nbrs])
+            if self.flow == "relevance":
+                w = np.exp(self.relation_sharpness * (rs - rs.max()))
+                w = w / w.sum()
+            else:
+                w = np.full(len(nbrs), 1.0 / len(nbrs))
+            order = np.argsort(-w)[: self.max_branch]
+            for j in order:
+                f = self.alpha * flows[-1] * float(w[j])
+                if f < self.theta:
+                    break
+                v = nbrs[j]
+                nn, ff = nodes + [v], flows + [f]
+                if targets is None or v in targets:
+                    mean = sum(ff[1:]) / (len(ff) - 1)
+                    found.append(Path(nn, mean, float(np.mean([rel.get(edge_id(x, y), rs[j])
+                                                                for x, y in zip(nn[-2:], nn[-1:])])), mean))
+                dfs(nn, ff)
 
-        for s in sources:
-            dfs([s])
-        if not found:
-            return []
-        # flow over the candidate paths (PathRAG): split over next hops that lie on candidate paths
-        by_source: dict[str, list[list[str]]] = defaultdict(list)
-        for p in found:
-            by_source[p[0]].append(p)
-        scored: list[Path] = []
-        edge_rel = self._edge_relevance(a, {e for p in found for e in (edge_id(x, y) for x, y in zip(p, p[1:]))})
-        for s, plist in by_source.items():
-            follow: dict[tuple, set] = defaultdict(set)  # prefix -> next nodes
-            for p in plist:
-                for i in range(len(p) - 1):
-                    follow[tuple(p[: i + 1])].add(p[i + 1])
-            flow: dict[tuple, float] = {(s,): 1.0}
-            for p in sorted(plist, key=len):
-                ok = True
-                for i in range(1, len(p)):
-                    pre, cur = tuple(p[:i]), tuple(p[: i + 1])
-                    if cur not in flow:
-                        flow[cur] = self.alpha * flow[pre] / len(follow[pre])
-                    if flow[cur] < self.theta:
-                        ok = False
-                        break
-                if not ok:
-                    continue
-                flows = [flow[tuple(p[: i + 1])] for i in range(1, len(p))]
-                mean_flow = sum(flows) / len(flows)
-                rels = [edge_rel.get(edge_id(x, y), 0.0) for x, y in zip(p, p[1:])]
-                relevance = max(0.0, sum(rels) / len(rels))
-                scored.append(Path(p, mean_flow, relevance, mean_flow * (0.1 + relevance) ** 2))
-        scored.sort(key=lambda p: -p.score)
-        return scored[: self.max_paths]
+        for src, _ in seeds[:5]:
+            dfs([src], [1.0])
+        found.sort(key=lambda p: -p.score)
+        return found[: self.max_paths]
 
     def _ball_edges(self, seeds: list[str], radius: int = 2, cap: int = 20000) -> set[str]:
         """Edges touching entities within ``radius`` hops of the seeds (at most ``cap``)."""
@@ -326,14 +325,24 @@ class GraphRetriever:
         return edges
 
     def _edge_relevance(self, a: Analysis, edges: set[str]) -> dict[str, float]:
-        """Cosine of each relation's text with the query (from the relation index's stored vectors)."""
-        rel = self.index.relations
-        ids = [e for e in edges if e in rel.rows]
-        if not ids:
+        """How well each relation's keywords match what the question asks about (cosine of the keyword
+        phrase with the query stripped of its entity names); keyword vectors are cached on the index."""
+        idx = self.index
+        store = idx.store
+        phrases = {}
+        for e in edges:
+            if store.g.has_edge(*edge_ends(e)):
+                kws = [k for k in store.relation_keywords(e) if k != "co-occurs"][:3]
+                phrases[e] = ", ".join(kws) or "related to"
+        missing = sorted({p for p in phrases.values() if p not in idx._kw_vec})
+        if missing:
+            for p, v in zip(missing, idx._encode(missing)):
+                idx._kw_vec[p] = v
+        if not phrases:
             return {}
-        vecs = rel.vectors(ids)
-        sims = vecs @ a.qvec
-        return dict(zip(ids, sims.tolist()))
+        uniq = sorted(set(phrases.values()))
+        sims = dict(zip(uniq, (np.stack([idx._kw_vec[p] for p in uniq]) @ a.hvec).tolist()))
+        return {e: sims[p] for e, p in phrases.items()}
 
     def _path(self, a: Analysis, k: int) -> dict[str, float]:
         idx = self.index
@@ -398,12 +407,12 @@ class GraphRetriever:
             pers[e_pos[e]] += w
         if self.passage_weight > 0:
             naive = self._naive(a.query, 20)
-            if naive:
+            pos = {c: max(s, 0.0) for c, s in naive.items() if c in c_pos}
+            norm = sum(pos.values())
+            if norm > 0:  # passages near the query share passage_weight of the seed mass (HippoRAG 2)
                 tot = pers.sum()
-                mx = max(naive.values())
-                for c, s in naive.items():
-                    if c in c_pos:
-                        pers[c_pos[c]] += self.passage_weight * tot * max(s, 0.0) / (mx or 1.0)
+                for c, s in pos.items():
+                    pers[c_pos[c]] += self.passage_weight * tot * s / norm
         pers /= pers.sum()
         M = A
         if self.relation_boost > 0:
@@ -438,8 +447,35 @@ class GraphRetriever:
             p = nxt
         ne = len(ents)
         chunk_scores = p[ne:]
-        top = np.argsort(-chunk_scores)[: max(k, 10) * 3]
-        return {chunk_ids[i]: float(chunk_scores[i]) for i in top if chunk_scores[i] > 0}
+        top = [i for i in np.argsort(-chunk_scores)[: max(k, 10) * 10] if chunk_scores[i] > 0]
+        out = {chunk_ids[i]: float(chunk_scores[i]) for i in top}
+        return self._dense_reweight(a, out)
+
+    def _dense_reweight(self, a: Analysis, scores: dict[str, float]) -> dict[str, float]:
+        """Graph proximity AND query similarity: score * max(cos, 0.01) ** passage_sim_power.
+
+        Among the passages the walk reaches, prefer those that also say what the question asks about
+        (the bridge passage of "the company that employs X" mentions the company *and* its founding)."""
+        if self.passage_sim_power <= 0 or not scores:
+            return scores
+        sims = self._chunk_sims(a, list(scores))
+        if sims is None:
+            return scores
+        return {c: s * max(sims.get(c, 0.0), 0.01) ** self.passage_sim_power for c, s in scores.items()}
+
+    def _chunk_sims(self, a: Analysis, ids: list[str]) -> dict[str, float] | None:
+        idx = self.index
+        vi = idx.chunks if idx.chunks is not None else getattr(getattr(idx, "dense", None), "index", None)
+        if vi is None or getattr(vi, "kind", "flat") != "flat":
+            return None
+        ids = [c for c in ids if c in vi.rows]
+        if not ids:
+            return {}
+        dense = getattr(idx, "dense", None)
+        qvec = a.hvec if a.hvec is not None else a.qvec
+        if dense is not None and idx.chunks is None:  # the dense retriever may use another model
+            qvec = dense.encode([a.query])[0]
+        return dict(zip(ids, (vi.vectors(ids) @ qvec).tolist()))
 
     # ------------------------------------------------------------ context
     def context(self, query: str, k: int = 10, token_budget: int = 2000,
