@@ -219,6 +219,10 @@ class BlockKVCache:
             rope = dict(inv_freq=self.inv_freq, k_positions=self.kpos[layer_idx, :L])
         else:
             rope = {}
+        if self._rows is None and q.shape[2] == 1 and self.k_block is None and self.rope == "stitch":
+            # one decoded token sees every key: plain SDPA, no mask, no per-length kernel plan
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling,
+                                                                    enable_gqa=q.shape[1] != k.shape[1])
         if self._rows is None:
             kb = qb = None
             if self.k_block is not None:
