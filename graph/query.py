@@ -97,7 +97,7 @@ class GraphRetriever:
                  top_entities: int = 20, top_relations: int = 60, entity_threshold: float = 0.75,
                  neighbour_weight: float = 0.3, alpha: float = 0.8, theta: float = 1e-3, max_hops: int = 3,
                  max_paths: int = 30, max_branch: int = 40, max_expansions: int = 20000,
-                 damping: float = 0.5, passage_weight: float = 0.05, relation_boost: float = 4.0,
+                 damping: float = 0.8, passage_weight: float = 0.05, relation_boost: float = 4.0,
                  relation_sharpness: float = 10.0, passage_sim_power: float = 2.0, flow: str = "relevance",
                  open_paths: bool = True,
                  rrf_k: int = 60, name: str | None = None):
