@@ -4,14 +4,19 @@
 * ``global`` (LightRAG): the query -> matching relations -> the chunks that state them and their endpoints'.
 * ``hybrid``: local + global (reciprocal-rank fusion). ``mix``: hybrid + plain chunk vectors.
   ``naive``: chunk vectors only.
-* ``path`` (PathRAG): simple paths of <= ``max_hops`` hops between the retrieved entities, pruned by flow
-  (resource 1 at the source, split evenly over the next hops that lie on candidate paths, decayed by
-  ``alpha`` per hop, dropped below ``theta``); a path's reliability is its mean flow, multiplied here by
-  how well its relations match the query (a documented extension: flow alone cannot tell a "works for"
-  hop from a "born in" hop). Enumeration is guarded by a branching cap and an expansion budget.
-* ``ppr`` (HippoRAG): personalized PageRank over an entity-passage graph (passage-entity edges weighted
-  by entity specificity, entity-entity edges by relation weight, boosted for relations matching the
-  query) seeded by the query's entities and, lightly, by the passages nearest to the query.
+* ``path`` (PathRAG): paths of <= ``max_hops`` hops from the query's entities, pruned by flow (resource 1
+  at the source, decayed by ``alpha`` per hop, dropped below ``theta``); a path's reliability is its mean
+  flow. Extensions (both switchable): ``flow="relevance"`` splits the resource over next hops by how well
+  each relation's keywords match the question (``"uniform"`` = the paper's even split: flow alone cannot
+  tell a "works for" hop from a "born in" hop), and ``open_paths=True`` keeps paths ending anywhere (the
+  answer entity of a multi-hop question is unknown), ``False`` = only between retrieved entities. The
+  enumeration is guarded by ``max_branch`` per node and a ``max_expansions`` budget.
+* ``ppr`` (HippoRAG): personalized PageRank (damping 0.8) over an entity-passage graph (passage-entity
+  edges weighted by entity specificity, entity-entity edges by relation weight, boosted for relations
+  whose keywords match the question), seeded by the query's entities and lightly (``passage_weight``)
+  by the passages nearest the query (HippoRAG 2); the ranking is then multiplied by the passage's
+  similarity to the question-without-its-entities (``passage_sim_power``), so that among the passages
+  the walk reaches, those saying what the question asks about come first.
 
 :meth:`GraphRetriever.context` returns the structured context (entities, relations, path texts, chunks)
 trimmed to a token budget, most reliable path last.
