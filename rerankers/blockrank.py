@@ -29,14 +29,11 @@ which routes each phase (instruction, batched documents, query; or the flat full
 to ``torch.nn.functional.scaled_dot_product_attention`` (``attn="sdpa"``). The block mass is always
 read through ``attend``.
 
-Fine-tuning (optional, not run here)::
+Fine-tuning (optional, not run here): :mod:`rerankers.blockrank_finetune` (LM loss on the answer +
+the paper's contrastive loss on this attention, through this same block-sparse forward)::
 
-    python -m rerankers.blockrank_finetune --data ../shared/datasets/scifact --split train \\
-        --layer 15 --docs-per-prompt 20 --lambda-contrastive 0.1 --out runs/blockrank-ft
-    # loss = LM loss on the answer (the relevant passage's text prefix) + lambda * InfoNCE over the
-    # per-document attention mass at `layer` (relevant document = positive), the paper's auxiliary loss.
-    # (Module not shipped yet: the scoring function below, ``BlockRankReranker.score_ids``, is
-    # differentiable when called outside ``torch.inference_mode`` and is what that loss would use.)
+    python -m rerankers.blockrank_finetune --data ../shared/datasets/scifact \
+        --candidates runs/scifact_cands.json --layer 17 --docs-per-prompt 10 --steps 200 --out runs/blockrank-ft
 """
 from __future__ import annotations
 
@@ -143,6 +140,7 @@ class _Plan:
     mass_layers: tuple = ()         # extra layers whose mass is recorded too (layer sweep)
     mass: dict = field(default_factory=dict)        # layer -> [B, H, R, n_blocks]
     warned: bool = False
+    run_through: bool = False       # query phase: compute the last layer's output too (fine-tuning LM loss)
 
 
 def _blockrank_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -205,7 +203,7 @@ def _blockrank_attention(module, query, key, value, attention_mask, dropout=0.0,
         q_start = k.shape[2] - query.shape[2]
         if last or layer in plan.mass_layers:
             record_mass(k, v, q_start)
-        if last:
+        if last and not plan.run_through:
             raise _Stop
         if plan.phase == "flat" and plan.q_block is not None:
             out = safe_attend(query, k, v, q_start=q_start, q_block=plan.q_block, k_block=plan.k_block, scale=scale)
@@ -442,10 +440,15 @@ class BlockRankReranker:
         return h
 
     def mass_ids(self, prompt: BlockPrompt, layer: int, mass_layers: Sequence[int] = (),
-                 cache_keys: Sequence[str] | None = None) -> dict[int, Any]:
-        """Block-sparse forward. Returns {layer: mass [H, R, N + 2]} (block 0 instruction, 1..N docs, last = query)."""
+                 cache_keys: Sequence[str] | None = None, rows: Sequence[int] | None = None,
+                 return_hidden: bool = False):
+        """Block-sparse forward. Returns {layer: mass [H, R, N + 2]} (block 0 instruction, 1..N docs, last = query).
+
+        ``rows`` overrides the query rows read; ``return_hidden=True`` (fine-tuning) runs the query block
+        through ``layer`` inclusive and also returns its hidden states [1, Lq, hidden] (before the final norm)."""
         import torch
 
+        query_rows = None if rows is None else list(rows)
         model = self.model
         dev = next(model.parameters()).device
         stop = max([layer, *mass_layers])
@@ -505,15 +508,16 @@ class BlockRankReranker:
             ctx[l] = (torch.cat([prefix_kv[l][0]] + [p[l][0] for _, p in pieces], dim=2),
                       torch.cat([prefix_kv[l][1]] + [p[l][1] for _, p in pieces], dim=2))
         Lq = len(prompt.query)
-        rows = self._rows(prompt)
+        rows = query_rows if query_rows is not None else self._rows(prompt)
         block = torch.cat([torch.zeros(I, dtype=torch.int32)]
                           + [torch.full((doc_lens[i],), i + 1, dtype=torch.int32) for i in order]
                           + [torch.full((Lq,), -1, dtype=torch.int32)]).to(dev)
         plan = _Plan("query", stop, mode, ctx_kv=ctx, mass_rows=rows, k_block=block, n_blocks=N + 2,
-                     mass_layers=tuple(mass_layers))
+                     mass_layers=tuple(mass_layers), run_through=return_hidden)
         q0 = I + max(doc_lens)
-        self._run(plan, torch.tensor([prompt.query], device=dev), torch.arange(q0, q0 + Lq, device=dev))
-        return {l: m[0] for l, m in plan.mass.items()}
+        h = self._run(plan, torch.tensor([prompt.query], device=dev), torch.arange(q0, q0 + Lq, device=dev))
+        mass = {l: m[0] for l, m in plan.mass.items()}
+        return (mass, h) if return_hidden else mass
 
     def mass_full(self, prompt: BlockPrompt, layer: int, mass_layers: Sequence[int] = (),
                   block_sparse: bool = False) -> dict[int, Any]:

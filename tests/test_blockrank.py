@@ -116,3 +116,23 @@ def test_smollm2_rerank_api_small():
     pw = PointwiseReranker(model=model, tokenizer=tok, doc_tokens=24)
     ph = pw.rerank("Where is the Eiffel Tower?", chunks)
     assert ph[0].chunk_id == "a"      # the easy case: yes/no log-odds puts the answer first
+
+
+def test_finetune_step_gradients():
+    from rerankers.blockrank_finetune import train_step
+
+    model = tiny_llama(4)
+    model.train()
+    rng = random.Random(5)
+    prompt = rand_prompt(rng, n_docs=4)
+    br = BlockRankReranker(model=model, tokenizer=None, layer=2, attn="sdpa", query_rows="tail")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for _ in range(4):
+        loss, lm, con = train_step(br, prompt, answer=[5, 6, 7], positive=1, layer=2, lam=1.0, temperature=0.1)
+        opt.zero_grad()
+        loss.backward()
+        assert model.model.layers[2].self_attn.q_proj.weight.grad.abs().sum() > 0   # contrastive reaches layer 2's q
+        opt.step()
+        losses.append(float(loss))
+    assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]
