@@ -1,13 +1,13 @@
 """The one retriever protocol: ``retrieve(query, k)`` and its batched form, returning scored chunk ids."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import NamedTuple, Protocol, Sequence, runtime_checkable
 
 
-@dataclass(frozen=True)
-class Hit:
+class Hit(NamedTuple):
+    """A scored chunk id. A NamedTuple: retrievers create millions of these, and tuples are cheap."""
+
     chunk_id: str
     score: float
 

@@ -51,29 +51,6 @@ STOPWORDS_EN = (
 )
 
 
-def _hit_factory():
-    """``Hit(chunk_id, score)``, built without the frozen dataclass's ``__init__`` where that is safe
-    (5x cheaper; at 10-100 hits per query it is a fair share of a query's time)."""
-    if hasattr(Hit, "__slots__") or getattr(Hit, "__post_init__", None) is not None:
-        return Hit
-    new = object.__new__
-
-    def make(chunk_id, score):
-        h = new(Hit)
-        d = h.__dict__
-        d["chunk_id"] = chunk_id
-        d["score"] = score
-        return h
-
-    try:
-        if make("x", 1.0) == Hit("x", 1.0) and hash(make("x", 1.0)) == hash(Hit("x", 1.0)):
-            return make
-    except Exception:  # pragma: no cover - a Hit that is not a plain dataclass
-        pass
-    return Hit
-
-
-_hit = _hit_factory()
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -579,7 +556,7 @@ class BM25Retriever:
             rows, scores = rows[keep], scores[keep]
         order = np.lexsort((rows, -scores))[:k]
         ids = self.ids
-        return [_hit(ids[r], float(s) + offset) for r, s in zip(rows[order].tolist(), scores[order].tolist())]
+        return [Hit(ids[r], float(s) + offset) for r, s in zip(rows[order].tolist(), scores[order].tolist())]
 
     def retrieve(self, query: str, k: int = 10) -> list[Hit]:
         if k <= 0 or not self.ids:
@@ -631,22 +608,8 @@ class BM25Retriever:
             offsets = [float(self._nonocc[t].sum()) if t else 0.0 for t in term_lists]
         else:
             offsets = [0.0] * len(term_lists)
-        if _hit is Hit:
-            return [[Hit(ids[r], s + off) for r, s in zip(rr[:c], ss[:c])]
-                    for rr, ss, c, off in zip(rows.tolist(), scores.tolist(), counts.tolist(), offsets)]
-        # _hit's construction, inlined (no Python call per hit): a third of a batch's time otherwise
-        new = object.__new__
-        out = []
-        for rr, ss, c, off in zip(rows.tolist(), scores.tolist(), counts.tolist(), offsets):
-            hits = []
-            for r, s in zip(rr[:c], ss[:c]):
-                h = new(Hit)
-                d = h.__dict__
-                d["chunk_id"] = ids[r]
-                d["score"] = s + off
-                hits.append(h)
-            out.append(hits)
-        return out
+        return [[Hit(ids[r], s + off) for r, s in zip(rr[:c], ss[:c])]
+                for rr, ss, c, off in zip(rows.tolist(), scores.tolist(), counts.tolist(), offsets)]
 
     def search(self, queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:
         """BEIR-style ``{qid: {chunk_id: score}}``."""
