@@ -543,7 +543,7 @@ def bench_cpu(args):
             input_ids=q[None], position_ids=torch.arange(Lc, total)[None], past_key_values=dc, use_cache=True,
             logits_to_keep=1), reps, 1, reset=lambda: crop_to(dc, Lc)))
         set_attn(model, "blockrag")
-        cache = BlockKVCache(model, total + args.decode_tokens + 8, device=device)
+        cache = BlockKVCache(model, total + args.decode_tokens + 8, device=device, rope=args.cpu_rope)
 
         def turbo():
             cache.load(parts)
@@ -607,6 +607,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--group", type=int, default=4, help="layers per host->device copy group")
+    ap.add_argument("--cpu-rope", default="stitch", choices=["stitch", "kernel"])
     ap.add_argument("--no-host", action="store_true")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--out", default=None)
