@@ -95,14 +95,17 @@ def cmd_query(args) -> int:
         from .pipeline import Pipeline
 
         pipe = Pipeline(collection, retriever, k=args.k, reranker=reranker, rerank_depth=args.rerank_depth,
-                        generator=_generator(args), mode=args.gen_mode)
+                        generator=_generator(args, collection), mode=args.gen_mode)
         answer = pipe.ask(args.question, stream=lambda t: print(t, end="", flush=True))
         print()
         print(_timing_line(answer.timings))
     return 0
 
 
-def _generator(args):
+def _generator(args, collection=None):
+    """The cached generator; it shares the store's ``kv`` index (built at indexing time) when there is one."""
+    if collection is not None and "kv" in collection.indexes:
+        return collection.index("kv").generator()
     from attention_kv import Generator
 
     return Generator(args.generator, cache_dir=Path(args.store) / "kv")
@@ -151,16 +154,13 @@ def cmd_demo(args) -> int:
     root = Path(args.workdir)
     corpus = write_demo_corpus(root / "corpus")
     collection = Collection(root / "store", chunk_tokens=128, overlap=16)
-    for kind in ("bm25", "dense"):
+    kinds = ("bm25", "dense") if args.no_generate else ("bm25", "dense", "kv")
+    for kind in kinds:
         if kind not in collection.indexes:
-            collection.build_index(kind)
+            params = {"model_name": args.generator} if kind == "kv" else {}
+            collection.build_index(kind, **params)
     print(collection.add_documents(load_folder(corpus)).summary())
-    generator = None
-    if not args.no_generate:
-        try:
-            generator = _generator(argparse.Namespace(generator=args.generator, store=root / "store"))
-        except ImportError as err:
-            print(f"(generation unavailable: {err}; showing retrieved passages only)")
+    generator = None if args.no_generate else collection.index("kv").generator()
     pipe = Pipeline(collection, "hybrid", k=3, generator=generator, mode=args.mode)
     for question in QUESTIONS:
         print(f"\nQ: {question}")
@@ -183,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("index", help="add a folder of .txt/.md, a .jsonl file or a BEIR folder to a store")
     s.add_argument("path")
     s.add_argument("--store", default=DEFAULT_STORE)
-    s.add_argument("--index", action="append", choices=["bm25", "dense", "mrag", "graph"],
-                   help="indexes to keep (repeatable; default bm25 + dense)")
+    s.add_argument("--index", action="append", choices=["bm25", "dense", "mrag", "graph", "kv"],
+                   help="indexes to keep (repeatable; default bm25 + dense; kv = passage KV caches)")
     s.add_argument("--chunk-tokens", type=int, default=256)
     s.add_argument("--overlap", type=int, default=32)
     s.add_argument("--tokenizer", default=None, help="generator whose tokenizer chunks the text")

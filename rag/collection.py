@@ -27,6 +27,7 @@ INDEX_KINDS = {
     "dense": "retrievers.dense:DenseRetriever",
     "mrag": "retrievers.mrag:MRAGRetriever",
     "graph": "graph.index:GraphIndex",
+    "kv": "attention_kv.index:KVIndex",
 }
 
 
@@ -161,6 +162,8 @@ class Collection:
         """Build (or rebuild) an index of ``kind`` over every chunk in the store."""
         name = name or kind
         index = index_class(kind)(name=name, **params)
+        if hasattr(index, "attach"):  # indexes that write their files as they go need their folder first
+            index.attach(self.store.index_dir(name))
         chunks = list(self.store.chunks())
         index.build(chunks)
         self.indexes[name] = index
