@@ -512,7 +512,10 @@ _PLAN_CACHE_MAX = 64
 
 def _tensor_key(t):
     if isinstance(t, torch.Tensor):
-        return (t.data_ptr(), t._version, t.numel(), t.dtype, str(t.device), t.stride())
+        # Inference tensors (torch.inference_mode) keep no version counter: their in-place edits go unseen,
+        # so build new block-id tensors rather than editing them in place under inference mode.
+        version = -1 if t.is_inference() else t._version
+        return (t.data_ptr(), version, t.numel(), t.dtype, str(t.device), t.stride())
     return ("seq", tuple(int(x) for x in t))
 
 
