@@ -68,7 +68,7 @@ def make_reranker(name: str | None, model: str | None = None):
 
 
 def make_retriever(collection, spec: str):
-    if spec in {"local", "global", "mix", "naive", "path", "ppr"} or spec.startswith("graph-"):
+    if spec in {"local", "global", "mix", "naive", "path", "ppr"} or spec.startswith("graph-"):  # "hybrid" = RRF
         return _graph_retriever(collection, spec.removeprefix("graph-"))
     return collection.retriever(spec)
 
@@ -78,7 +78,7 @@ def cmd_query(args) -> int:
     if collection.store.count_chunks() == 0:
         print("the store is empty: nothing to retrieve (index some documents first)")
         return 0
-    retriever = make_retriever(collection, args.mode or args.retriever)
+    retriever = _graph_retriever(collection, args.mode) if args.mode else make_retriever(collection, args.retriever)
     reranker = make_reranker(args.rerank)
     start = time.perf_counter()
     hits = retriever.retrieve(args.question, args.rerank_depth if reranker else args.k)
