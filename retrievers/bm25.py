@@ -24,9 +24,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import threading
-import time
 from itertools import chain
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -34,6 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .base import Hit
+from .vector_index import atomic_folder_write
 
 log = logging.getLogger(__name__)
 
@@ -623,11 +622,7 @@ class BM25Retriever:
     def save(self, folder: str | Path) -> None:
         """Write ``bm25.npz`` + ``bm25.json`` into ``folder`` atomically (temp folder, then rename):
         an interrupted save leaves the previous index in place."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-        tmp.mkdir()
-        try:
+        def write(tmp: Path) -> None:
             with self._lock:  # a consistent snapshot
                 np.savez(tmp / "bm25.npz", ids=np.array(self.ids, dtype=str),
                          terms=np.array(self._terms, dtype=str), doc_ptr=self._doc_ptr, post_term=self._post_term,
@@ -636,16 +631,8 @@ class BM25Retriever:
             meta = {"format_version": FORMAT_VERSION, "name": self.name, "manifest": self.manifest(),
                     "n_chunks": len(self.ids), "n_terms": len(self._terms)}
             (tmp / "bm25.json").write_text(json.dumps(meta, indent=1))
-            old = None
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-                folder.rename(old)
-            tmp.rename(folder)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        atomic_folder_write(Path(folder), write)
 
     @classmethod
     def load(cls, folder: str | Path, backend: str | None = None) -> "BM25Retriever":
