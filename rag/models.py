@@ -171,3 +171,28 @@ def load_embedder(name: str | None = None, device: str | None = None):
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(resolve_embedder(name), device=device)
+
+
+class LazyGenerator:
+    """Mixin: ``model`` and ``tokenizer`` load on first use from ``self.model_name``.
+
+    Users set ``self._model``/``self._tokenizer`` (``None``, or an already-loaded pair) in ``__init__``;
+    optional ``self._dtype``/``self._device`` are passed to :func:`load_generator`.
+    """
+
+    _model = None
+    _tokenizer = None
+
+    def _load(self):
+        if self._model is None:
+            self._model, self._tokenizer = load_generator(self.model_name, dtype=getattr(self, "_dtype", None),
+                                                          device=getattr(self, "_device", None))
+        return self._model, self._tokenizer
+
+    @property
+    def model(self):
+        return self._load()[0]
+
+    @property
+    def tokenizer(self):
+        return self._load()[1]

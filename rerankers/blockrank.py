@@ -46,6 +46,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from rag.models import LazyGenerator
+
 from retrievers.base import Hit
 
 INSTRUCTION = ("Below are passages, then a query. Find the passage that is most relevant to the query "
@@ -282,7 +284,7 @@ class BlockPrompt:
     tail: int                       # how many trailing query tokens are "answer-side" rows
 
 
-class BlockRankReranker:
+class BlockRankReranker(LazyGenerator):
     """``rerank(query, items, k)`` -> hits sorted by attention relevance (see module docstring)."""
 
     name = "blockrank"
@@ -304,21 +306,6 @@ class BlockRankReranker:
         self._chat = None
 
     # -- model ------------------------------------------------------------------------------------
-    def _load(self):
-        if self._model is None:
-            from rag.models import load_generator
-
-            self._model, self._tokenizer = load_generator(self.model_name)
-        return self._model, self._tokenizer
-
-    @property
-    def model(self):
-        return self._load()[0]
-
-    @property
-    def tokenizer(self):
-        return self._load()[1]
-
     @property
     def n_layers(self) -> int:
         return int(self.model.config.num_hidden_layers)

@@ -16,12 +16,14 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from rag.models import LazyGenerator
+
 from retrievers.base import Hit
 
 SYSTEM = "You are a careful search engine that judges whether a passage is relevant to a query."
 
 
-class PointwiseReranker:
+class PointwiseReranker(LazyGenerator):
     name = "pointwise"
 
     def __init__(self, model_name: str | None = None, doc_tokens: int = 160, query_tokens: int = 128,
@@ -31,21 +33,6 @@ class PointwiseReranker:
         self.doc_tokens, self.query_tokens, self.batch_size = doc_tokens, query_tokens, batch_size
         self._answer_ids = None
         self._chat = None
-
-    def _load(self):
-        if self._model is None:
-            from rag.models import load_generator
-
-            self._model, self._tokenizer = load_generator(self.model_name)
-        return self._model, self._tokenizer
-
-    @property
-    def model(self):
-        return self._load()[0]
-
-    @property
-    def tokenizer(self):
-        return self._load()[1]
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

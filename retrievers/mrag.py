@@ -46,6 +46,8 @@ from typing import Sequence
 
 import numpy as np
 
+from rag.models import LazyGenerator
+
 from retrievers.base import BatchFromSingle, Hit
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ def vote(head_hits: Sequence[Sequence[tuple[str, float]]], weights: Sequence[flo
     return [Hit(d, totals[d]) for d in order[:k]]
 
 
-class HeadEncoder:
+class HeadEncoder(LazyGenerator):
     """Runs a causal LM over prompts and returns per-head (o_proj input) and single embeddings."""
 
     def __init__(self, model_name: str | None = None, layers: Sequence[int] = (-1,), pooling: str = "last",
@@ -103,21 +105,6 @@ class HeadEncoder:
         self._layers_req = list(layers)
 
     # -- lazy model --------------------------------------------------------------------------------
-    def _load(self):
-        if self._model is None:
-            from rag.models import load_generator
-
-            self._model, self._tokenizer = load_generator(self.model_name, dtype=self._dtype, device=self._device)
-        return self._model, self._tokenizer
-
-    @property
-    def model(self):
-        return self._load()[0]
-
-    @property
-    def tokenizer(self):
-        return self._load()[1]
-
     @property
     def decoder_layers(self):
         return _decoder_layers(self.model)
