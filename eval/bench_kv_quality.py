@@ -93,6 +93,8 @@ def main(argv=None):
     ap.add_argument("--modes", default="full,turbo,blend,blend30,turbo_int8")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache-dir", default=None, help="KV store folder (default: a temporary one)")
+    ap.add_argument("--blend-opts", default=None,
+                    help='JSON overriding Generator.blend_opts, e.g. \'{"gradual": 1.0}\' (the pre-gradual CacheBlend)')
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -104,6 +106,8 @@ def main(argv=None):
     model, tok = load_generator(None, dtype=torch.float32, device="cpu")
     root = args.cache_dir or tempfile.mkdtemp(prefix="kvq-")
     gen = Generator(model=model, tokenizer=tok, store=KVCacheStore(f"{root}/fp32", model, tok, dtype=torch.float32))
+    if args.blend_opts:
+        gen.blend_opts = {**gen.blend_opts, **json.loads(args.blend_opts)}
     modes = args.modes.split(",")
     gen8 = None
     if "turbo_int8" in modes:
@@ -166,12 +170,12 @@ def main(argv=None):
         for m in summary:
             summary[m]["gap_recovered"] = (summary[m]["ll"] - summary["turbo"]["ll"]) / gap if gap else float("nan")
     result = {"model": "SmolLM2-135M-Instruct (fp32, CPU)", "questions": len(qsets), "passages": args.passages,
-              "seed": args.seed, "summary": summary, "examples": examples}
+              "seed": args.seed, "blend_opts": gen.blend_opts, "summary": summary, "examples": examples}
     if args.out:
         json.dump(result, open(args.out, "w"), indent=1)
     print()
     print(f"SmolLM2-135M-Instruct, {len(qsets)} synthetic multi-hop questions, {args.passages} passages each "
-          f"(seed {args.seed})")
+          f"(seed {args.seed}); blend options {gen.blend_opts}")
     print("| mode | gold-answer LL/token | gap recovered | agree w/ full | token-F1 | recomputed | TTFT ms (CPU) |")
     print("|---|---|---|---|---|---|---|")
     for m, s in summary.items():
