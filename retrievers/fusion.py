@@ -12,7 +12,18 @@ def _gather(retrievers, queries, depth):
     return list(zip(*per_retriever))  # per query: one hit list per retriever
 
 
-class RRF:
+class _FusedRetrieval:
+    """Mixin: retrieve ``depth`` hits from every part, then ``self.fuse`` them per query."""
+
+    def retrieve(self, query: str, k: int = 10) -> list[Hit]:
+        return self.retrieve_batch([query], k)[0]
+
+    def retrieve_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
+        depth = max(k, self.depth)
+        return [self.fuse(lists, k) for lists in _gather(self.retrievers, queries, depth)]
+
+
+class RRF(_FusedRetrieval):
     """score(d) = sum_i w_i / (k + rank_i(d)), rank from 1 (Cormack et al.; k=60 is the usual choice)."""
 
     def __init__(self, retrievers: Sequence, k: int = 60, weights: Sequence[float] | None = None,
@@ -29,15 +40,8 @@ class RRF:
                 scores[hit.chunk_id] += weight / (self.k + rank)
         return [Hit(c, s) for c, s in sorted(scores.items(), key=lambda kv: -kv[1])[:k]]
 
-    def retrieve(self, query: str, k: int = 10) -> list[Hit]:
-        return self.retrieve_batch([query], k)[0]
 
-    def retrieve_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
-        depth = max(k, self.depth)
-        return [self.fuse(lists, k) for lists in _gather(self.retrievers, queries, depth)]
-
-
-class ScoreFusion:
+class ScoreFusion(_FusedRetrieval):
     """Min-max normalise each retriever's scores per query, then a weighted sum (missing = 0)."""
 
     def __init__(self, retrievers: Sequence, weights: Sequence[float] | None = None, depth: int = 100,
@@ -57,10 +61,3 @@ class ScoreFusion:
             for hit in hits:
                 scores[hit.chunk_id] += weight * (hit.score - lo) / span
         return [Hit(c, s) for c, s in sorted(scores.items(), key=lambda kv: -kv[1])[:k]]
-
-    def retrieve(self, query: str, k: int = 10) -> list[Hit]:
-        return self.retrieve_batch([query], k)[0]
-
-    def retrieve_batch(self, queries: Sequence[str], k: int = 10) -> list[list[Hit]]:
-        depth = max(k, self.depth)
-        return [self.fuse(lists, k) for lists in _gather(self.retrievers, queries, depth)]
