@@ -162,6 +162,7 @@ def cmd_demo(args) -> int:
     print(collection.add_documents(load_folder(corpus)).summary())
     generator = None if args.no_generate else collection.index("kv").generator()
     pipe = Pipeline(collection, "hybrid", k=3, generator=generator, mode=args.mode)
+    pipe.retriever.retrieve("warm-up", 1)  # load the embedder now, not in the middle of the first answer
     for question in QUESTIONS:
         print(f"\nQ: {question}")
         print("A: ", end="", flush=True)
@@ -169,9 +170,14 @@ def cmd_demo(args) -> int:
         if answer.text is None:
             print("(no generator)", end="")
         print()
+        print(f"   {_timing_line(answer.timings)}")
+        if generator is not None and args.mode != "full" and not args.no_compare:
+            # the same passages through a plain full prefill: what the cache saves, and what it costs
+            full = generator.generate(question, answer.chunks, mode="full", max_new_tokens=pipe.max_new_tokens)
+            print(f"   full prefill: {full.answer.strip()}")
+            print(f"   ttft_ms={full.ttft_ms:.1f} (full) vs {answer.timings['ttft_ms']:.1f} ({args.mode})")
         for chunk in answer.chunks:
             print(f"   [{chunk.doc_id}] {' '.join(chunk.text.split())[:110]}")
-        print(f"   {_timing_line(answer.timings)}")
     return 0
 
 
@@ -229,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", default="turbo", choices=["full", "turbo", "block", "blend"])
     s.add_argument("--generator", default=None)
     s.add_argument("--no-generate", action="store_true")
+    s.add_argument("--no-compare", action="store_true", help="skip the full-prefill answer shown beside each one")
     s.set_defaults(func=cmd_demo)
     return p
 
