@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from rag.documents import Chunk, Document, LoadError, LoadReport, _read_jsonl, load_jsonl
+from rag.documents import Chunk, Document, LoadError, LoadReport, _read_jsonl, load_jsonl, text_lines
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +54,19 @@ def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     if not path.exists():
         raise FileNotFoundError(f"BEIR qrels not found: {path}")
     qrels: dict[str, dict[str, int]] = {}
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                raise LoadError(f"{path}:{lineno}: not UTF-8 ({err.reason})") from None
-            if not line.strip():
+    for lineno, line in text_lines(path):
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise LoadError(f"{path}:{lineno}: expected 3 tab-separated fields "
+                            f"(query-id, corpus-id, score), got {len(parts)}: {line[:80]!r}")
+        qid, did, score = (p.strip() for p in parts)
+        try:
+            rel = int(float(score))
+        except ValueError:
+            if lineno == 1:  # header: query-id corpus-id score
                 continue
-            parts = line.split("\t")
-            if len(parts) != 3:
-                raise LoadError(f"{path}:{lineno}: expected 3 tab-separated fields "
-                                f"(query-id, corpus-id, score), got {len(parts)}: {line[:80]!r}")
-            qid, did, score = (p.strip() for p in parts)
-            try:
-                rel = int(float(score))
-            except ValueError:
-                if lineno == 1:  # header: query-id corpus-id score
-                    continue
-                raise LoadError(f"{path}:{lineno}: relevance {score!r} is not a number") from None
-            qrels.setdefault(qid, {})[did] = rel
+            raise LoadError(f"{path}:{lineno}: relevance {score!r} is not a number") from None
+        qrels.setdefault(qid, {})[did] = rel
     return qrels
 
 

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from rag.documents import Document, LoadError, LoadReport
+from rag.documents import Document, LoadError, LoadReport, text_lines
 
 log = logging.getLogger(__name__)
 
@@ -17,14 +17,7 @@ log = logging.getLogger(__name__)
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     if not path.exists():
         raise FileNotFoundError(f"MS MARCO file not found: {path}")
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                raise LoadError(f"{path}:{lineno}: not UTF-8 ({err.reason})") from None
-            if line.strip():
-                yield lineno, line
+    yield from text_lines(path)
 
 
 def _id_text(path: Path, lineno: int, line: str, what: str) -> tuple[str, str]:

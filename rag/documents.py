@@ -102,6 +102,18 @@ def load_folder(path: str | Path, report: LoadReport | None = None,
             log.warning("skipping %s: empty", file)
 
 
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) for the non-blank lines of a UTF-8 text file; bad bytes raise LoadError naming the line."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                raise LoadError(f"{path}:{lineno}: not UTF-8 ({err.reason})") from None
+            if line.strip():
+                yield lineno, line
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
