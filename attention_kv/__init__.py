@@ -43,7 +43,8 @@ Lower level: ``BlockKVCache`` (HF-Cache-compatible static stitched cache), ``for
 ``GraphedBlockForward`` (CUDA graph of the question-block forward), ``blend_prefill``, ``masks``, ``rope``.
 """
 from .cache_store import ChunkKV, KVCacheMismatch, KVCacheStore
-from .generate import MODES, GenerationResult, GenerationStream, Generator, blend_prefill
+from .blend import blend_prefill
+from .generate import MODES, GenerationResult, GenerationStream, Generator
 from .hf_integration import BlockKVCache, GraphedBlockForward, forward_block, register
 
 __all__ = ["Generator", "GenerationResult", "GenerationStream", "KVCacheStore", "KVCacheMismatch", "ChunkKV",

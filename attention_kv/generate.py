@@ -16,7 +16,6 @@ Every mode builds ``input_ids`` from stored per-chunk token ids (no re-tokenisat
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .cache_store import ChunkKV, KVCacheStore
+from .blend import blend_prefill
 from .hf_integration import BlockKVCache, forward_block, use_blockrag_attention
 
 MODES = ("full", "turbo", "block", "blend")
@@ -226,169 +226,3 @@ class Generator:
             n_context_tokens=info["n_context"], n_question_tokens=info["n_question"],
             n_recomputed=info["n_recomputed"],
             timings={"prefill_ms": (t_first - t0) * 1e3, "decode_ms": (t_end - t_first) * 1e3})
-
-
-@torch.no_grad()
-def blend_prefill(model, cache: BlockKVCache, ctx_ids: torch.Tensor, q_ids: torch.Tensor, ratio: float = 0.15,
-                  check_layer: int = 1, logits_to_keep: int = 1, select: str = "dev*attn",
-                  chunk_starts: Sequence[int] = (), sink_tokens: int = 0, gradual: float = 1.0,
-                  probe: bool = False, reattend: bool = False):
-    """CacheBlend over a loaded ``cache`` holding the stitched context (positions ``0..len(ctx_ids)``).
-
-    Layers ``0..check_layer`` recompute every token with full causal attention; at ``check_layer`` the
-    recomputed K/V are compared with the cached ones (same RoPE frame); tokens are ranked by that deviation
-    (``select="dev"``, CacheBlend), by the question's attention to them at the check layer (``"attn"``), or by
-    the product (``"dev*attn"``, default: measured best on SmolLM2, see eval/bench_kv_quality.py), and only the
-    top ``ratio`` deviating context tokens (plus the question) go through the later layers, each attending
-    causally to the whole stitched cache (fresh K/V for recomputed tokens, cached for the rest), their K/V
-    overwriting the cache.
-
-    ``probe=True`` also projects the check layer's output to the next layer's K/V (no attention, cheap) and
-    adds that deviation. ``sink_tokens`` forces the first tokens of every chunk (``chunk_starts``: context
-    offsets) into the selection, inside the budget. ``gradual > 1`` (CacheBlend's gradual filtering): the
-    first recomputed layer takes ``gradual * ratio`` of the context, later layers keep the most deviating
-    of the previous layer's set, shrinking linearly so that the mean over recomputed layers is ``ratio``
-    (linearly to zero over the first layers, question only after, when ``gradual > 2``); the re-ranking
-    weighs each token's K/V deviation at that layer by the question's attention at the check layer, or
-    (``reattend=True``) at that layer, on the partly updated cache.
-    Returns (logits, n_selected) — n_selected is the mean number of context tokens per recomputed layer.
-    """
-    base = getattr(model, "model", model)
-    Lc, Lq = ctx_ids.numel(), q_ids.numel()
-    N = Lc + Lq
-    ids = torch.cat([ctx_ids, q_ids])[None]
-    h = base.embed_tokens(ids)
-    pos = torch.arange(N, device=ids.device)[None]
-    cos, sin = base.rotary_emb(h, pos)
-    layers = base.layers
-    n_layers = len(layers)
-    probe = probe and check_layer + 1 < n_layers
-    old_kv = _old_kv(cache, check_layer, Lc, None)
-    old_next = _old_kv(cache, check_layer + 1, Lc, None) if probe else None
-    cache.begin(0, N, layers=(0, check_layer + 1))
-    for l in range(check_layer + 1):
-        if l == check_layer:
-            h_in = h
-        h = _layer(layers[l], h, (cos, sin), pos, cache)
-    new_kv = cache.kv[check_layer, 0, :Lc].float()
-    dev = _kv_dev(new_kv, old_kv)
-    if probe:
-        dev = dev + _kv_dev(_project_kv(layers[check_layer + 1], h[:, :Lc], cos[:, :Lc], sin[:, :Lc]), old_next)
-    if select in ("attn", "dev*attn"):
-        att = _question_attention(layers[check_layer], h_in[:, Lc:], cos[:, Lc:], sin[:, Lc:],
-                                  cache.k[check_layer, 0, :Lc], False, cache.inv_freq)  # rewritten: HF-rotated
-        dev = att if select == "attn" else dev / dev.mean().clamp_min(1e-12) * att
-    n_sel = min(Lc, int(math.ceil(ratio * Lc)))
-    if sink_tokens > 0 and n_sel > 0 and n_sel < Lc:
-        forced = torch.zeros(Lc, dtype=torch.bool, device=dev.device)
-        for s0 in chunk_starts:
-            forced[s0:min(Lc, s0 + sink_tokens)] = True
-        dev = torch.where(forced, dev.max() + 1.0 + dev, dev)
-    n_rec = n_layers - check_layer - 1
-    sizes = _schedule(n_sel, Lc, n_rec, gradual)
-    n0 = sizes[0] if sizes else n_sel
-    sel = torch.topk(dev, n0).indices.sort().values if n0 > 0 else dev.new_zeros(0, dtype=torch.long)
-    q_rows = torch.arange(Lc, N, device=ids.device)
-    rows = torch.cat([sel, q_rows])
-    h = h[:, rows]
-    for i, l in enumerate(range(check_layer + 1, n_layers)):
-        if i > 0 and sizes[i] < sel.numel():  # gradual filtering: keep the most deviating at the last layer
-            keep = torch.topk(layer_dev, sizes[i]).indices.sort().values
-            keep_rows = torch.cat([keep, torch.arange(sel.numel(), rows.numel(), device=ids.device)])
-            sel, rows, h = sel[keep], rows[keep_rows], h[:, keep_rows]
-        cache_old = _old_kv(cache, l, Lc, sel) if i + 1 < len(sizes) and sizes[i + 1] < sel.numel() else None
-        h_q = h[:, -Lq:]
-        cache.begin(rows=rows, kv_len=N, layers=(l, l + 1))
-        h = _layer(layers[l], h, (cos[:, rows], sin[:, rows]), rows[None], cache)
-        if cache_old is not None:
-            layer_dev = _kv_dev(cache.kv[l, 0, sel].float(), cache_old)
-            if select == "dev*attn":
-                if reattend:  # the question's attention at this layer (on the partly updated cache)
-                    k_l = _old_kv(cache, l, Lc, None)[:, 0]
-                    att = _question_attention(layers[l], h_q, cos[:, Lc:], sin[:, Lc:], k_l, False, cache.inv_freq)
-                layer_dev = layer_dev * att[sel]
-    cache.length = N
-    cache._rows = None
-    h = base.norm(h[:, -logits_to_keep:])
-    n_mean = int(round(sum(sizes) / len(sizes))) if sizes else n_sel
-    return model.lm_head(h)[0], n_mean
-
-
-def _schedule(n_sel: int, Lc: int, n_rec: int, gradual: float) -> list[int]:
-    """Context tokens recomputed per post-check layer: constant ``n_sel``, or (``gradual > 1``) linearly
-    decreasing from ``gradual * n_sel``, with mean ``n_sel`` (clipped to ``0..Lc``)."""
-    if n_rec <= 0:
-        return []
-    if gradual <= 1.0 or n_rec == 1 or n_sel >= Lc:
-        return [n_sel] * n_rec
-    a = min(Lc, gradual * n_sel)
-    b = 2 * n_sel - a
-    if b >= 0:  # a -> b over all recomputed layers
-        sizes = [a + (b - a) * i / (n_rec - 1) for i in range(n_rec)]
-    else:  # a -> 0 over the first m layers, none after (mean still n_sel)
-        m = max(2.0, 2 * n_sel * n_rec / a)
-        sizes = [max(0.0, a * (1 - i / (m - 1))) for i in range(n_rec)]
-    return [max(0, min(Lc, int(round(s)))) for s in sizes]
-
-
-def _old_kv(cache: BlockKVCache, layer: int, Lc: int, rows):
-    """Cached context K/V of ``layer`` (fp32 copy, keys in the rotated frame), all or ``rows``."""
-    kv = cache.kv[layer, 0, :Lc] if rows is None else cache.kv[layer, 0, rows]
-    kv = kv.float().clone()  # [n, 2, Hkv, D]
-    if cache.rope == "kernel":  # cached context keys are un-rotated: compare in the rotated frame
-        from .rope import cos_sin, rotate
-
-        p = torch.arange(Lc, device=kv.device) if rows is None else rows
-        kp = cache.kpos[layer, p]
-        c, s_ = cos_sin(p, cache.inv_freq)
-        rot = rotate(kv[:, 0].transpose(0, 1), c, s_, torch.float32).transpose(0, 1)
-        kv[:, 0] = torch.where((kp != 0)[:, None, None], rot, kv[:, 0])
-    return kv
-
-
-def _kv_dev(new_kv: torch.Tensor, old_kv: torch.Tensor) -> torch.Tensor:
-    """Per-token deviation, K and V each normalised by their mean squared norm. [n, 2, H, D] -> [n]."""
-    d = (new_kv - old_kv).pow(2).sum(dim=(-1, -2))  # [n, 2]
-    d = d / old_kv.pow(2).sum(dim=(-1, -2)).mean(0).clamp_min(1e-12)
-    return d.sum(-1)
-
-
-def _project_kv(layer, h, cos, sin) -> torch.Tensor:
-    """K (rotated) and V of ``layer`` for hidden states ``h`` [1, n, hidden] -> [n, 2, Hkv, D] fp32."""
-    from .rope import rotate_half
-
-    attn = layer.self_attn
-    x = layer.input_layernorm(h)
-    hd = attn.head_dim
-    k = attn.k_proj(x).view(1, x.shape[1], -1, hd).float()
-    v = attn.v_proj(x).view(1, x.shape[1], -1, hd).float()
-    c, s_ = cos[:, :, None].float(), sin[:, :, None].float()
-    k = k * c + rotate_half(k) * s_
-    return torch.stack([k[0], v[0]], dim=1)
-
-
-def _question_attention(layer, h_q, cos_q, sin_q, k_ctx, unrotated: bool, inv_freq):
-    """Mean (over heads and question rows) attention probability of the question on each context token at
-    ``layer``, from the layer's own q projection (Llama/Qwen2/Mistral module names)."""
-    from .rope import cos_sin, rotate, rotate_half
-
-    attn = layer.self_attn
-    x = layer.input_layernorm(h_q)
-    hd = attn.head_dim
-    q = attn.q_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2).float()  # [1, Hq, Lq, D]
-    c, s_ = cos_q[:, None].float(), sin_q[:, None].float()
-    q = q * c + rotate_half(q) * s_
-    k = k_ctx.float().transpose(0, 1)  # [Hkv, Lc, D]
-    if unrotated:
-        cc, ss = cos_sin(torch.arange(k.shape[1], device=k.device), inv_freq)
-        k = rotate(k, cc, ss, torch.float32)
-    rep = q.shape[1] // k.shape[0]
-    k = k.repeat_interleave(rep, dim=0)[None]
-    p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scaling, dim=-1)  # question sees all context
-    return p.mean(dim=(0, 1, 2))
-
-
-def _layer(layer, h, pe, pos, cache):
-    out = layer(h, attention_mask=None, position_ids=pos, past_key_values=cache, use_cache=True,
-                position_embeddings=pe, blockrag_cache=cache)
-    return out[0] if isinstance(out, tuple) else out

@@ -31,7 +31,7 @@ import time
 import torch
 
 from attention_kv.cache_store import ChunkKV, encode_blocks, quantize_int8
-from attention_kv.generate import blend_prefill
+from attention_kv.blend import blend_prefill
 from attention_kv.hf_integration import BlockKVCache, GraphedBlockForward, forward_block, use_blockrag_attention
 from attention_kv.rope import cos_sin, rope_params, rotate
 
