@@ -647,6 +647,13 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
         invf = dummy_f
         kp = qp = dummy_i
 
+    from .question_attention import MAX_ROWS, attend_question  # (that module imports helpers from this one)
+
+    if (not main_blocks and not want_mass and not rope_k and not rope_q and block_m is None
+            and G * Lq <= MAX_ROWS):
+        # a short block of rows over a long cache (a question, a decoded token): the dedicated kernel
+        return attend_question(q, k, v, q_start=q_start, scale=scale, block_n=block_n, num_warps=num_warps,
+                               num_stages=num_stages, programs_per_sm=programs_per_sm, chunk=chunk, out=out)
     if (block_n is None and not main_blocks and not (rope_k or rope_q) and D == 128
             and q.dtype in (torch.bfloat16, torch.float16) and dev.type == "cuda" and not _interpret()):
         # causal / question-block path without in-kernel rotation: 128-key tiles measured faster on an H100

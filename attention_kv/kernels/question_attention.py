@@ -1,0 +1,362 @@
+"""Triton kernel for a short block of query rows (a question, or one decoded token) over a long cache.
+
+The general kernel (``triton_attention``) gives each program one tile of packed query rows, so a 50-token
+question with 4 query heads per KV head (200 packed rows) becomes two 128-row tiles: 256 rows of tensor-core
+work, and every K/V tile read twice. Here one program owns one KV head and one slice of the keys and carries
+**all** packed rows in up to three sub-tiles whose sizes add up to the row count rounded to 16
+(200 -> 128 + 64 + 16): each K/V tile is loaded once and feeds every sub-tile, and padding drops from 28% to
+4%. Keys are split across programs (flash-decoding) so that the grid fills the GPU; the slices' partial
+outputs (fp32, with their log-sum-exp) are merged by a small reduce kernel. Only tiles that overlap the
+question itself apply the causal mask.
+
+Launch arguments are scalars only (no device-side plan), so the call is CUDA-graph friendly.
+Keys must already be rotated (callers rotate them while stitching, or ``attend_triton`` rotates first).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .triton_attention import HAS_TRITON, LAST_LAUNCH, LOG2E, _cdiv, _interpret, _num_sms
+
+TensorDescriptor = None
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .triton_attention import _dot
+
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except Exception:  # pragma: no cover - Triton < 3.4: plain loads only
+        TensorDescriptor = None
+
+MAX_ROWS = 512  # packed rows (query positions x query heads per KV head) this kernel is meant for
+
+
+def row_groups(rows: int, bm: int) -> tuple[int, int, int, int]:
+    """Row groups for ``rows`` packed rows: (number of full ``bm``-row groups, first tail size, second tail
+    size, rows of work including padding). The remainder is covered by at most two power-of-two tails
+    (>= 16 rows each, the second rounded up): 200 rows with bm=128 -> 128 + 64 + 16."""
+    n_main, rem = divmod(rows, bm)
+
+    def up(n):  # smallest power of two >= n, at least 16
+        return max(16, 1 << (n - 1).bit_length())
+
+    tails = []
+    if rem:
+        a = max(16, 1 << (rem.bit_length() - 1))  # largest power of two <= rem
+        split = [a, up(rem - a)] if rem > a else [a]
+        tails = [up(rem)] if up(rem) <= sum(split) else split
+    t1, t2 = (tails + [0, 0])[:2]
+    return n_main, t1, t2, n_main * bm + t1 + t2
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _q_load(Q, b, kvh, r0, G, Lq, sqb, sqh, sqm, sqd, BM: tl.constexpr, D: tl.constexpr):
+        r = r0 + tl.arange(0, BM)
+        i = r // G
+        h = kvh * G + r % G
+        ok = i < Lq
+        ptrs = Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + tl.arange(0, D)[None, :] * sqd
+        return tl.load(ptrs, mask=ok[:, None], other=0.0), i, h, ok
+
+    @triton.jit
+    def _q_step(acc, l_i, m_i, q, k, v, gq, offs_n, Lk, qk_scale, MASKED: tl.constexpr,
+                DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, LAZY: tl.constexpr):
+        s = _dot(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+        if MASKED:
+            vis = (offs_n[None, :] <= gq[:, None]) & (offs_n < Lk)[None, :]
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+        elif LAZY:
+            # keep the running max until some row's max grows by more than 2^8 (probabilities stay <= 256,
+            # exact enough in fp32 sums and bf16 products): most tiles skip the rescale of acc
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if tl.max(m_new - m_i, 0) > 8.0:
+                alpha = tl.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+            else:
+                m_new = m_i
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            acc = acc + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _q_finish(acc, l_i, m_i, O, PO, PL, CNT, b, h, i, ok, r0, c, bh, n_bh, R, n_ch,
+                  sob, soh, som, sod, BM: tl.constexpr, D: tl.constexpr, DIRECT: tl.constexpr,
+                  FOLD: tl.constexpr):
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        offs_d = tl.arange(0, D)
+        if DIRECT:
+            ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_d[None, :] * sod
+            tl.store(ptrs, out.to(O.dtype.element_ty), mask=ok[:, None])
+        else:
+            lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+            row = (c * n_bh + bh) * R + r0 + tl.arange(0, BM)
+            tl.store(PO + row[:, None] * D + offs_d[None, :], out, mask=ok[:, None])
+            tl.store(PL + row, lse, mask=ok)
+            if FOLD:
+                # The last slice to finish merges all slices of these rows (no second kernel): the barrier
+                # orders every thread's stores before the release, the acquire before the loads (L2 only).
+                tl.debug_barrier()
+                prev = tl.atomic_add(CNT, 1, sem="acq_rel")
+                if prev == n_ch - 1:
+                    r = r0 + tl.arange(0, BM)
+                    m = tl.full([BM], float("-inf"), tl.float32)
+                    l = tl.zeros([BM], tl.float32)
+                    acc2 = tl.zeros([BM, D], tl.float32)
+                    for cc in range(0, n_ch):
+                        row2 = (cc * n_bh + bh) * R + r
+                        lse2 = tl.load(PL + row2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                        o2 = tl.load(PO + row2[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0,
+                                     cache_modifier=".cg")
+                        m_new = tl.maximum(m, lse2)
+                        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        alpha = tl.exp2(m - m_use)
+                        w = tl.exp2(lse2 - m_use)
+                        acc2 = acc2 * alpha[:, None] + w[:, None] * o2
+                        l = l * alpha + w
+                        m = m_new
+                    res = acc2 / tl.where(l == 0.0, 1.0, l)[:, None]
+                    ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_d[None, :] * sod
+                    tl.store(ptrs, res.to(O.dtype.element_ty), mask=ok[:, None])
+                    tl.atomic_xchg(CNT, 0)  # ready for the next call (and for CUDA-graph replays)
+
+    @triton.jit
+    def _q_rows(Q, K, V, KD, VD, O, PO, PL, CNT, b, kvh, bh, n_bh, c, n_ch, r0, lo, mid, hi,
+                sqb, sqh, sqm, sqd, skn, skd, svn, svd, sob, soh, som, sod,
+                G, Lq, Lk, q_start, R, qk_scale,
+                BM: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+                FOLD: tl.constexpr, LAZY: tl.constexpr):
+        q, i, h, ok = _q_load(Q, b, kvh, r0, G, Lq, sqb, sqh, sqm, sqd, BM, D)
+        gq = q_start + i
+        acc = tl.zeros([BM, D], tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        offs_d = tl.arange(0, D)
+        for kt in range(lo, mid):  # fully visible tiles: no mask, no bounds checks
+            offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+            if USE_TMA:
+                k = KD.load([b, kvh, kt * BLOCK_N, 0]).reshape(BLOCK_N, D)
+                v = VD.load([b, kvh, kt * BLOCK_N, 0]).reshape(BLOCK_N, D)
+            else:
+                k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd)
+                v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd)
+            acc, l_i, m_i = _q_step(acc, l_i, m_i, q, k, v, gq, offs_n, Lk, qk_scale, False, DOT_PREC, UPCAST, LAZY)
+        for kt in range(mid, hi):  # tiles overlapping the question (causal) or the end of the keys
+            offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+            if USE_TMA:  # the copy engine zero-fills rows past Lk
+                k = KD.load([b, kvh, kt * BLOCK_N, 0]).reshape(BLOCK_N, D)
+                v = VD.load([b, kvh, kt * BLOCK_N, 0]).reshape(BLOCK_N, D)
+            else:
+                n_ok = offs_n < Lk
+                k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok[:, None], other=0.0)
+                v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None], other=0.0)
+            acc, l_i, m_i = _q_step(acc, l_i, m_i, q, k, v, gq, offs_n, Lk, qk_scale, True, DOT_PREC, UPCAST, False)
+        _q_finish(acc, l_i, m_i, O, PO, PL, CNT, b, h, i, ok, r0, c, bh, n_bh, R, n_ch, sob, soh, som, sod,
+                  BM, D, DIRECT, FOLD)
+
+    @triton.jit
+    def _question_fwd(
+        Q, K, V, KD, VD, O, PO, PL, CNT,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+        Hkv, G, Lq, Lk, q_start, n_full, n_tiles, CH, n_ch, R, n_main, n_rg, qk_scale,
+        BM: tl.constexpr, BMT: tl.constexpr, BMT2: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+        DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+        FOLD: tl.constexpr, LAZY: tl.constexpr,
+    ):
+        # program id: row group fastest, so the row groups sharing a key slice run side by side (L2 reuse)
+        pid = tl.program_id(0)
+        rg = pid % n_rg
+        c = pid // n_rg
+        bh = tl.program_id(1)
+        n_bh = tl.num_programs(1)
+        b = bh // Hkv
+        kvh = bh % Hkv
+        lo = c * CH
+        hi = tl.minimum(lo + CH, n_tiles)
+        mid = tl.maximum(lo, tl.minimum(hi, n_full))  # tiles below `mid` are visible to every row
+        k_base = K + b * skb + kvh * skh
+        v_base = V + b * svb + kvh * svh
+        if rg < n_main:
+            _q_rows(Q, k_base, v_base, KD, VD, O, PO, PL, CNT + bh * n_rg + rg, b, kvh, bh, n_bh, c, n_ch, rg * BM,
+                    lo, mid, hi, sqb, sqh, sqm, sqd, skn, skd, svn, svd, sob, soh, som, sod, G, Lq, Lk, q_start, R,
+                    qk_scale, BM, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD, LAZY)
+        elif rg == n_main:  # the rows left over after the full groups: one or two smaller groups
+            _q_rows(Q, k_base, v_base, KD, VD, O, PO, PL, CNT + bh * n_rg + rg, b, kvh, bh, n_bh, c, n_ch,
+                    n_main * BM, lo, mid, hi, sqb, sqh, sqm, sqd, skn, skd, svn, svd, sob, soh, som, sod,
+                    G, Lq, Lk, q_start, R, qk_scale, BMT, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD, LAZY)
+        else:
+            if BMT2 > 0:
+                _q_rows(Q, k_base, v_base, KD, VD, O, PO, PL, CNT + bh * n_rg + rg, b, kvh, bh, n_bh, c, n_ch,
+                        n_main * BM + BMT, lo, mid, hi, sqb, sqh, sqm, sqd, skn, skd, svn, svd, sob, soh, som, sod,
+                        G, Lq, Lk, q_start, R, qk_scale, BMT2, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD,
+                        LAZY)
+
+    @triton.jit
+    def _question_reduce(
+        O, PO, PL, sob, soh, som, sod, Hkv, G, Lq, R, n_ch,
+        BM: tl.constexpr, D: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        bh = tl.program_id(1)
+        n_bh = tl.num_programs(1)
+        b = bh // Hkv
+        kvh = bh % Hkv
+        r = t * BM + tl.arange(0, BM)
+        i = r // G
+        h = kvh * G + r % G
+        ok = i < Lq
+        offs_d = tl.arange(0, D)
+        m = tl.full([BM], float("-inf"), tl.float32)
+        l = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        for c in range(0, n_ch):
+            row = (c * n_bh + bh) * R + r
+            lse = tl.load(PL + row, mask=ok, other=float("-inf"))
+            o = tl.load(PO + row[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+            m_new = tl.maximum(m, lse)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_use)
+            w = tl.exp2(lse - m_use)
+            acc = acc * alpha[:, None] + w[:, None] * o
+            l = l * alpha + w
+            m = m_new
+        out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+        ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_d[None, :] * sod
+        tl.store(ptrs, out.to(O.dtype.element_ty), mask=ok[:, None])
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(dev, n: int) -> torch.Tensor:
+    """Per-device arrival counters for the folded reduction (each left at zero by the program that merges).
+    Calls on one device are assumed to be ordered (one stream), as in a model's forward pass."""
+    key = str(dev)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=dev)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """The copy engine needs a 16-byte aligned base, 16-byte multiple strides and a unit last stride."""
+    if TensorDescriptor is None or t.stride(-1) != 1:
+        return False
+    es = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in t.stride()[:-1])
+
+
+def _descriptor(t: torch.Tensor, block_n: int):
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, t.shape[-1]])
+
+
+def question_plan(Lq: int, Lk: int, q_start: int, G: int, n_bh: int, n_sm: int, *, block_m: int,
+                  block_n: int, programs_per_sm: float = 2.0, chunk: int | None = None, min_keys: int = 512):
+    """Work split: row groups x key slices x (batch, KV head) programs, about ``programs_per_sm`` per SM,
+    each slice at least ``min_keys`` keys (shorter slices cost more in partial outputs than they gain)."""
+    n_main, t1, t2, R = row_groups(G * Lq, block_m)
+    n_rg = n_main + (t1 > 0) + (t2 > 0)
+    n_tiles = _cdiv(min(Lk, q_start + Lq), block_n)
+    if chunk is None:
+        want = max(1, round(programs_per_sm * n_sm / (n_bh * n_rg)))
+        chunk = max(_cdiv(n_tiles, want), _cdiv(min_keys, block_n))
+    chunk = max(1, min(chunk, n_tiles))
+    n_ch = _cdiv(n_tiles, chunk)
+    n_full = min((q_start + 1) // block_n, Lk // block_n)
+    return dict(n_main=n_main, tail=t1 or 16, tail2=t2, R=R, n_rg=n_rg, chunk=chunk, n_ch=n_ch,
+                n_tiles=n_tiles, n_full=n_full)
+
+
+def supported(q, k) -> bool:
+    """Whether :func:`attend_question` is the better kernel for this shape (a short block of rows)."""
+    B, Hq, Lq, D = q.shape
+    G = Hq // k.shape[1]
+    return HAS_TRITON and G * Lq <= MAX_ROWS and D in (32, 64, 128, 256)
+
+
+def attend_question(q, k, v, *, q_start: int | None = None, scale: float | None = None,
+                    block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                    num_stages: int | None = None, programs_per_sm: float | None = None,
+                    chunk: int | None = None, tma: bool | None = None, fold: bool = True, lazy: bool = False,
+                    out: torch.Tensor | None = None):
+    """Causal attention of ``q`` [B, Hq, Lq, D] (global positions ``q_start..``) over rotated keys ``k``,
+    ``v`` [B, Hkv, Lk, D] — every key before ``q_start`` is visible to every row. Same result as
+    ``attend(q, k, v, q_start=q_start)``; the remaining arguments are tuning knobs."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    if q_start is None:
+        q_start = Lk - Lq
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    dev = q.device
+    interp = dev.type != "cuda" or _interpret()
+    if out is None:
+        out = torch.empty(B, Hq, Lq, D, dtype=q.dtype, device=dev)
+    if Lq == 0:
+        return out
+    if interp:
+        bm, bn, nw, ns, pps = 16, 16, 4, 1, 1.0
+    elif D >= 256 or q.dtype == torch.float32:
+        bm, bn, nw, ns, pps = 64, 32, 4, 2, 1.0
+    else:  # best of a sweep on an H100 (Llama-3-8B heads, 50-token question and single decoded token)
+        bm, bn, nw, ns, pps = 64, 128, 4, 3, 1.0
+    bm = block_m or bm
+    bn = block_n or bn
+    nw = num_warps or nw
+    ns = num_stages or ns
+    pps = programs_per_sm or pps
+    n_bh = B * Hkv
+    p = question_plan(Lq, Lk, q_start, G, n_bh, _num_sms(dev), block_m=bm, block_n=bn,
+                      programs_per_sm=pps, chunk=chunk, min_keys=4 * bn if interp else 512)
+    direct = p["n_ch"] == 1
+    if direct:
+        po = pl = out
+    else:
+        po = torch.empty(p["n_ch"] * n_bh * p["R"] * D, dtype=torch.float32, device=dev)
+        pl = torch.empty(p["n_ch"] * n_bh * p["R"], dtype=torch.float32, device=dev)
+    upcast = interp and q.dtype == torch.bfloat16
+    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    if tma is None:  # the copy engine (TMA) streams K/V on Hopper and newer
+        tma = interp or torch.cuda.get_device_capability(dev)[0] >= 9
+    kd, vd = (_descriptor(k, bn), _descriptor(v, bn)) if tma and _tma_ok(k) and _tma_ok(v) else (k, v)
+    tma = kd is not k
+    fold = fold and not direct
+    cnt = _counters(dev, n_bh * p["n_rg"]) if fold else pl
+    LAST_LAUNCH["question"] = _question_fwd[(p["n_rg"] * p["n_ch"], n_bh)](
+        q, k, v, kd, vd, out, po, pl, cnt,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hkv, G, Lq, Lk, q_start, p["n_full"], p["n_tiles"], p["chunk"], p["n_ch"], p["R"], p["n_main"], p["n_rg"],
+        float(scale) * LOG2E,
+        BM=bm, BMT=p["tail"], BMT2=p["tail2"], BLOCK_N=bn, D=D, DIRECT=direct, DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=tma, FOLD=fold, LAZY=lazy,
+        num_warps=nw, num_stages=ns,
+    )
+    if not direct and not fold:
+        rb = 16 if interp else 64
+        _question_reduce[(_cdiv(G * Lq, rb), n_bh)](
+            out, po, pl, *out.stride(), Hkv, G, Lq, p["R"], p["n_ch"], BM=rb, D=D, num_warps=4,
+        )
+    return out
