@@ -361,3 +361,23 @@ def test_gpu_question_kernel(dt):
         ref = attend_reference(q, k, v)
         for kw in (dict(), dict(fold=False), dict(tma=False), dict(chunk=1)):
             assert rel(attend_question(q, k, v, **kw), ref) < 2e-2
+
+
+@needs_triton
+@pytest.mark.parametrize("tma", [True, False])
+def test_question_kernel_length_on_device(tma):
+    """kv_len read by the kernel: one launch configuration (planned for the whole buffer) serves every length;
+    keys past the length are garbage (NaN) and must not leak into the result."""
+    torch.manual_seed(5)
+    B, Hkv, G, D, L = 1, 2, 4, 32, 160
+    kv = rand(B, L, 2, Hkv, D)
+    q = rand(B, Hkv * G, 1, D)
+    kvd = kv.clone().to(DEV)  # (on the CPU, .to() alone would alias kv)
+    for n in (1, 17, 64, 159, 160):
+        kvd[:, n:] = float("nan")
+        kd, vd = kvd[:, :, 0].transpose(1, 2), kvd[:, :, 1].transpose(1, 2)
+        ref = naive64(q, kv[:, :n, 0].transpose(1, 2), kv[:, :n, 1].transpose(1, 2))
+        kv_len = torch.tensor([n], dtype=torch.int32, device=DEV)
+        out = attend_question(q.to(DEV), kd, vd, kv_len=kv_len, block_m=16, chunk=2, tma=tma)
+        assert rel(out, ref) < 1e-5, n
+        kvd[:, n:] = kv[:, n:].to(DEV)

@@ -165,9 +165,10 @@ if HAS_TRITON:
             acc, l_i, m_i = _q_step(acc, l_i, m_i, q, k, v, gq, offs_n, Lk, qk_scale, False, DOT_PREC, UPCAST, LAZY)
         for kt in range(mid, hi):  # tiles overlapping the question (causal) or the end of the keys
             offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-            if USE_TMA:  # the copy engine zero-fills rows past Lk
+            if USE_TMA:  # the copy engine zero-fills rows past the buffer; rows past Lk inside it are zeroed
                 k = KD.load([b, kvh, kt * BLOCK_N, 0]).reshape(BLOCK_N, D)
                 v = VD.load([b, kvh, kt * BLOCK_N, 0]).reshape(BLOCK_N, D)
+                v = tl.where((offs_n < Lk)[:, None], v, 0.0)
             else:
                 n_ok = offs_n < Lk
                 k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok[:, None], other=0.0)
@@ -178,13 +179,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _question_fwd(
-        Q, K, V, KD, VD, O, PO, PL, CNT,
+        Q, K, V, KD, VD, O, PO, PL, CNT, LKP,
         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
         Hkv, G, Lq, Lk, q_start, n_full, n_tiles, CH, n_ch, R, n_main, n_rg, qk_scale,
         BM: tl.constexpr, BMT: tl.constexpr, BMT2: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
-        FOLD: tl.constexpr, LAZY: tl.constexpr,
+        FOLD: tl.constexpr, LAZY: tl.constexpr, DYN: tl.constexpr,
     ):
+        if DYN:  # the number of valid keys is read from the device (CUDA-graph replays of a growing cache)
+            Lk = tl.load(LKP)
+            q_start = Lk - Lq
+            n_tiles = tl.cdiv(Lk, BLOCK_N)
+            n_full = tl.minimum((q_start + 1) // BLOCK_N, Lk // BLOCK_N)
+            n_ch = tl.cdiv(n_tiles, CH)
         # program id: row group fastest, so the row groups sharing a key slice run side by side (L2 reuse)
         pid = tl.program_id(0)
         rg = pid % n_rg
@@ -198,20 +205,21 @@ if HAS_TRITON:
         mid = tl.maximum(lo, tl.minimum(hi, n_full))  # tiles below `mid` are visible to every row
         k_base = K + b * skb + kvh * skh
         v_base = V + b * svb + kvh * svh
-        if rg < n_main:
-            _q_rows(Q, k_base, v_base, KD, VD, O, PO, PL, CNT + bh * n_rg + rg, b, kvh, bh, n_bh, c, n_ch, rg * BM,
-                    lo, mid, hi, sqb, sqh, sqm, sqd, skn, skd, svn, svd, sob, soh, som, sod, G, Lq, Lk, q_start, R,
-                    qk_scale, BM, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD, LAZY)
-        elif rg == n_main:  # the rows left over after the full groups: one or two smaller groups
-            _q_rows(Q, k_base, v_base, KD, VD, O, PO, PL, CNT + bh * n_rg + rg, b, kvh, bh, n_bh, c, n_ch,
-                    n_main * BM, lo, mid, hi, sqb, sqh, sqm, sqd, skn, skd, svn, svd, sob, soh, som, sod,
-                    G, Lq, Lk, q_start, R, qk_scale, BMT, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD, LAZY)
-        else:
-            if BMT2 > 0:
+        if c < n_ch:  # (always, unless DYN: slices past the current length do nothing)
+            if rg < n_main:
+                _q_rows(Q, k_base, v_base, KD, VD, O, PO, PL, CNT + bh * n_rg + rg, b, kvh, bh, n_bh, c, n_ch, rg * BM,
+                        lo, mid, hi, sqb, sqh, sqm, sqd, skn, skd, svn, svd, sob, soh, som, sod, G, Lq, Lk, q_start, R,
+                        qk_scale, BM, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD, LAZY)
+            elif rg == n_main:  # the rows left over after the full groups: one or two smaller groups
                 _q_rows(Q, k_base, v_base, KD, VD, O, PO, PL, CNT + bh * n_rg + rg, b, kvh, bh, n_bh, c, n_ch,
-                        n_main * BM + BMT, lo, mid, hi, sqb, sqh, sqm, sqd, skn, skd, svn, svd, sob, soh, som, sod,
-                        G, Lq, Lk, q_start, R, qk_scale, BMT2, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD,
-                        LAZY)
+                        n_main * BM, lo, mid, hi, sqb, sqh, sqm, sqd, skn, skd, svn, svd, sob, soh, som, sod,
+                        G, Lq, Lk, q_start, R, qk_scale, BMT, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD, LAZY)
+            else:
+                if BMT2 > 0:
+                    _q_rows(Q, k_base, v_base, KD, VD, O, PO, PL, CNT + bh * n_rg + rg, b, kvh, bh, n_bh, c, n_ch,
+                            n_main * BM + BMT, lo, mid, hi, sqb, sqh, sqm, sqd, skn, skd, svn, svd, sob, soh, som, sod,
+                            G, Lq, Lk, q_start, R, qk_scale, BMT2, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD,
+                            LAZY)
 
     @triton.jit
     def _question_reduce(
@@ -301,10 +309,14 @@ def attend_question(q, k, v, *, q_start: int | None = None, scale: float | None 
                     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                     num_stages: int | None = None, programs_per_sm: float | None = None,
                     chunk: int | None = None, tma: bool | None = None, fold: bool = True, lazy: bool = False,
-                    out: torch.Tensor | None = None):
+                    kv_len: torch.Tensor | None = None, out: torch.Tensor | None = None):
     """Causal attention of ``q`` [B, Hq, Lq, D] (global positions ``q_start..``) over rotated keys ``k``,
     ``v`` [B, Hkv, Lk, D] — every key before ``q_start`` is visible to every row. Same result as
-    ``attend(q, k, v, q_start=q_start)``; the remaining arguments are tuning knobs."""
+    ``attend(q, k, v, q_start=q_start)``.
+
+    ``kv_len`` (int32 device tensor, one element): the number of valid keys is read by the kernel at run time
+    (``q_start = kv_len - Lq``; ``k``/``v`` are the whole, larger buffers), so that one CUDA graph serves a
+    cache that grows between replays. The remaining arguments are tuning knobs."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -345,13 +357,16 @@ def attend_question(q, k, v, *, q_start: int | None = None, scale: float | None 
     kd, vd = (_descriptor(k, bn), _descriptor(v, bn)) if tma and _tma_ok(k) and _tma_ok(v) else (k, v)
     tma = kd is not k
     fold = fold and not direct
+    dyn = kv_len is not None
+    if dyn and not (fold or direct):
+        raise ValueError("kv_len needs the folded merge (fold=True)")
     cnt = _counters(dev, n_bh * p["n_rg"]) if fold else pl
     LAST_LAUNCH["question"] = _question_fwd[(p["n_rg"] * p["n_ch"], n_bh)](
-        q, k, v, kd, vd, out, po, pl, cnt,
+        q, k, v, kd, vd, out, po, pl, cnt, kv_len if dyn else cnt,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         Hkv, G, Lq, Lk, q_start, p["n_full"], p["n_tiles"], p["chunk"], p["n_ch"], p["R"], p["n_main"], p["n_rg"],
         float(scale) * LOG2E,
-        BM=bm, BMT=p["tail"], BMT2=p["tail2"], BLOCK_N=bn, D=D, DIRECT=direct, DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=tma, FOLD=fold, LAZY=lazy,
+        BM=bm, BMT=p["tail"], BMT2=p["tail2"], BLOCK_N=bn, D=D, DIRECT=direct, DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=tma, FOLD=fold, LAZY=lazy, DYN=dyn,
         num_warps=nw, num_stages=ns,
     )
     if not direct and not fold:
