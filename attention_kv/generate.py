@@ -25,7 +25,7 @@ import torch
 
 from .cache_store import ChunkKV, KVCacheStore
 from .blend import blend_prefill
-from .hf_integration import BlockKVCache, forward_block, use_blockrag_attention
+from .hf_integration import BlockKVCache, GraphedStep, forward_block, use_blockrag_attention
 
 MODES = ("full", "turbo", "block", "blend")
 
@@ -81,7 +81,7 @@ class Generator:
     def __init__(self, model_name: str | None = None, *, cache_dir: str | Path | None = None, model=None,
                  tokenizer=None, device: str | None = None, dtype=None, store: KVCacheStore | None = None,
                  system_prompt: str | None = None, quant: str | None = None, kv_dtype=None,
-                 rope: str = "stitch"):
+                 rope: str = "stitch", cuda_graphs: bool = True, max_cache_len: int | None = None):
         if model is None:
             from rag.models import load_generator
 
@@ -107,6 +107,15 @@ class Generator:
         # "stitch": context keys rotated once while stitching (measured faster with the current kernel);
         # "kernel": left un-rotated, the attention kernel rotates them as it loads them
         self.rope = rope
+        # On CUDA the cached modes reuse one static cache buffer of max_cache_len tokens, so that the decode
+        # step is captured once as a CUDA graph and replayed for every token of every answer (no per-layer
+        # launch overhead); longer requests fall back to a fresh buffer and eager decoding.
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and rope == "stitch"
+        mpe = getattr(model.config, "max_position_embeddings", None) or 8192
+        self.max_cache_len = int(max_cache_len or min(mpe, 8192))
+        self._cache = None
+        self._step_graph = None
+        self._q_graphs: dict[int, GraphedStep] = {}  # question length -> graph of the question forward
         self.blend_select = "dev*attn"  # CacheBlend token selection: "dev" (K/V deviation), "attn", "dev*attn"
         # CacheBlend options (see blend_prefill); gradual filtering + per-layer question attention measured best
         # on SmolLM2-135M (eval/bench_kv_quality.py); {"gradual": 1.0, "reattend": False} = fixed selection
@@ -132,10 +141,11 @@ class Generator:
     @torch.no_grad()
     def prefill(self, question: str, chunks: Sequence, mode: str, blend_ratio: float = 0.15,
                 check_layer: int = 1, extra_ids: Sequence[int] = (), cache_max_len: int | None = None,
-                blend_select: str | None = None):
+                blend_select: str | None = None, last_only: bool = False):
         """Prefill only; returns (logits [T, V] for the question (+extra) tokens, state dict).
 
-        ``extra_ids`` are appended after the question (teacher forcing of an answer).
+        ``extra_ids`` are appended after the question (teacher forcing of an answer). ``last_only``: only the
+        last position's logits are needed (lets a captured question graph serve the turbo/block modes).
         """
         store = self.store
         q_ids = store.question_ids(question) + list(extra_ids)
@@ -154,12 +164,18 @@ class Generator:
             info["length"] = Lc + Lq
             return out.logits[0], info
         parts = [store.prefix_kv()] + store.get_many(chunks)
-        cache = BlockKVCache(self.model, cache_max_len or (Lc + Lq + 256), device=dev, rope=self.rope)
+        cache = self._cache_for(Lc + Lq + 256, cache_max_len)
         stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         cache.load(parts, 0, stream=stream)
         info["cache"] = cache
         q = torch.tensor(q_ids, device=dev)
-        if mode in ("turbo", "block"):
+        graph = self._q_graphs.get(Lq) if (last_only and cache is self._cache) else None
+        if mode in ("turbo", "block") and graph is not None:
+            cache.drop_events()
+            torch.cuda.current_stream(dev).wait_stream(stream)  # the graph does not wait on per-layer events
+            logits = graph.replay(q, Lc)[0]
+            info["question_graph"] = True
+        elif mode in ("turbo", "block"):
             logits = forward_block(self.model, cache, q, Lc, logits_to_keep=Lq)[0]
         else:
             starts, off = [], len(store.prefix_ids)
@@ -176,6 +192,29 @@ class Generator:
         return logits, info
 
     # ------------------------------------------------------------------ internals
+    def _cache_for(self, need: int, max_len: int | None) -> BlockKVCache:
+        """The shared static buffer when graphs are on and the request fits, else a fresh buffer."""
+        if self.cuda_graphs and max_len is None and need <= self.max_cache_len - 1:
+            if self._cache is None:
+                self._cache = BlockKVCache(self.model, self.max_cache_len, device=self.device, rope=self.rope)
+            return self._cache
+        return BlockKVCache(self.model, max_len or need, device=self.device, rope=self.rope)
+
+    def _capture_graphs(self, cache, n_question: int) -> float:
+        """After an answer (never inside TTFT or decode timings): capture the decode step once and the question
+        forward once per question length, so that later requests replay them. Returns the time spent (ms)."""
+        if cache is not self._cache or not self.cuda_graphs:
+            return 0.0
+        t = time.perf_counter()
+        if self._step_graph is None:
+            self._step_graph = GraphedStep(self.model, cache, n=1)
+        if n_question not in self._q_graphs and n_question <= 256:
+            if len(self._q_graphs) >= 64:  # keep the most recent lengths
+                self._q_graphs.pop(next(iter(self._q_graphs)))
+            self._q_graphs[n_question] = GraphedStep(self.model, cache, n=n_question)
+        _sync(self.device)
+        return (time.perf_counter() - t) * 1e3
+
     @torch.no_grad()
     def _step(self, mode: str, cache, token: int, pos: int) -> torch.Tensor:
         ids = torch.tensor([[token]], device=self.device)
@@ -188,7 +227,7 @@ class Generator:
     def _run(self, question, chunks, mode, max_new_tokens, blend_ratio, check_layer):
         t0 = time.perf_counter()
         logits, info = self.prefill(question, chunks, mode, blend_ratio, check_layer,
-                                    cache_max_len=None)
+                                    cache_max_len=None, last_only=True)
         cache = info["cache"]
         tok = int(logits[-1].argmax())
         _sync(self.device)
@@ -200,14 +239,16 @@ class Generator:
             yield piece
             text_so_far = piece
         pos = info["length"]
-        if mode != "full" and cache.max_len < pos + max_new_tokens:
-            pass  # max_len reserved 256 tokens; generation stops at the buffer's end
+        graph = self._step_graph if (mode != "full" and cache is self._cache) else None
+        limit = cache.max_len - 1 if graph is not None else (cache.max_len if mode != "full" else None)
         while len(out_ids) < max_new_tokens and tok not in self.eos_ids:
-            if mode != "full" and pos >= cache.max_len:
-                break
-            logits = self._step(mode, cache, tok, pos)
+            if limit is not None and pos >= limit:
+                break  # the buffer reserves 256 tokens beyond the prompt
+            if graph is not None:
+                tok = int(graph.replay(tok, pos)[1])
+            else:
+                tok = int(self._step(mode, cache, tok, pos).argmax())
             pos += 1
-            tok = int(logits.argmax())
             out_ids.append(tok)
             if tok in self.eos_ids:
                 break
@@ -217,6 +258,7 @@ class Generator:
                 text_so_far = text
         _sync(self.device)
         t_end = time.perf_counter()
+        capture_ms = self._capture_graphs(cache, info["n_question"]) if mode != "full" else 0.0
         n_dec = len(out_ids) - 1
         ids = [t for t in out_ids if t not in self.eos_ids]
         yield GenerationResult(
@@ -225,4 +267,6 @@ class Generator:
             decode_tokens_per_s=(n_dec / (t_end - t_first)) if n_dec and t_end > t_first else 0.0,
             n_context_tokens=info["n_context"], n_question_tokens=info["n_question"],
             n_recomputed=info["n_recomputed"],
-            timings={"prefill_ms": (t_first - t0) * 1e3, "decode_ms": (t_end - t_first) * 1e3})
+            timings={"prefill_ms": (t_first - t0) * 1e3, "decode_ms": (t_end - t_first) * 1e3,
+                     "decode_graph": graph is not None, "question_graph": info.get("question_graph", False),
+                     "graph_capture_ms": capture_ms})

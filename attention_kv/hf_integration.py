@@ -107,6 +107,9 @@ class BlockKVCache:
         self.prefetcher = None  # attention_kv.prefetch.LayerPrefetcher, when loading from host memory
         self._rows = None
         self._span = None
+        self._dyn = 0  # > 0: the next forward's tokens sit at device positions dev_pos[:_dyn] (graph replays)
+        self.dev_pos = None
+        self.dev_len = None
 
     def loaded(self, start: int, end: int, layer: int | None = None) -> None:
         """Mark positions ``start..end`` as freshly loaded un-rotated context (all layers or one)."""
@@ -187,8 +190,34 @@ class BlockKVCache:
         if self._span is not None:
             self.length = max(self.length, self._span[1])
 
+    def begin_device(self, n: int) -> None:
+        """Next forward: ``n`` tokens at the positions held in ``dev_pos[:n]``, keys valid up to ``dev_len``
+        (both device tensors, set by :meth:`set_device_positions`): nothing in the forward depends on the
+        position as a Python number, so one CUDA graph serves every step of a growing cache."""
+        if self.rope != "stitch":
+            raise NotImplementedError("device-positioned forwards need rope='stitch' (keys stored rotated)")
+        if self.dev_pos is None or self.dev_pos.numel() < n:
+            self.dev_pos = torch.zeros(max(n, 64), dtype=torch.long, device=self.device)
+            self.dev_len = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._dyn = n
+        self._rows = None
+        self._span = None
+
+    def set_device_positions(self, start: int, n: int) -> None:
+        """Put ``start..start+n`` into ``dev_pos`` / ``dev_len`` (a small host->device copy, stream-ordered)."""
+        vals = torch.arange(start, start + n + 1, dtype=torch.long)
+        self.dev_pos[:n].copy_(vals[:n], non_blocking=True)
+        self.dev_len.copy_(vals[n:].to(torch.int32), non_blocking=True)
+
+    def end_device(self) -> None:
+        self._dyn = 0
+
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         """Store the (HF-rotated) keys and values of the current tokens; return the layer's K/V views."""
+        if self._dyn:
+            kv = torch.stack([key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)], dim=1)
+            self.kv[layer_idx, 0].index_copy_(0, self.dev_pos[:self._dyn], kv.to(self.dtype))
+            return self.k[layer_idx].transpose(1, 2), self.v[layer_idx].transpose(1, 2)
         if self._rows is None:
             s, e = self._span
             self.k[layer_idx, :, s:e] = key_states.transpose(1, 2)
@@ -214,6 +243,10 @@ class BlockKVCache:
             torch.cuda.current_stream(self.device).wait_event(self._events[layer_idx])
         if self.prefetcher is not None:
             self.prefetcher.wait(layer_idx)
+        if self._dyn:
+            from .kernels.question_attention import attend_question
+
+            return attend_question(q, k, v, kv_len=self.dev_len, scale=scaling)
         L = k.shape[2]
         if self.rope == "kernel":
             rope = dict(inv_freq=self.inv_freq, k_positions=self.kpos[layer_idx, :L])
@@ -282,4 +315,56 @@ class GraphedBlockForward:
         self.ids.copy_(ids.view(1, -1), non_blocking=True)
         self.graph.replay()
         self.cache.length = self.start + self.n
+        return self.logits, self.token
+
+
+class GraphedStep:
+    """CUDA graph of a forward of ``n`` tokens (decode: 1) at positions given on the device, over a
+    :class:`BlockKVCache` with ``rope="stitch"``: captured once, replayed for every position of any context
+    held in the same cache buffers. ``replay(ids, start)`` returns (logits[1, V], argmax token) device tensors.
+    Warm-up and capture write to the last ``n`` slots of the buffer (never part of a context)."""
+
+    def __init__(self, model, cache: BlockKVCache, n: int = 1, warmup: int = 2):
+        if cache.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        self.model, self.cache, self.n = model, cache, n
+        dev = cache.device
+        self.ids = torch.zeros(1, n, dtype=torch.long, device=dev)
+        cache.begin_device(n)
+        cache.end_device()
+        self.pos = cache.dev_pos[:n].view(1, n)
+        saved = cache.length
+        cache.set_device_positions(cache.max_len - n, n)
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(warmup):
+                self._forward()
+        torch.cuda.current_stream(dev).wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = self._forward()[:, -1]
+            self.token = self.logits.argmax(-1)
+        cache.length = saved
+
+    def _forward(self):
+        c = self.cache
+        c.begin_device(self.n)
+        try:
+            out = self.model(input_ids=self.ids, position_ids=self.pos, past_key_values=c, use_cache=True,
+                             attention_mask=c.dummy_mask, blockrag_cache=c, logits_to_keep=1)
+        finally:
+            c.end_device()
+        return out.logits
+
+    def replay(self, ids, start: int):
+        if start + self.n > self.cache.max_len - self.n:
+            raise ValueError("the cache buffer is full")
+        if isinstance(ids, torch.Tensor):
+            self.ids.copy_(ids.view(1, -1), non_blocking=True)
+        else:
+            self.ids.fill_(int(ids))
+        self.cache.set_device_positions(start, self.n)
+        self.graph.replay()
+        self.cache.length = start + self.n
         return self.logits, self.token

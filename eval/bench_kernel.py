@@ -6,8 +6,9 @@ Needs a CUDA GPU. In one run: (1) the device's ceilings (device-to-device copy b
 rate), (2) correctness of the kernel against a float64 computation and the fp32 torch reference on random
 inputs (poisoned memory, so unwritten outputs show), (3) timings with CUDA events after warm-up, median
 of many runs, with L2 flushed before each run:
-  (a) a 50-token question over a 2K..32K cache (32 q heads, 8 KV heads, d=128, bf16): ms, K/V read GB/s,
-      % of the measured copy bandwidth; ours with pre-rotated keys and with RoPE-on-load vs SDPA.
+  (a) a 50-token question, and one decoded token, over a 2K..32K cache (32 q heads, 8 KV heads, d=128, bf16):
+      ms, K/V read GB/s, % of the measured copy bandwidth, host time per call; ours (the short-question
+      kernel; the general kernel for comparison; RoPE on load) vs SDPA.
   (b) BlockRank prefill: instruction 64 + N x 160-token documents + 32-token query, N = 20..200:
       TFLOP/s counting only unmasked (visible) query-key pairs, % of the measured matmul rate, vs SDPA with
       the explicit block mask (memory-efficient backend) and vs dense causal SDPA-flash (more work).
@@ -296,22 +297,28 @@ def pick_sdpa(cands, ref):
 
 
 # ------------------------------------------------------------------------------------------ benches
-def bench_decode(ceil, inv_freq, lengths, sweep: bool) -> list:
+def bench_decode(ceil, inv_freq, lengths, sweep: bool, q_lens=(50, 1)) -> list:
     rows = []
-    Lq = 50
-    for Lk in lengths:
+    for Lq, Lk in [(a, b) for a in q_lens for b in lengths]:
         torch.manual_seed(Lk)
         q = torch.randn(1, HQ, Lq, D, device="cuda", dtype=DT)
         k = torch.randn(1, HKV, Lk, D, device="cuda", dtype=DT)
         v = torch.randn(1, HKV, Lk, D, device="cuda", dtype=DT)
         kpos = torch.arange(Lk, device="cuda", dtype=torch.int32)
+        if Lq != 50:  # the single decoded token: ours (plain) vs SDPA only
+            sname, sfn, se = pick_sdpa(sdpa_decode_candidates(q, k, v), attend_reference(q, k, v))
+            variants = [("ours", lambda: attend_triton(q, k, v))] + ([(f"sdpa ({sname})", sfn)] if sfn else [])
+            _time_question(rows, ceil, Lq, Lk, q, k, v, variants, attend_reference(q, k, v), inv_freq, None)
+            del q, k, v
+            torch.cuda.empty_cache()
+            continue
         ids = make_block_ids(64, [160] * ((Lk - 64 - Lq) // 160), 0)
         ids = torch.cat([ids, torch.zeros(Lk - Lq - ids.numel(), dtype=ids.dtype), torch.full((Lq,), -1, dtype=ids.dtype)])
         q_blk_cpu, k_blk = ids[-Lq:], ids.cuda()
-        kv_bytes = 2 * HKV * Lk * D * 2
         ref = attend_reference(q, k, v)
         variants = [
             ("ours", lambda: attend_triton(q, k, v)),
+            ("ours, general kernel (128-row tiles)", lambda: attend_triton(q, k, v, block_m=128)),
             ("ours, block ids (q_block on CPU)", lambda: attend_triton(q, k, v, q_block=q_blk_cpu, k_block=k_blk)),
             ("ours, RoPE on load (prepass)", lambda: attend_triton(q, k, v, inv_freq=inv_freq, k_positions=kpos)),
             ("ours, RoPE on load (fused)", lambda: attend_triton(q, k, v, inv_freq=inv_freq, k_positions=kpos,
@@ -321,7 +328,7 @@ def bench_decode(ceil, inv_freq, lengths, sweep: bool) -> list:
             variants.append(("ours, RoPE on load (fused), libdevice sin/cos", lambda: attend_triton(
                 q, k, v, inv_freq=inv_freq, k_positions=kpos, rope_mode="libdevice", rope_impl="fused")))
             for bm, bn, nw, ns in SWEEP_DECODE:
-                variants.append((f"ours bm{bm} bn{bn} w{nw} s{ns}", lambda bm=bm, bn=bn, nw=nw, ns=ns: attend_triton(
+                variants.append((f"general kernel bm{bm} bn{bn} w{nw} s{ns}", lambda bm=bm, bn=bn, nw=nw, ns=ns: attend_triton(
                     q, k, v, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)))
             variants.append(("ours, lazy rescale", lambda: attend_triton(q, k, v, lazy_rescale=True)))
             for pps in (0.5, 2.0):
@@ -329,35 +336,40 @@ def bench_decode(ceil, inv_freq, lengths, sweep: bool) -> list:
         sname, sfn, se = pick_sdpa(sdpa_decode_candidates(q, k, v), ref)
         if sfn is not None:
             variants.append((f"sdpa ({sname})", sfn))
-        for name, fn in variants:
-            try:
-                from attention_kv.kernels import triton_attention as ta
-
-                ta.LAST_LAUNCH.clear()
-                o = fn()
-                kinfo = _kinfo()
-                if "RoPE" in name:
-                    e = rel(o, attend_reference(q, k, v, inv_freq=inv_freq, k_positions=kpos))
-                else:
-                    e = rel(o, ref)
-                t = bench(fn)
-                tg = bench_graph(fn)
-                cu = cpu_us(fn)
-                dev_ms = tg["ms"] if tg else t["ms"]
-                gbs = kv_bytes / (dev_ms * 1e-3) / 1e9
-                rows.append(dict(bench="question", Lk=Lk, impl=name, ms=t["ms"], p10=t["p10"], p90=t["p90"],
-                                 graph_ms=tg["ms"] if tg else None, graph_p10=tg["p10"] if tg else None,
-                                 graph_p90=tg["p90"] if tg else None, cpu_us=cu,
-                                 GBps=gbs, pct_copy=100 * gbs / ceil["copy_GBps"], rel_err=e, kernel=kinfo))
-                log(f"  Lk={Lk:6d} {name:44s} {kinfo} call {t['ms']:.4f} ms  graph {dev_ms:.4f} ms "
-                    f"[{(tg or t)['p10']:.4f}-{(tg or t)['p90']:.4f}]  cpu {cu:5.0f} us  {gbs:6.0f} GB/s "
-                    f"{100 * gbs / ceil['copy_GBps']:5.1f}%  err {e:.2g}")
-            except Exception as ex:  # noqa: BLE001
-                log(f"  Lk={Lk} {name}: FAILED {type(ex).__name__}: {ex}")
-                traceback.print_exc()
+        _time_question(rows, ceil, Lq, Lk, q, k, v, variants, ref, inv_freq, kpos)
         del q, k, v
         torch.cuda.empty_cache()
     return rows
+
+
+def _time_question(rows, ceil, Lq, Lk, q, k, v, variants, ref, inv_freq, kpos):
+    kv_bytes = 2 * HKV * Lk * D * 2
+    for name, fn in variants:
+        try:
+            from attention_kv.kernels import triton_attention as ta
+
+            ta.LAST_LAUNCH.clear()
+            o = fn()
+            kinfo = _kinfo()
+            if "RoPE" in name:
+                e = rel(o, attend_reference(q, k, v, inv_freq=inv_freq, k_positions=kpos))
+            else:
+                e = rel(o, ref)
+            t = bench(fn)
+            tg = bench_graph(fn)
+            cu = cpu_us(fn)
+            dev_ms = tg["ms"] if tg else t["ms"]
+            gbs = kv_bytes / (dev_ms * 1e-3) / 1e9
+            rows.append(dict(bench="question", Lq=Lq, Lk=Lk, impl=name, ms=t["ms"], p10=t["p10"], p90=t["p90"],
+                             graph_ms=tg["ms"] if tg else None, graph_p10=tg["p10"] if tg else None,
+                             graph_p90=tg["p90"] if tg else None, cpu_us=cu,
+                             GBps=gbs, pct_copy=100 * gbs / ceil["copy_GBps"], rel_err=e, kernel=kinfo))
+            log(f"  Lq={Lq:3d} Lk={Lk:6d} {name:44s} {kinfo} call {t['ms']:.4f} ms  graph {dev_ms:.4f} ms "
+                f"[{(tg or t)['p10']:.4f}-{(tg or t)['p90']:.4f}]  cpu {cu:5.0f} us  {gbs:6.0f} GB/s "
+                f"{100 * gbs / ceil['copy_GBps']:5.1f}%  err {e:.2g}")
+        except Exception as ex:  # noqa: BLE001
+            log(f"  Lq={Lq} Lk={Lk} {name}: FAILED {type(ex).__name__}: {ex}")
+            traceback.print_exc()
 
 
 def bench_prefill(ceil, Ns, sweep: bool) -> list:
@@ -396,7 +408,7 @@ def bench_prefill(ceil, Ns, sweep: bool) -> list:
                                                                           mass_rows=mrows, n_blocks=N + 2))]
         if sweep and N in (50, 200):
             for bm, bn, nw, ns in SWEEP_PREFILL:
-                variants.append((f"ours bm{bm} bn{bn} w{nw} s{ns}", lambda bm=bm, bn=bn, nw=nw, ns=ns: attend_triton(
+                variants.append((f"general kernel bm{bm} bn{bn} w{nw} s{ns}", lambda bm=bm, bn=bn, nw=nw, ns=ns: attend_triton(
                     q, k, v, q_start=0, q_block=ids, k_block=ids, block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)))
         fresh = [ids.clone() for _ in range(64)]
 
@@ -469,14 +481,16 @@ def _f(x, fmt):
 def table(ceil, dec, pre) -> str:
     lines = [f"device: {torch.cuda.get_device_name()}; measured in this run: copy {ceil['copy_GBps']:.0f} GB/s "
              f"(read+write), bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s"]
-    lines.append("(a) 50-token question over a cache, Llama-3-8B heads (32q/8kv, d=128, bf16). call = per call from "
-                 "Python (L2 flushed); graph = CUDA-graph replay (device time); GB/s and % copy from graph time")
-    lines.append(f"{'Lk':>6} | {'impl':<50} | {'call ms':>8} | {'graph ms':>8} | {'K/V GB/s':>8} | {'% copy':>6}")
-    keep = ("ours", "ours, RoPE on load (prepass)", "ours, RoPE on load (fused)")
+    lines.append("(a) 50-token question (Lq=50) or one decoded token (Lq=1) over a cache, Llama-3-8B heads (32q/8kv, "
+                 "d=128, bf16). call = per call from Python (L2 emptied); graph = CUDA-graph replay (device time); "
+                 "GB/s and % copy from graph time")
+    lines.append(f"{'Lq':>3} | {'Lk':>6} | {'impl':<50} | {'call ms':>8} | {'graph ms':>8} | {'K/V GB/s':>8} | "
+                 f"{'% copy':>6} | {'host us':>7}")
+    keep = ("ours", "ours, general kernel (128-row tiles)", "ours, RoPE on load (prepass)", "ours, RoPE on load (fused)")
     for r in dec:
         if r["impl"] in keep or r["impl"].startswith("sdpa"):
-            lines.append(f"{r['Lk']:>6} | {r['impl'][:50]:<50} | {r['ms']:8.4f} | {_f(r['graph_ms'], '8.4f'):>8} | "
-                         f"{r['GBps']:8.0f} | {r['pct_copy']:6.1f}")
+            lines.append(f"{r.get('Lq', 50):>3} | {r['Lk']:>6} | {r['impl'][:50]:<50} | {r['ms']:8.4f} | "
+                         f"{_f(r['graph_ms'], '8.4f'):>8} | {r['GBps']:8.0f} | {r['pct_copy']:6.1f} | {r['cpu_us']:7.0f}")
     lines.append("(b) BlockRank prefill: 64 instr + N x 160 docs + 32 query (q = k = all tokens); TFLOP/s counts "
                  "visible query-key pairs only, from graph time where captured")
     lines.append(f"{'N':>4} | {'L':>6} | {'impl':<50} | {'call ms':>8} | {'graph ms':>8} | {'TFLOP/s':>7} | {'% mm':>5}")

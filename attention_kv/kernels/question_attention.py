@@ -274,7 +274,7 @@ def _tma_ok(t: torch.Tensor) -> bool:
     if TensorDescriptor is None or t.stride(-1) != 1:
         return False
     es = t.element_size()
-    return t.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in t.stride()[:-1])
+    return all((st * es) % 16 == 0 for st in t.stride()[:-1])
 
 
 def _descriptor(t: torch.Tensor, block_n: int):
@@ -319,59 +319,84 @@ def attend_question(q, k, v, *, q_start: int | None = None, scale: float | None 
     cache that grows between replays. The remaining arguments are tuning knobs."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
     if q_start is None:
         q_start = Lk - Lq
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     dev = q.device
-    interp = dev.type != "cuda" or _interpret()
     if out is None:
         out = torch.empty(B, Hq, Lq, D, dtype=q.dtype, device=dev)
     if Lq == 0:
         return out
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if tma is None:
+        # The copy engine streams K/V faster (measured) but its descriptors cost ~40 us of host time per
+        # launch: worth it inside a CUDA graph (encoded once), not for eager calls, which are host-bound.
+        tma = capturing or _interpret()
+    key = (B, Hq, Lq, D, Hkv, Lk, q_start, q.dtype, str(dev), k.stride(), v.stride(), block_m, block_n,
+           num_warps, num_stages, programs_per_sm, chunk, tma, fold, lazy, kv_len is None)
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = _launch_spec(B, Hq, Lq, D, Hkv, Lk, q_start, q.dtype, dev, k, v, block_m, block_n, num_warps,
+                            num_stages, programs_per_sm, chunk, tma, fold, lazy, kv_len is not None)
+        if len(_SPECS) >= 256:
+            _SPECS.pop(next(iter(_SPECS)))
+        _SPECS[key] = spec
+    c = spec["const"]
+    n_bh, n_ch, R = B * Hkv, spec["n_ch"], spec["R"]
+    if c["DIRECT"]:
+        po = pl = out
+    elif capturing or spec["po"] is None:
+        # scratch owned by the graph when capturing; else one buffer per shape, reused (calls on one device
+        # are stream-ordered, as the arrival counters already assume)
+        po = torch.empty(n_ch * n_bh * R * D, dtype=torch.float32, device=dev)
+        pl = torch.empty(n_ch * n_bh * R, dtype=torch.float32, device=dev)
+        if not capturing:
+            spec["po"], spec["pl"] = po, pl
+    else:
+        po, pl = spec["po"], spec["pl"]
+    use_tma = c["USE_TMA"] and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
+    kd, vd = (_descriptor(k, c["BLOCK_N"]), _descriptor(v, c["BLOCK_N"])) if use_tma else (k, v)
+    cnt = _counters(dev, n_bh * spec["n_rg"]) if c["FOLD"] else pl
+    LAST_LAUNCH["question"] = _question_fwd[spec["grid"]](
+        q, k, v, kd, vd, out, po, pl, cnt, kv_len if kv_len is not None else cnt,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Hkv, Hq // Hkv, Lq, Lk, q_start, spec["n_full"], spec["n_tiles"], spec["chunk"], n_ch, R, spec["n_main"],
+        spec["n_rg"], float(scale) * LOG2E, **{**c, "USE_TMA": use_tma},
+    )
+    if not c["DIRECT"] and not c["FOLD"]:
+        rb = 16 if spec["interp"] else 64
+        _question_reduce[(_cdiv(Hq // Hkv * Lq, rb), n_bh)](
+            out, po, pl, *out.stride(), Hkv, Hq // Hkv, Lq, R, n_ch, BM=rb, D=D, num_warps=4,
+        )
+    return out
+
+
+_SPECS: dict = {}
+
+
+def _launch_spec(B, Hq, Lq, D, Hkv, Lk, q_start, dtype, dev, k, v, block_m, block_n, num_warps, num_stages,
+                 programs_per_sm, chunk, tma, fold, lazy, dyn) -> dict:
+    """Everything about a launch that depends only on shapes and knobs (cached per shape)."""
+    G = Hq // Hkv
+    interp = dev.type != "cuda" or _interpret()
     if interp:
         bm, bn, nw, ns, pps = 16, 16, 4, 1, 1.0
-    elif D >= 256 or q.dtype == torch.float32:
+    elif D >= 256 or dtype == torch.float32:
         bm, bn, nw, ns, pps = 64, 32, 4, 2, 1.0
     else:  # best of a sweep on an H100 (Llama-3-8B heads, 50-token question and single decoded token)
         bm, bn, nw, ns, pps = 64, 128, 4, 3, 1.0
     bm = block_m or bm
     bn = block_n or bn
-    nw = num_warps or nw
-    ns = num_stages or ns
-    pps = programs_per_sm or pps
     n_bh = B * Hkv
     p = question_plan(Lq, Lk, q_start, G, n_bh, _num_sms(dev), block_m=bm, block_n=bn,
-                      programs_per_sm=pps, chunk=chunk, min_keys=4 * bn if interp else 512)
+                      programs_per_sm=programs_per_sm or pps, chunk=chunk, min_keys=4 * bn if interp else 512)
     direct = p["n_ch"] == 1
-    if direct:
-        po = pl = out
-    else:
-        po = torch.empty(p["n_ch"] * n_bh * p["R"] * D, dtype=torch.float32, device=dev)
-        pl = torch.empty(p["n_ch"] * n_bh * p["R"], dtype=torch.float32, device=dev)
-    upcast = interp and q.dtype == torch.bfloat16
-    dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    if tma is None:  # the copy engine (TMA) streams K/V on Hopper and newer
-        tma = interp or torch.cuda.get_device_capability(dev)[0] >= 9
-    kd, vd = (_descriptor(k, bn), _descriptor(v, bn)) if tma and _tma_ok(k) and _tma_ok(v) else (k, v)
-    tma = kd is not k
     fold = fold and not direct
-    dyn = kv_len is not None
     if dyn and not (fold or direct):
         raise ValueError("kv_len needs the folded merge (fold=True)")
-    cnt = _counters(dev, n_bh * p["n_rg"]) if fold else pl
-    LAST_LAUNCH["question"] = _question_fwd[(p["n_rg"] * p["n_ch"], n_bh)](
-        q, k, v, kd, vd, out, po, pl, cnt, kv_len if dyn else cnt,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        Hkv, G, Lq, Lk, q_start, p["n_full"], p["n_tiles"], p["chunk"], p["n_ch"], p["R"], p["n_main"], p["n_rg"],
-        float(scale) * LOG2E,
-        BM=bm, BMT=p["tail"], BMT2=p["tail2"], BLOCK_N=bn, D=D, DIRECT=direct, DOT_PREC=dot_prec, UPCAST=upcast, USE_TMA=tma, FOLD=fold, LAZY=lazy, DYN=dyn,
-        num_warps=nw, num_stages=ns,
-    )
-    if not direct and not fold:
-        rb = 16 if interp else 64
-        _question_reduce[(_cdiv(G * Lq, rb), n_bh)](
-            out, po, pl, *out.stride(), Hkv, G, Lq, p["R"], p["n_ch"], BM=rb, D=D, num_warps=4,
-        )
-    return out
+    const = dict(BM=bm, BMT=p["tail"], BMT2=p["tail2"], BLOCK_N=bn, D=D, DIRECT=direct,
+                 DOT_PREC="ieee" if dtype == torch.float32 else "tf32", UPCAST=interp and dtype == torch.bfloat16,
+                 USE_TMA=bool(tma and _tma_ok(k) and _tma_ok(v)), FOLD=fold, LAZY=lazy, DYN=dyn,
+                 num_warps=num_warps or nw, num_stages=num_stages or ns)
+    return dict(p, grid=(p["n_rg"] * p["n_ch"], n_bh), const=const, interp=interp, po=None, pl=None)
