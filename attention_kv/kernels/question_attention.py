@@ -25,7 +25,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_attention import _dot
+    from .triton_attention import _dot, _merge_step, _softmax_step
 
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -71,32 +71,7 @@ if HAS_TRITON:
         if MASKED:
             vis = (offs_n[None, :] <= gq[:, None]) & (offs_n < Lk)[None, :]
             s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-        elif LAZY:
-            # keep the running max until some row's max grows by more than 2^8 (probabilities stay <= 256,
-            # exact enough in fp32 sums and bf16 products): most tiles skip the rescale of acc
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            if tl.max(m_new - m_i, 0) > 8.0:
-                alpha = tl.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-            else:
-                m_new = m_i
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            acc = acc + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-        return acc, l_i, m_new
+        return _softmax_step(acc, l_i, m_i, s, v, MASKED, LAZY, DOT_PREC, UPCAST)
 
     @triton.jit
     def _q_finish(acc, l_i, m_i, O, PO, PL, CNT, b, h, i, ok, r0, c, bh, n_bh, R, n_ch,
@@ -129,13 +104,7 @@ if HAS_TRITON:
                         lse2 = tl.load(PL + row2, mask=ok, other=float("-inf"), cache_modifier=".cg")
                         o2 = tl.load(PO + row2[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0,
                                      cache_modifier=".cg")
-                        m_new = tl.maximum(m, lse2)
-                        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                        alpha = tl.exp2(m - m_use)
-                        w = tl.exp2(lse2 - m_use)
-                        acc2 = acc2 * alpha[:, None] + w[:, None] * o2
-                        l = l * alpha + w
-                        m = m_new
+                        acc2, l, m = _merge_step(acc2, l, m, lse2, o2)
                     res = acc2 / tl.where(l == 0.0, 1.0, l)[:, None]
                     ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_d[None, :] * sod
                     tl.store(ptrs, res.to(O.dtype.element_ty), mask=ok[:, None])
@@ -243,13 +212,7 @@ if HAS_TRITON:
             row = (c * n_bh + bh) * R + r
             lse = tl.load(PL + row, mask=ok, other=float("-inf"))
             o = tl.load(PO + row[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-            m_new = tl.maximum(m, lse)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_use)
-            w = tl.exp2(lse - m_use)
-            acc = acc * alpha[:, None] + w[:, None] * o
-            l = l * alpha + w
-            m = m_new
+            acc, l, m = _merge_step(acc, l, m, lse, o)
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
         ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_d[None, :] * sod
         tl.store(ptrs, out.to(O.dtype.element_ty), mask=ok[:, None])

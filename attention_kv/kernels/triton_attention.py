@@ -88,6 +88,47 @@ if HAS_TRITON:
         return r
 
     @triton.jit
+    def _softmax_step(acc, l_i, m_i, s, v, MASKED: tl.constexpr, LAZY: tl.constexpr, DOT_PREC: tl.constexpr,
+                      UPCAST: tl.constexpr):
+        """One online-softmax update with the scaled (log2 units) scores ``s`` of a key tile; MASKED: ``s``
+        holds -inf for hidden keys and a row may have seen no key yet."""
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+        elif LAZY:
+            # lazy rescaling: keep the running max unless some row's max grew by more than 2^8; the
+            # probabilities stay <= 256 (exact in fp32 sums, fine in bf16) and the rescale of acc is skipped
+            if tl.max(m_new - m_i, 0) > 8.0:
+                alpha = tl.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+            else:
+                m_new = m_i
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            acc = acc + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+        else:
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _merge_step(acc, l, m, lse_c, o_c):
+        """Fold one split's normalised output ``o_c`` with log-sum-exp ``lse_c`` (log2 units) into a running
+        (acc, l, m); the result is acc / l once every split is in."""
+        m_new = tl.maximum(m, lse_c)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_use)
+        w = tl.exp2(lse_c - m_use)
+        return acc * alpha[:, None] + w[:, None] * o_c, l * alpha + w, m_new
+
+    @triton.jit
     def _fwd_inner(
         acc, l_i, m_i, q1, q2, k_base, v_base, KB, KP, invf, TABLE, qt, n_kt, lo, hi, gq, qb,
         skn, skd, svn, svd, Lk, qk_scale,
@@ -140,32 +181,7 @@ if HAS_TRITON:
                     kb = tl.load(KB + offs_n, mask=n_ok, other=0)
                     vis = vis & ((kb[None, :] == 0) | (qb[:, None] < 0) | (kb[None, :] == qb[:, None]))
                 s = tl.where(vis, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_use)
-                p = tl.exp2(s - m_use[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-                m_i = m_new
-            elif LAZY:
-                # lazy rescaling: keep the running max unless some row's max grew by more than 2^8; the
-                # probabilities stay <= 256 (exact in fp32 sums, fine in bf16) and the rescale of acc is skipped
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                if tl.max(m_new - m_i, 0) > 8.0:
-                    alpha = tl.exp2(m_i - m_new)
-                    acc = acc * alpha[:, None]
-                    l_i = l_i * alpha
-                    m_i = m_new
-                p = tl.exp2(s - m_i[:, None])
-                l_i = l_i + tl.sum(p, 1)
-                acc = acc + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-                m_i = m_new
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, MASKED, LAZY, DOT_PREC, UPCAST)
         return acc, l_i, m_i
 
     @triton.jit
@@ -319,13 +335,7 @@ if HAS_TRITON:
             base = ((slot0 + c) * n_bh + bh) * BLOCK_M
             lse_c = tl.load(PL + base + offs_l, mask=row_ok, other=float("-inf"))
             o_c = tl.load(PO + (base + offs_l)[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            m_new = tl.maximum(m, lse_c)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_use)
-            wgt = tl.exp2(lse_c - m_use)
-            acc = acc * alpha[:, None] + wgt[:, None] * o_c
-            l = l * alpha + wgt
-            m = m_new
+            acc, l, m = _merge_step(acc, l, m, lse_c, o_c)
         empty = l == 0.0
         l_safe = tl.where(empty, 1.0, l)
         out = acc / l_safe[:, None]
