@@ -17,6 +17,7 @@ Every mode builds ``input_ids`` from stored per-chunk token ids (no re-tokenisat
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -70,18 +71,25 @@ def _sync(device) -> None:
 
 class Generator:
     """Entry point. ``Generator(model_name=None, *, cache_dir=None, model=None, tokenizer=None, device=None,
-    dtype=None, store=None, system_prompt=None, quant=None, kv_dtype=None, rope="stitch")``.
+    dtype=None, store=None, system_prompt=None, quant=None, kv_dtype=None, rope="stitch", cuda_graphs=True,
+    max_cache_len=None, device_cache_bytes=None)``.
 
     ``generate(question, chunks, mode="turbo", max_new_tokens=64, stream=False, blend_ratio=0.15,
     check_layer=1)`` -> :class:`GenerationResult` (or :class:`GenerationStream` with ``stream=True``).
     Chunks are ``rag.documents.Chunk``-like (``.id``, ``.text``, ``.token_ids``); missing caches are
     built on the fly (and stored).
+
+    On CUDA: ``cuda_graphs`` (cached modes reuse one buffer of ``max_cache_len`` tokens; the decode step and
+    the question forward, per question length, are captured as CUDA graphs after an answer and replayed by
+    later requests); ``device_cache_bytes`` (chunk caches kept on the GPU, default 2 GiB). One generation at
+    a time per Generator: finish (or close) a stream before starting the next request.
     """
 
     def __init__(self, model_name: str | None = None, *, cache_dir: str | Path | None = None, model=None,
                  tokenizer=None, device: str | None = None, dtype=None, store: KVCacheStore | None = None,
                  system_prompt: str | None = None, quant: str | None = None, kv_dtype=None,
-                 rope: str = "stitch", cuda_graphs: bool = True, max_cache_len: int | None = None):
+                 rope: str = "stitch", cuda_graphs: bool = True, max_cache_len: int | None = None,
+                 device_cache_bytes: int | None = None):
         if model is None:
             from rag.models import load_generator
 
@@ -116,10 +124,18 @@ class Generator:
         self._cache = None
         self._step_graph = None
         self._q_graphs: dict[int, GraphedStep] = {}  # question length -> graph of the question forward
+        # A device tier above the store's host tier: chunk caches kept on the model's device, dequantised (LRU,
+        # keyed by the store's content key), so that stitching is one device-side concatenation instead of
+        # per-layer host->device copies. Default 2 GiB on CUDA, off on the CPU.
+        if device_cache_bytes is None:
+            device_cache_bytes = (2 << 30) if self.device.type == "cuda" else 0
+        self.device_cache_bytes = int(device_cache_bytes)
+        self._dev_tier: OrderedDict[str, ChunkKV] = OrderedDict()
+        self._dev_used = 0
         self.blend_select = "dev*attn"  # CacheBlend token selection: "dev" (K/V deviation), "attn", "dev*attn"
         # CacheBlend options (see blend_prefill); gradual filtering + per-layer question attention measured best
         # on SmolLM2-135M (eval/bench_kv_quality.py); {"gradual": 1.0, "reattend": False} = fixed selection
-        self.blend_opts = {"sink_tokens": 0, "gradual": 2.5, "probe": False, "reattend": True}
+        self.blend_opts = {"sink_tokens": 0, "gradual": 2.5, "probe": False, "reattend": True, "carry": True}
         self.eos_ids = set()
         for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id:
@@ -163,16 +179,21 @@ class Generator:
             info["cache"] = cache
             info["length"] = Lc + Lq
             return out.logits[0], info
-        parts = [store.prefix_kv()] + store.get_many(chunks)
         cache = self._cache_for(Lc + Lq + 256, cache_max_len)
-        stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
-        cache.load(parts, 0, stream=stream)
+        stream = None
+        if self.device_cache_bytes:
+            cache.load_gathered(self._device_parts(chunks))
+        else:
+            parts = [store.prefix_kv()] + store.get_many(chunks)
+            stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+            cache.load(parts, 0, stream=stream)
         info["cache"] = cache
         q = torch.tensor(q_ids, device=dev)
         graph = self._q_graphs.get(Lq) if (last_only and cache is self._cache) else None
         if mode in ("turbo", "block") and graph is not None:
             cache.drop_events()
-            torch.cuda.current_stream(dev).wait_stream(stream)  # the graph does not wait on per-layer events
+            if stream is not None:  # the graph does not wait on per-layer events
+                torch.cuda.current_stream(dev).wait_stream(stream)
             logits = graph.replay(q, Lc)[0]
             info["question_graph"] = True
         elif mode in ("turbo", "block"):
@@ -192,6 +213,36 @@ class Generator:
         return logits, info
 
     # ------------------------------------------------------------------ internals
+    def _device_parts(self, chunks) -> list[ChunkKV]:
+        """Prefix + chunk caches as device tensors (dequantised), from the device tier or copied into it."""
+        store = self.store
+        missing = [c for c in chunks if store.key(c) not in self._dev_tier and c not in store]
+        if missing:
+            store.add(missing)
+        keys = ["prefix"] + [store.key(c) for c in chunks]
+        out = []
+        for key, c in zip(keys, [None] + list(chunks)):
+            ent = self._dev_tier.get(key)
+            if ent is None:
+                host = store.prefix_kv() if c is None else store.get(c)
+                dev = host.to(self.device, non_blocking=True)
+                ent = ChunkKV(host.token_ids, dev.dequant(self._cache_dtype()))
+                self._dev_tier[key] = ent
+                self._dev_used += ent.nbytes
+            else:
+                self._dev_tier.move_to_end(key)
+            out.append(ent)
+        pinned = set(keys)  # never evict what this request uses
+        for key in list(self._dev_tier):
+            if self._dev_used <= self.device_cache_bytes:
+                break
+            if key not in pinned:
+                self._dev_used -= self._dev_tier.pop(key).nbytes
+        return out
+
+    def _cache_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     def _cache_for(self, need: int, max_len: int | None) -> BlockKVCache:
         """The shared static buffer when graphs are on and the request fits, else a fresh buffer."""
         if self.cuda_graphs and max_len is None and need <= self.max_cache_len - 1:

@@ -156,3 +156,27 @@ def test_generate_api_streaming(smol, tmp_path):
     assert full.n_context_tokens == res.n_context_tokens
     with pytest.raises(ValueError):
         gen.generate(QUESTION, chunks, mode="nope")
+
+
+@torch.no_grad()
+def test_device_tier_matches_host_path(smol, tmp_path):
+    """The device tier (dequantised chunk caches on the model's device, stitched by one concatenation) gives
+    the same logits as per-layer loading from the store, and evicts least-recently-used chunks beyond its
+    budget (never those of the current request)."""
+    from attention_kv import Generator, KVCacheStore
+
+    model, tok = smol
+    store = KVCacheStore(tmp_path / "kv", model, tok, dtype=torch.float32)
+    chunks = _chunks(tok)
+    plain = Generator(model=model, tokenizer=tok, store=store, device_cache_bytes=0)
+    tiered = Generator(model=model, tokenizer=tok, store=store, device_cache_bytes=1 << 30)
+    ref, _ = plain.prefill(QUESTION, chunks, "turbo")
+    got, _ = tiered.prefill(QUESTION, chunks, "turbo")
+    assert (got - ref).abs().max().item() < 1e-5
+    assert len(tiered._dev_tier) == len(chunks) + 1  # + the shared prefix
+    small = Generator(model=model, tokenizer=tok, store=store, device_cache_bytes=1)
+    small.prefill(QUESTION, chunks[:2], "turbo")
+    got, _ = small.prefill(QUESTION, chunks[1:], "turbo")  # chunk 0 is evicted, chunks 1-2 stay
+    assert set(small._dev_tier) == {"prefix"} | {store.key(c) for c in chunks[1:]}
+    ref, _ = plain.prefill(QUESTION, chunks[1:], "turbo")
+    assert (got - ref).abs().max().item() < 1e-5
