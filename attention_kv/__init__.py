@@ -37,7 +37,9 @@ Public API (exact signatures)::
 GPU serving pieces (used by eval/bench_ttft.py): ``prefetch.DeviceKVPool`` (GPU-resident tier, one fused
 gather+RoPE kernel per stitch), ``prefetch.LayerPrefetcher`` (pinned host -> GPU copies in layer groups,
 overlapped with a replayed CUDA graph through per-layer device flags; int8 dequant fused),
-``GraphedBlockForward`` (CUDA graph of the question-block forward for a fixed context length).
+``GraphedBlockForward`` (CUDA graph of the question-block forward for a fixed context length),
+``GraphedStep`` (CUDA graph of an n-token forward whose positions and cache length are read on the device:
+one graph for every decode step of any context; ``Generator`` uses it on CUDA).
 
 Lower level: ``BlockKVCache`` (HF-Cache-compatible static stitched cache), ``forward_block``,
 ``GraphedBlockForward`` (CUDA graph of the question-block forward), ``blend_prefill``, ``masks``, ``rope``.
@@ -45,7 +47,7 @@ Lower level: ``BlockKVCache`` (HF-Cache-compatible static stitched cache), ``for
 from .cache_store import ChunkKV, KVCacheMismatch, KVCacheStore
 from .blend import blend_prefill
 from .generate import MODES, GenerationResult, GenerationStream, Generator
-from .hf_integration import BlockKVCache, GraphedBlockForward, forward_block, register
+from .hf_integration import BlockKVCache, GraphedBlockForward, GraphedStep, forward_block, register
 
 __all__ = ["Generator", "GenerationResult", "GenerationStream", "KVCacheStore", "KVCacheMismatch", "ChunkKV",
-           "BlockKVCache", "GraphedBlockForward", "forward_block", "blend_prefill", "register", "MODES"]
+           "BlockKVCache", "GraphedBlockForward", "GraphedStep", "forward_block", "blend_prefill", "register", "MODES"]
