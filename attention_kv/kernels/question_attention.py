@@ -1,15 +1,21 @@
 """Triton kernel for a short block of query rows (a question, or one decoded token) over a long cache.
 
-The general kernel (``triton_attention``) gives each program one tile of packed query rows, so a 50-token
-question with 4 query heads per KV head (200 packed rows) becomes two 128-row tiles: 256 rows of tensor-core
-work, and every K/V tile read twice. Here one program owns one KV head and one slice of the keys and carries
-**all** packed rows in up to three sub-tiles whose sizes add up to the row count rounded to 16
-(200 -> 128 + 64 + 16): each K/V tile is loaded once and feeds every sub-tile, and padding drops from 28% to
-4%. Keys are split across programs (flash-decoding) so that the grid fills the GPU; the slices' partial
-outputs (fp32, with their log-sum-exp) are merged by a small reduce kernel. Only tiles that overlap the
-question itself apply the causal mask.
+Entry point: :func:`attend_question` (``attend_triton`` routes short, unmasked questions here).
 
-Launch arguments are scalars only (no device-side plan), so the call is CUDA-graph friendly.
+The general kernel (``triton_attention``) gives each program one 128-row tile of packed query rows (query
+position x the query heads sharing a KV head), so a 50-token question with 4 query heads per KV head (200
+rows) becomes 256 rows of tensor-core work, and a decoded token (4 rows) 128. Here the rows are cut into
+64-row groups plus at most two small power-of-two tails (200 -> 3 x 64 + 16; 4 -> 16), and the keys into
+slices so that the grid fills the GPU; row groups sharing a key slice are launched side by side so their
+K/V reads hit L2. Each program streams its slice (through the copy engine when the call is captured in a
+CUDA graph: descriptor encoding costs host time per eager launch), and the last program to finish a row
+group's slices merges their partial outputs (an arrival counter; no second kernel). ``kv_len`` lets the
+kernel read the number of valid keys on the device, so one captured graph serves a growing cache. Only
+tiles that overlap the question itself apply the causal mask.
+
+Measured on an H100 and dropped (eval/bench_kernel.py): all rows in one program as three sub-tiles sharing
+each K/V load (serialised softmax and matrix work: 1.9x slower), 128-row groups with tails (load imbalance),
+lazy rescaling, and Triton's warp-specialised loop with device-side descriptors (no gain).
 Keys must already be rotated (callers rotate them while stitching, or ``attend_triton`` rotates first).
 """
 from __future__ import annotations
