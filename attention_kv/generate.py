@@ -122,6 +122,7 @@ class Generator:
         mpe = getattr(model.config, "max_position_embeddings", None) or 8192
         self.max_cache_len = int(max_cache_len or min(mpe, 8192))
         self._cache = None
+        self._epoch = 0  # requests that used the shared buffer (a suspended stream must not resume after another)
         self._step_graph = None
         self._q_graphs: dict[int, GraphedStep] = {}  # question length -> graph of the question forward
         # A device tier above the store's host tier: chunk caches kept on the model's device, dequantised (LRU,
@@ -280,6 +281,9 @@ class Generator:
         logits, info = self.prefill(question, chunks, mode, blend_ratio, check_layer,
                                     cache_max_len=None, last_only=True)
         cache = info["cache"]
+        if cache is self._cache:
+            self._epoch += 1
+        epoch = self._epoch
         tok = int(logits[-1].argmax())
         _sync(self.device)
         t_first = time.perf_counter()
@@ -295,6 +299,9 @@ class Generator:
         while len(out_ids) < max_new_tokens and tok not in self.eos_ids:
             if limit is not None and pos >= limit:
                 break  # the buffer reserves 256 tokens beyond the prompt
+            if cache is self._cache and self._epoch != epoch:
+                raise RuntimeError("another request reused this Generator's cache buffer while this stream was "
+                                   "suspended: finish (or close) a stream before starting the next request")
             if graph is not None:
                 tok = int(graph.replay(tok, pos)[1])
             else:
