@@ -1,0 +1,343 @@
+"""Block-Attention fine-tuning of the generator (Sun et al., "Block-Attention for Efficient RAG", 2024).
+
+Goal: answering with passages encoded independently (``turbo``/``block`` modes: each passage sees only the
+shared prefix and itself, the question and the answer see everything, positions contiguous) should match
+ordinary full attention. Each training step is ONE full forward over
+``prefix + passages + question + answer`` (token ids built exactly as at inference: the KV store's
+``prefix_ids``, per-chunk ``chunk_token_ids``, ``question_ids``; answer = gold answer tokens + end of turn)
+at contiguous positions, with the block mask (:func:`attention_kv.masks.block_mask_4d`, probability
+``block_prob``) or the plain causal mask (the paper's mixed training, so full attention is kept);
+loss = cross-entropy on the answer tokens only. AdamW, linear warm-up then linear decay, grad clipping.
+
+    PYTHONPATH=. python -m attention_kv.finetune --train-seeds 10,11,12 --steps 300 --lr 3e-5 --threads 1 \\
+        --out runs/block-ft --eval-seed 1 --eval-questions 30
+
+The saved config carries a ``blockrag_finetune`` field (hash of the trained weights, base revision, training
+options): :func:`attention_kv.cache_store.config_revision` hashes the config (in memory) or the folder's json
+files (on disk), so KV caches built with the base model (or another fine-tune) are refused
+(:class:`~attention_kv.cache_store.KVCacheMismatch`) instead of being reused.
+The evaluation (``--eval-seed``, held out: training seeds must differ) reports the gold-answer mean
+log-likelihood per token for ``full`` and ``turbo`` with the base and the fine-tuned model.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .masks import block_ids, block_mask_4d
+
+EVAL_SEEDS = (0, 1, 2)
+
+
+@dataclass
+class Example:
+    """One training sequence: ``prefix + blocks + question + answer`` (token ids as at inference)."""
+
+    prefix_ids: list[int]
+    blocks: list[list[int]]
+    question_ids: list[int]
+    answer_ids: list[int]
+
+    @property
+    def input_ids(self) -> list[int]:
+        return list(self.prefix_ids) + [t for b in self.blocks for t in b] + list(self.question_ids) + list(self.answer_ids)
+
+    def block_ids(self) -> torch.Tensor:
+        """0 = prefix, 1..N = passages, -1 = question + answer (sees everything before it)."""
+        return block_ids(len(self.prefix_ids), [len(b) for b in self.blocks],
+                         len(self.question_ids) + len(self.answer_ids))
+
+    def labels(self) -> torch.Tensor:
+        """-100 everywhere except the answer tokens (the targets, not shifted)."""
+        ids = self.input_ids
+        lab = torch.full((len(ids),), -100, dtype=torch.long)
+        A = len(self.answer_ids)
+        lab[len(ids) - A:] = torch.tensor(self.answer_ids, dtype=torch.long)
+        return lab
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    t = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id:
+        return t
+    return tokenizer.eos_token_id
+
+
+def make_example(fmt, tokenizer, question: str, answer: str, chunks: Sequence) -> Example:
+    """``fmt``: a :class:`~attention_kv.cache_store.KVCacheStore` (or anything with ``prefix_ids``,
+    ``chunk_token_ids(chunk)``, ``question_ids(q)``), so that the sequence is the one seen at inference."""
+    ans = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    eot = end_of_turn_id(tokenizer)
+    if eot is not None:
+        ans = ans + [eot]
+    return Example(list(fmt.prefix_ids), [list(fmt.chunk_token_ids(c)) for c in chunks],
+                   list(fmt.question_ids(question)), ans)
+
+
+def to_chunks(docs, tokenizer) -> list:
+    """``Document`` -> ``Chunk`` with stored token ids (as eval/bench_kv_quality.py indexes them)."""
+    from rag.documents import Chunk
+
+    return [Chunk(id=d.id, doc_id=d.id, position=0, text=d.full_text,
+                  token_ids=tokenizer(d.full_text, add_special_tokens=False)["input_ids"]) for d in docs]
+
+
+def synthetic_examples(fmt, tokenizer, seeds: Sequence[int], n_passages: int = 6,
+                       per_seed: int | None = None) -> list[Example]:
+    """Training examples from ``eval.synthetic.make_multihop`` (gold passages + distractors, shuffled)."""
+    from eval.bench_kv_quality import load_questions
+
+    bad = set(seeds) & set(EVAL_SEEDS)
+    if bad:
+        raise ValueError(f"training seeds {sorted(bad)} overlap the evaluation seeds {EVAL_SEEDS}")
+    out = []
+    for seed in seeds:
+        for qtext, ans, docs, _hops in load_questions(seed, per_seed or 10 ** 6, n_passages):
+            out.append(make_example(fmt, tokenizer, qtext, ans, to_chunks(docs, tokenizer)))
+    return out
+
+
+def training_mask(ex: Example, block: bool, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Additive [1, 1, L, L] mask: block attention (``block_mask_4d``) or plain causal."""
+    bid = ex.block_ids() if block else torch.zeros(len(ex.input_ids), dtype=torch.int32)
+    return block_mask_4d(bid.to(device), dtype)
+
+
+def example_loss(model, ex: Example, block: bool) -> torch.Tensor:
+    """One full forward (contiguous positions) with the chosen mask; mean CE over the answer tokens."""
+    p = next(model.parameters())
+    ids = torch.tensor([ex.input_ids], device=p.device)
+    L, A = ids.shape[1], len(ex.answer_ids)
+    mask = training_mask(ex, block, p.dtype, p.device)
+    pos = torch.arange(L, device=p.device)[None]
+    # logits only where they predict an answer token: rows L-A-1 .. L-2
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                   logits_to_keep=A + 1).logits[0, :A]
+    return F.cross_entropy(logits.float(), torch.tensor(ex.answer_ids, device=p.device))
+
+
+def weights_hash(model) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def mark_revision(model, base_revision: str, **info) -> str:
+    """Write ``blockrag_finetune`` (weights hash + base revision + options) into the config; returns the hash."""
+    wh = weights_hash(model)
+    model.config.blockrag_finetune = {"weights_sha256": wh, "base_revision": base_revision, **info}
+    # config_revision() hashes the model's folder when ``name_or_path`` exists: the weights in memory no longer
+    # match that folder, so point it elsewhere (the config hash, with the marker, is used until saved/reloaded)
+    for obj, attr in ((model, "name_or_path"), (model.config, "_name_or_path")):
+        name = str(getattr(obj, attr, "") or "")
+        if name and Path(name).exists():
+            setattr(obj, attr, f"{name}+blockrag_finetune-{wh}")
+    return wh
+
+
+def finetune_block_attention(model, tokenizer, examples: Sequence[Example], *, steps: int, lr: float,
+                             block_prob: float = 0.5, warmup: int | None = None, weight_decay: float = 0.0,
+                             max_grad_norm: float = 1.0, accum: int = 1, seed: int = 0, progress: bool = True,
+                             log_every: int = 10, time_budget_s: float | None = None) -> dict:
+    """Fine-tune ``model`` in place; returns a history dict (per-step loss, mask kind, timing).
+
+    Each optimiser step accumulates ``accum`` examples (one full forward each), each drawn at random with the
+    block mask (probability ``block_prob``) or the causal mask. The config gets a ``blockrag_finetune`` marker
+    (see :func:`mark_revision`), so the fine-tuned model's KV-cache revision differs from the base's.
+    ``time_budget_s``: stop early (after the step that crosses it; the schedule still spans ``steps``).
+    """
+    from .cache_store import config_revision
+
+    if not examples:
+        raise ValueError("no training examples")
+    base_rev = config_revision(model)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20) if warmup is None else warmup
+
+    def lr_at(s):  # linear warm-up, then linear decay to 10%
+        if s < warmup:
+            return (s + 1) / warmup
+        return max(0.1, 1 - 0.9 * (s - warmup) / max(1, steps - warmup))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    order: list[int] = []
+    hist = {"loss": [], "block": [], "grad_norm": [], "s_per_step": None}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc="block-attention fine-tune", unit="step")
+    t0 = time.perf_counter()
+    try:
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            tot, kinds = 0.0, []
+            for _ in range(accum):
+                if not order:
+                    order = list(range(len(examples)))
+                    rng.shuffle(order)
+                ex = examples[order.pop()]
+                blk = rng.random() < block_prob
+                loss = example_loss(model, ex, blk)
+                (loss / accum).backward()
+                tot += loss.item() / accum
+                kinds.append(blk)
+            gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            sched.step()
+            hist["loss"].append(tot)
+            hist["block"].append(sum(kinds) / len(kinds))
+            hist["grad_norm"].append(float(gn))
+            if bar is not None:
+                bar.update(1)
+                if step % log_every == 0 or step == steps - 1:
+                    k = hist["loss"][-log_every:]
+                    bar.set_postfix(loss=f"{sum(k) / len(k):.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        model.eval()
+    done = len(hist["loss"])
+    hist["steps_done"] = done
+    hist["s_per_step"] = (time.perf_counter() - t0) / max(1, done)
+    hist["weights_sha256"] = mark_revision(model, base_rev, steps=done, planned_steps=steps, lr=lr, block_prob=block_prob,
+                                           accum=accum, n_examples=len(examples))
+    hist["base_revision"] = base_rev
+    hist["revision"] = config_revision(model)
+    return hist
+
+
+def save(model, tokenizer, out: str | Path) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model, tokenizer, seed: int, n_questions: int, n_passages: int = 6,
+             modes: Sequence[str] = ("full", "turbo")) -> dict:
+    """Gold-answer mean log-likelihood per token per mode (eval/bench_kv_quality.py's measure)."""
+    from eval.bench_kv_quality import answer_loglik, load_questions
+
+    from .cache_store import KVCacheStore
+    from .generate import Generator
+
+    root = tempfile.mkdtemp(prefix="ft-eval-")
+    gen = Generator(model=model, tokenizer=tokenizer,
+                    store=KVCacheStore(f"{root}/fp32", model, tokenizer, dtype=torch.float32))
+    data = load_questions(seed, n_questions, n_passages)
+    qsets = [(q, a, to_chunks(docs, tokenizer)) for q, a, docs, _ in data]
+    seen, allc = set(), []
+    for _, _, cs in qsets:
+        for c in cs:
+            if c.id not in seen:
+                seen.add(c.id)
+                allc.append(c)
+    gen.store.add(allc, progress=False)
+    per = {m: [] for m in modes}
+    for q, a, cs in qsets:
+        ans_ids = tokenizer(a, add_special_tokens=False)["input_ids"]
+        for m in modes:
+            per[m].append(answer_loglik(gen, q, cs, m, ans_ids))
+    return {"per_question": per, "mean": {m: sum(v) / len(v) for m, v in per.items()},
+            "revision": gen.store.identity["revision"]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="base generator (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--train-seeds", default="10,11,12")
+    ap.add_argument("--passages", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--block-prob", type=float, default=0.5)
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="save the fine-tuned model here (runs/...)")
+    ap.add_argument("--skip-train", action="store_true", help="evaluate an already saved --out")
+    ap.add_argument("--eval-seed", type=int, default=None)
+    ap.add_argument("--eval-questions", type=int, default=30)
+    ap.add_argument("--json", type=Path, default=None, help="write history + evaluation here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from rag.models import load_generator
+
+    from .cache_store import KVCacheStore
+
+    result: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
+    if not args.skip_train:
+        if args.out is None:
+            ap.error("--out is required for training")
+        model, tok = load_generator(args.model, dtype=torch.float32, device="cpu")
+        fmt = KVCacheStore(tempfile.mkdtemp(prefix="ft-fmt-"), model, tok, dtype=torch.float32)
+        seeds = [int(s) for s in args.train_seeds.split(",") if s]
+        examples = synthetic_examples(fmt, tok, seeds, args.passages)
+        lens = [len(e.input_ids) for e in examples]
+        print(f"{len(examples)} training examples (seeds {seeds}), {sum(lens) / len(lens):.0f} tokens on average",
+              flush=True)
+        hist = finetune_block_attention(model, tok, examples, steps=args.steps, lr=args.lr,
+                                        block_prob=args.block_prob, warmup=args.warmup, accum=args.accum,
+                                        max_grad_norm=args.max_grad_norm, seed=args.seed,
+                                        time_budget_s=args.time_budget)
+        save(model, tok, args.out)
+        k = max(1, min(20, len(hist["loss"]) // 4))
+        print(f"{hist['steps_done']} steps, {hist['s_per_step']:.2f} s/step, train loss first {k}: "
+              f"{sum(hist['loss'][:k]) / k:.3f}, last {k}: {sum(hist['loss'][-k:]) / k:.3f}; "
+              f"revision {hist['base_revision']} -> {hist['revision']}; saved to {args.out}", flush=True)
+        result["train"] = {**hist, "n_examples": len(examples), "mean_tokens": sum(lens) / len(lens)}
+        del model
+    if args.eval_seed is not None:
+        if args.eval_seed not in EVAL_SEEDS:
+            print(f"warning: eval seed {args.eval_seed} is not one of the held-out seeds {EVAL_SEEDS}")
+        ev = {}
+        for name, path in (("base", args.model), ("tuned", str(args.out))):
+            model, tok = load_generator(path, dtype=torch.float32, device="cpu")
+            t = time.perf_counter()
+            ev[name] = evaluate(model, tok, args.eval_seed, args.eval_questions, args.passages)
+            print(f"{name}: {ev[name]['mean']} ({time.perf_counter() - t:.0f}s, revision {ev[name]['revision']})",
+                  flush=True)
+            del model
+        gap = {n: ev[n]["mean"]["full"] - ev[n]["mean"]["turbo"] for n in ev}
+        result["eval"] = {"seed": args.eval_seed, "questions": args.eval_questions, "passages": args.passages,
+                          **ev, "gap_before": gap["base"], "gap_after": gap["tuned"]}
+        print()
+        print(f"gold-answer mean log-likelihood per token, seed {args.eval_seed} (held out), "
+              f"{args.eval_questions} questions, {args.passages} passages")
+        print("| model | full | turbo | gap (full - turbo) |")
+        print("|---|---|---|---|")
+        for n in ev:
+            print(f"| {n} | {ev[n]['mean']['full']:.3f} | {ev[n]['mean']['turbo']:.3f} | {gap[n]:.3f} |")
+        print(f"gap before {gap['base']:.3f} -> after {gap['tuned']:.3f} nats/token")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
