@@ -121,7 +121,9 @@ def resolve_generator(name: str | None = None) -> str:
 
 
 def model_revision(path_or_id: str) -> str:
-    """A short hash that changes when the weights change (config + weight file sizes and mtimes)."""
+    """A short hash of a model folder: its json files' contents plus the weight files' names and sizes.
+    (Weights rewritten in place with identical sizes and json keep the hash: attention_kv.finetune writes a
+    marker into the saved config for that reason.)"""
     path = Path(path_or_id)
     if not path.exists():
         return hashlib.sha256(path_or_id.encode()).hexdigest()[:16]
