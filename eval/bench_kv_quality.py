@@ -131,6 +131,8 @@ def main(argv=None):
     ap.add_argument("--cache-dir", default=None, help="KV store folder (default: a temporary one)")
     ap.add_argument("--blend-opts", default=None,
                     help='JSON overriding Generator.blend_opts, e.g. \'{"gradual": 1.0}\' (the pre-gradual CacheBlend)')
+    ap.add_argument("--model", default=None, help="generator path / id (default: the bundled SmolLM2), e.g. a "
+                    "block-attention fine-tune from attention_kv.finetune")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -139,7 +141,7 @@ def main(argv=None):
     from rag.documents import Chunk
     from rag.models import load_generator
 
-    model, tok = load_generator(None, dtype=torch.float32, device="cpu")
+    model, tok = load_generator(args.model, dtype=torch.float32, device="cpu")
     root = args.cache_dir or tempfile.mkdtemp(prefix="kvq-")
     gen = Generator(model=model, tokenizer=tok, store=KVCacheStore(f"{root}/fp32", model, tok, dtype=torch.float32))
     if args.blend_opts:
@@ -209,7 +211,7 @@ def main(argv=None):
             summary[m]["gap_recovered"] = (summary[m]["ll"] - summary["turbo"]["ll"]) / gap if gap else float("nan")
             summary[m]["gap_ci90"] = bootstrap_gap(per[m]["ll"], per["turbo"]["ll"], per["full"]["ll"])
             summary[m]["kl_recovered"] = 1 - summary[m]["kl"] / kl_t if kl_t else float("nan")
-    result = {"model": "SmolLM2-135M-Instruct (fp32, CPU)", "questions": len(qsets), "passages": args.passages,
+    result = {"model": f"{args.model or 'SmolLM2-135M-Instruct'} (fp32, CPU)", "questions": len(qsets), "passages": args.passages,
               "seed": args.seed, "blend_opts": gen.blend_opts, "summary": summary, "examples": examples}
     if args.out:
         json.dump(result, open(args.out, "w"), indent=1)
