@@ -196,12 +196,17 @@ class BlockKVCache:
         position as a Python number, so one CUDA graph serves every step of a growing cache."""
         if self.rope != "stitch":
             raise NotImplementedError("device-positioned forwards need rope='stitch' (keys stored rotated)")
-        if self.dev_pos is None or self.dev_pos.numel() < n:
-            self.dev_pos = torch.zeros(max(n, 64), dtype=torch.long, device=self.device)
-            self.dev_len = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.device_positions(n)
         self._dyn = n
         self._rows = None
         self._span = None
+
+    def device_positions(self, n: int) -> torch.Tensor:
+        """The device tensor holding the next ``n`` positions (allocated once, reused: graphs capture it)."""
+        if self.dev_pos is None or self.dev_pos.numel() < n:
+            self.dev_pos = torch.zeros(max(n, 64), dtype=torch.long, device=self.device)
+            self.dev_len = torch.zeros(1, dtype=torch.int32, device=self.device)
+        return self.dev_pos[:n]
 
     def set_device_positions(self, start: int, n: int) -> None:
         """Put ``start..start+n`` into ``dev_pos`` / ``dev_len`` (a small host->device copy, stream-ordered)."""
@@ -287,6 +292,22 @@ def forward_block(model, cache: BlockKVCache, input_ids: torch.Tensor, start: in
     return out.logits
 
 
+def _capture(forward, dev, warmup: int):
+    """Warm ``forward`` up on a side stream (first calls compile kernels, allocate), then capture it; returns
+    (graph, last-position logits [1, V], argmax token) — the outputs live in the graph's memory."""
+    s = torch.cuda.Stream(dev)
+    s.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(warmup):
+            forward()
+    torch.cuda.current_stream(dev).wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        logits = forward()[:, -1]
+        token = logits.argmax(-1)
+    return graph, logits, token
+
+
 class GraphedBlockForward:
     """CUDA-graph capture of :func:`forward_block` for fixed (start, n): removes per-layer launch overhead.
 
@@ -299,16 +320,8 @@ class GraphedBlockForward:
         dev = cache.device
         self.ids = torch.zeros(1, n, dtype=torch.long, device=dev)
         saved = cache.length
-        s = torch.cuda.Stream(dev)
-        s.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(s), torch.no_grad():
-            for _ in range(warmup):
-                forward_block(model, cache, self.ids, start)
-        torch.cuda.current_stream(dev).wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = forward_block(model, cache, self.ids, start)[:, -1]
-            self.token = self.logits.argmax(-1)
+        self.graph, self.logits, self.token = _capture(lambda: forward_block(model, cache, self.ids, start), dev,
+                                                       warmup)
         cache.length = saved
 
     def replay(self, ids: torch.Tensor):
@@ -330,21 +343,10 @@ class GraphedStep:
         self.model, self.cache, self.n = model, cache, n
         dev = cache.device
         self.ids = torch.zeros(1, n, dtype=torch.long, device=dev)
-        cache.begin_device(n)
-        cache.end_device()
-        self.pos = cache.dev_pos[:n].view(1, n)
+        self.pos = cache.device_positions(n).view(1, n)
         saved = cache.length
         cache.set_device_positions(cache.max_len - n, n)
-        s = torch.cuda.Stream(dev)
-        s.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(s), torch.no_grad():
-            for _ in range(warmup):
-                self._forward()
-        torch.cuda.current_stream(dev).wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = self._forward()[:, -1]
-            self.token = self.logits.argmax(-1)
+        self.graph, self.logits, self.token = _capture(self._forward, dev, warmup)
         cache.length = saved
 
     def _forward(self):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_llama as _tiny_llama
 
 pytest.importorskip("transformers")
 
@@ -13,17 +14,7 @@ TOL = 1e-4
 
 
 def tiny_llama(seed=0, layers=6):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from attention_kv.hf_integration import use_blockrag_attention
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e4,
-                      max_position_embeddings=4096)
-    model = LlamaForCausalLM(cfg).eval()
-    use_blockrag_attention(model)
-    return model
+    return _tiny_llama(seed, layers=layers, attention="blockrag")
 
 
 class _Part:  # the ChunkKV fields BlockKVCache.load uses

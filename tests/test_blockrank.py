@@ -3,19 +3,13 @@ import random
 
 import pytest
 import torch
+from tiny_models import tiny_llama as _tiny_llama
 
 from rerankers.blockrank import BlockPrompt, BlockRankReranker, DocKVCache, relevance
 
 
 def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e4,
-                      max_position_embeddings=4096)
-    cfg._attn_implementation = "eager"
-    return LlamaForCausalLM(cfg).eval()
+    return _tiny_llama(seed, layers=4)
 
 
 def rand_prompt(rng, n_docs=5, tail=3):

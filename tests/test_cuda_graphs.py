@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import tiny_llama as _tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from attention_kv.hf_integration import use_blockrag_attention
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=1e4,
-                      max_position_embeddings=4096)
-    model = LlamaForCausalLM(cfg).to("cuda").eval()
-    use_blockrag_attention(model)
-    return model
+    return _tiny_llama(0, layers=3, hidden=128, head_dim=32, attention="blockrag").to("cuda")
 
 
 @torch.no_grad()

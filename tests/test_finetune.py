@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_llama as _tiny_llama
 
 from attention_kv.finetune import (Example, example_loss, finetune_block_attention, make_example, save,
                                    synthetic_examples, training_mask)
@@ -13,14 +14,7 @@ from attention_kv.masks import block_ids, block_mask_4d
 
 
 def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=1e4,
-                      max_position_embeddings=512)
-    cfg._attn_implementation = "eager"
-    return LlamaForCausalLM(cfg).eval()
+    return _tiny_llama(seed, layers=2, max_positions=512)
 
 
 def rand_example(rng, n_blocks=3) -> Example:

@@ -267,13 +267,6 @@ def question_plan(Lq: int, Lk: int, q_start: int, G: int, n_bh: int, n_sm: int, 
                 n_tiles=n_tiles, n_full=n_full)
 
 
-def supported(q, k) -> bool:
-    """Whether :func:`attend_question` is the better kernel for this shape (a short block of rows)."""
-    B, Hq, Lq, D = q.shape
-    G = Hq // k.shape[1]
-    return HAS_TRITON and G * Lq <= MAX_ROWS and D in (32, 64, 128, 256)
-
-
 def attend_question(q, k, v, *, q_start: int | None = None, scale: float | None = None,
                     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                     num_stages: int | None = None, programs_per_sm: float | None = None,
