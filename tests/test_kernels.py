@@ -39,7 +39,7 @@ if HAS_TRITON and not HAS_CUDA:
             importlib.reload(qmod)
 
 from attention_kv.kernels import attend, attend_reference, make_block_ids  # noqa: E402
-from attention_kv.kernels.question_attention import attend_question, row_groups  # noqa: E402
+from attention_kv.kernels.question_attention import attend_question, question_plan, row_groups  # noqa: E402
 from attention_kv.kernels.triton_attention import attend_triton, block_tile_table  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
@@ -158,6 +158,17 @@ def test_row_groups_cover_rows_with_little_padding():
             assert total - rows < max(16, bm // 2) or rows < bm  # never a whole wasted group
     assert row_groups(200, 64) == (3, 16, 0, 208)  # 50-token question, 4 query heads per KV head
     assert row_groups(200, 128) == (1, 64, 16, 208)
+
+
+def test_question_plan_fits_one_wave():
+    # a grid of more programs than SMs x programs_per_sm runs a second, mostly idle wave
+    for Lq in (1, 7, 16, 32, 48, 50, 64, 100, 128):
+        for Lk in (2048, 8192, 32768):
+            for n_sm in (108, 132):
+                for pps in (1.0, 2.0):
+                    p = question_plan(Lq, Lk, Lk - Lq, 4, 8, n_sm, block_m=64, block_n=128, programs_per_sm=pps)
+                    assert p["n_rg"] * p["n_ch"] * 8 <= max(pps * n_sm, 8 * p["n_rg"]), (Lq, Lk, n_sm, pps, p)
+                    assert p["n_ch"] * p["chunk"] >= p["n_tiles"]
 
 
 @needs_triton
