@@ -59,13 +59,37 @@ def _ids_hash(ids: Sequence[int]) -> str:
 
 
 def config_revision(model) -> str:
-    """Revision hash for a model: from its files when it has a local folder, else from its config."""
+    """Revision hash for a model: its folder's files (or, without a local folder, its config) plus a sample
+    of the weights in memory (:func:`weights_fingerprint`), so a model changed after loading (fine-tuned,
+    merged, edited) never reuses caches computed with the original weights."""
     from rag.models import model_revision
 
     path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
     if path and Path(path).exists():
-        return model_revision(path)
-    return hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+        base = model_revision(path)
+    else:
+        base = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{base}|{weights_fingerprint(model)}".encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def weights_fingerprint(model, per_tensor: int = 64) -> str:
+    """Hash of every parameter's name, shape, dtype and ``per_tensor`` evenly spaced values (one host copy
+    for the whole model; a training step changes essentially every value of the tensors it touches)."""
+    h = hashlib.sha256()
+    samples = []
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        if p.device.type == "meta" or p.numel() == 0:
+            continue
+        flat = p.detach().reshape(-1)
+        k = min(per_tensor, flat.numel())
+        idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(1, k - 1)
+        samples.append(flat[idx].float())
+    if samples:
+        dev = samples[0].device
+        h.update(torch.cat([t.to(dev) for t in samples]).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- chunk KV

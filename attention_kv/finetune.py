@@ -13,8 +13,8 @@ loss = cross-entropy on the answer tokens only. AdamW, linear warm-up then linea
         --out runs/block-ft --eval-seed 1 --eval-questions 30
 
 The saved config carries a ``blockrag_finetune`` field (hash of the trained weights, base revision, training
-options): :func:`attention_kv.cache_store.config_revision` hashes the config (in memory) or the folder's json
-files (on disk), so KV caches built with the base model (or another fine-tune) are refused
+options); :func:`attention_kv.cache_store.config_revision` hashes the folder (or the config) together with a
+sample of the weights in memory, so KV caches built with the base model (or another fine-tune) are refused
 (:class:`~attention_kv.cache_store.KVCacheMismatch`) instead of being reused.
 The evaluation (``--eval-seed``, held out: training seeds must differ) reports the gold-answer mean
 log-likelihood per token for ``full`` and ``turbo`` with the base and the fine-tuned model.

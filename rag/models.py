@@ -121,20 +121,47 @@ def resolve_generator(name: str | None = None) -> str:
 
 
 def model_revision(path_or_id: str) -> str:
-    """A short hash of a model folder: its json files' contents plus the weight files' names and sizes.
-    (Weights rewritten in place with identical sizes and json keep the hash: attention_kv.finetune writes a
-    marker into the saved config for that reason.)"""
+    """A short hash of a model folder: its json files' contents, the weight files' names and sizes, and
+    samples of the weights' bytes (:func:`_weights_sample`), so that weights rewritten in place with identical
+    sizes and json (a fine-tune saved over its base) change the hash."""
     path = Path(path_or_id)
     if not path.exists():
         return hashlib.sha256(path_or_id.encode()).hexdigest()[:16]
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")):
-        if f.is_file() and f.suffix in {".json", ".safetensors", ".bin", ".gguf", ".model"}:
+        if f.is_file() and f.suffix in {".json", ".safetensors", ".bin", ".gguf", ".model", ".pt"}:
             h.update(f.name.encode())
             h.update(str(f.stat().st_size).encode())
-            if f.suffix == ".json":
-                h.update(f.read_bytes())
+            h.update(f.read_bytes() if f.suffix == ".json" else _weights_sample(f))
     return h.hexdigest()[:16]
+
+
+def _weights_sample(f: Path, per_tensor: int = 4, block: int = 256) -> bytes:
+    """``per_tensor`` evenly spaced ``block``-byte pieces of every tensor of a safetensors file (its header
+    gives the offsets: a change to any one tensor is seen); 64 pieces of the whole file for other formats.
+    A training step changes essentially every value of the tensors it touches."""
+    import struct
+
+    size = f.stat().st_size
+    out = []
+    with open(f, "rb") as fh:
+        spans = [(0, size)]
+        if f.suffix == ".safetensors" and size >= 8:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            try:
+                header = json.loads(fh.read(n))
+                base = 8 + n
+                spans = sorted((base + v["data_offsets"][0], base + v["data_offsets"][1])
+                               for k, v in header.items() if k != "__metadata__")
+                out.append(json.dumps(header, sort_keys=True).encode())
+            except (ValueError, KeyError, TypeError):
+                spans = [(0, size)]
+        pieces = per_tensor if len(spans) > 1 else 64
+        for a, b in spans:
+            for i in range(pieces):
+                fh.seek(a + (b - a) * i // pieces)
+                out.append(fh.read(min(block, b - a)))
+    return b"".join(out)
 
 
 def tokenizer_hash(tokenizer) -> str:

@@ -69,3 +69,25 @@ def test_int8_fidelity(smol, tmp_path):
     lb, _ = Generator(model=model, tokenizer=tok, store=s8).prefill(QUESTION, chunks, "turbo")
     assert la[-1].argmax() == lb[-1].argmax()
     assert (la - lb).abs().max().item() < 1.0
+
+
+def test_revision_follows_the_weights(tmp_path):
+    """A model changed after loading, or rewritten on disk with identical file sizes, gets a new revision."""
+    import torch
+
+    from attention_kv.cache_store import config_revision, weights_fingerprint
+    from rag.models import model_revision
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama()
+    rev = config_revision(model)
+    assert config_revision(model) == rev and weights_fingerprint(model) == weights_fingerprint(model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+    assert config_revision(model) != rev
+    model.save_pretrained(tmp_path / "m")
+    on_disk = model_revision(str(tmp_path / "m"))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight.add_(0.01)
+    model.save_pretrained(tmp_path / "m")  # same names, sizes and json: only the bytes differ
+    assert model_revision(str(tmp_path / "m")) != on_disk
