@@ -17,6 +17,7 @@ Every mode builds ``input_ids`` from stored per-chunk token ids (no re-tokenisat
 from __future__ import annotations
 
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ def _sync(device) -> None:
 class Generator:
     """Entry point. ``Generator(model_name=None, *, cache_dir=None, model=None, tokenizer=None, device=None,
     dtype=None, store=None, system_prompt=None, quant=None, kv_dtype=None, rope="stitch", cuda_graphs=True,
-    max_cache_len=None, device_cache_bytes=None)``.
+    max_cache_len=None, device_cache_bytes=None, compile_decode=False)``.
 
     ``generate(question, chunks, mode="turbo", max_new_tokens=64, stream=False, blend_ratio=0.15,
     check_layer=1)`` -> :class:`GenerationResult` (or :class:`GenerationStream` with ``stream=True``).
@@ -81,7 +82,9 @@ class Generator:
 
     On CUDA: ``cuda_graphs`` (cached modes reuse one buffer of ``max_cache_len`` tokens; the decode step and
     the question forward, per question length, are captured as CUDA graphs after an answer and replayed by
-    later requests); ``device_cache_bytes`` (chunk caches kept on the GPU, default 2 GiB). One generation at
+    later requests); ``device_cache_bytes`` (chunk caches kept on the GPU, default 2 GiB); ``compile_decode``
+    (the decode step is compiled with torch.compile before its capture: ~10% faster decoding on an H100,
+    paid once with tens of seconds of compilation after the first answer). One generation at
     a time per Generator: finish (or close) a stream before starting the next request.
     """
 
@@ -89,7 +92,7 @@ class Generator:
                  tokenizer=None, device: str | None = None, dtype=None, store: KVCacheStore | None = None,
                  system_prompt: str | None = None, quant: str | None = None, kv_dtype=None,
                  rope: str = "stitch", cuda_graphs: bool = True, max_cache_len: int | None = None,
-                 device_cache_bytes: int | None = None):
+                 device_cache_bytes: int | None = None, compile_decode: bool = False):
         if model is None:
             from rag.models import load_generator
 
@@ -124,6 +127,7 @@ class Generator:
         self._cache = None
         self._epoch = 0  # requests that used the shared buffer (a suspended stream must not resume after another)
         self._step_graph = None
+        self.compile_decode = compile_decode
         self._q_graphs: dict[int, GraphedStep] = {}  # question length -> graph of the question forward
         # A device tier above the store's host tier: chunk caches kept on the model's device, dequantised (LRU,
         # keyed by the store's content key), so that stitching is one device-side concatenation instead of
@@ -259,7 +263,15 @@ class Generator:
             return 0.0
         t = time.perf_counter()
         if self._step_graph is None:
-            self._step_graph = GraphedStep(self.model, cache, n=1)
+            try:
+                self._step_graph = GraphedStep(self.model, cache, n=1, compile=self.compile_decode)
+            except Exception as ex:  # noqa: BLE001 - compilation is an optimisation: fall back to the plain graph
+                if not self.compile_decode:
+                    raise
+                warnings.warn(f"compile_decode: torch.compile failed ({type(ex).__name__}: {ex}); "
+                              "decoding from the uncompiled graph")
+                self.compile_decode = False
+                self._step_graph = GraphedStep(self.model, cache, n=1)
         if n_question not in self._q_graphs and n_question <= 256:
             if len(self._q_graphs) >= 64:  # keep the most recent lengths
                 self._q_graphs.pop(next(iter(self._q_graphs)))

@@ -217,6 +217,7 @@ class BlockKVCache:
     def end_device(self) -> None:
         self._dyn = 0
 
+    @torch.compiler.disable  # runs eagerly inside a compiled forward (GraphedStep(compile=True))
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         """Store the (HF-rotated) keys and values of the current tokens; return the layer's K/V views."""
         if self._dyn:
@@ -243,6 +244,7 @@ class BlockKVCache:
         return self.n_layers
 
     # ------------------------------------------------------------------ attention
+    @torch.compiler.disable
     def attend(self, layer_idx: int, q, k, v, scaling):
         if self._events is not None:
             torch.cuda.current_stream(self.device).wait_event(self._events[layer_idx])
@@ -337,7 +339,7 @@ class GraphedStep:
     held in the same cache buffers. ``replay(ids, start)`` returns (logits[1, V], argmax token) device tensors.
     Warm-up and capture write to the last ``n`` slots of the buffer (never part of a context)."""
 
-    def __init__(self, model, cache: BlockKVCache, n: int = 1, warmup: int = 2):
+    def __init__(self, model, cache: BlockKVCache, n: int = 1, warmup: int = 2, compile: bool = False):
         if cache.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
         self.model, self.cache, self.n = model, cache, n
@@ -346,7 +348,16 @@ class GraphedStep:
         self.pos = cache.device_positions(n).view(1, n)
         saved = cache.length
         cache.set_device_positions(cache.max_len - n, n)
-        self.graph, self.logits, self.token = _capture(self._forward, dev, warmup)
+        # compile: torch.compile (inductor) fuses the norms, RoPE and activations between our attention calls
+        # before the capture; the first warm-up call compiles
+        fwd = self._forward
+        if compile:
+            # the cache's update/attend run eagerly between compiled pieces, one piece per decoder layer and
+            # (layer_idx is a static int) one compilation per layer: allow that many
+            n_layers = model.config.num_hidden_layers
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * n_layers + 8)
+            fwd = torch.compile(self._forward, dynamic=False)
+        self.graph, self.logits, self.token = _capture(fwd, dev, warmup + (2 if compile else 0))
         cache.length = saved
 
     def _forward(self):

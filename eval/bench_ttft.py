@@ -497,6 +497,26 @@ def bench_gpu(args):
             row["turbo_decode_graph_tok_s"] = decode_speed(lambda tok, i: step_g.replay(tok, total + i)[1],
                                                            q[-1], args.decode_tokens, device)
             del step_g
+            if args.compile_decode:
+                try:
+                    t = time.time()
+                    step_c = GraphedStep(model, cache, 1, compile=True)
+                    log(f"   compiled + captured our decode step in {time.time() - t:.1f}s")
+                    pool.gather_into(cache, keys)
+                    forward_block(model, cache, q, Lc)
+                    row["turbo_decode_graph_compiled_tok_s"] = decode_speed(
+                        lambda tok, i: step_c.replay(tok, total + i)[1], q[-1], args.decode_tokens, device)
+                    # same greedy tokens as the uncompiled step (teacher-forced from the same start)
+                    pool.gather_into(cache, keys)
+                    forward_block(model, cache, q, Lc)
+                    a = step_c.replay(q[-1], total)[0].float().clone()
+                    step_e = GraphedStep(model, cache, 1)
+                    b = step_e.replay(q[-1], total)[0].float()
+                    row["decode_compiled_vs_graph_rel"] = rel(a, b)
+                    del step_c, step_e
+                except Exception as ex:  # noqa: BLE001
+                    log(f"   compiled decode failed: {type(ex).__name__}: {str(ex).splitlines()[0][:300]}")
+                torch._dynamo.reset()
         # -- blend (eager)
         ctx_ids = ids[0, :Lc]
 
@@ -632,7 +652,8 @@ def table(results) -> str:
             ("speedup_vs_full", "x vs full", "{:.1f}"), ("speedup_vs_hf_reuse", "x vs reuse", "{:.1f}"),
             ("hf_decode_tok_s", "HF dec tok/s", "{:.1f}"),
             ("hf_static_compiled_tok_s", "HF static+compile tok/s", "{:.1f}"), ("turbo_decode_tok_s", "turbo dec tok/s", "{:.1f}"),
-            ("turbo_decode_graph_tok_s", "turbo dec graph tok/s", "{:.1f}")]
+            ("turbo_decode_graph_tok_s", "turbo dec graph tok/s", "{:.1f}"),
+            ("turbo_decode_graph_compiled_tok_s", "turbo dec graph+compile tok/s", "{:.1f}")]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -668,6 +689,8 @@ def main(argv=None):
     ap.add_argument("--group", type=int, default=4, help="layers per host->device copy group")
     ap.add_argument("--cpu-rope", default="stitch", choices=["stitch", "kernel"])
     ap.add_argument("--no-host", action="store_true")
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="also time our graphed decode step with torch.compile (inductor) inside the graph")
     ap.add_argument("--hf-static", action="store_true",
                     help="also time HF decoding with a StaticCache and torch.compile (reduce-overhead)")
     ap.add_argument("--skip-correctness", action="store_true")

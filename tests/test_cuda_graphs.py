@@ -40,3 +40,21 @@ def test_graphed_question_and_decode_match_eager():
         for i in range(3):
             got = decode_graph.replay(toks[i], L + 6 + i)[0][0]
             assert (got - eager_steps[i]).abs().max().item() < 1e-3
+
+
+@torch.no_grad()
+def test_compiled_decode_step_matches_eager():
+    """torch.compile (inductor) inside the captured decode step: same logits as the eager step."""
+    from attention_kv.hf_integration import BlockKVCache, GraphedStep, forward_block
+
+    model = tiny_llama()
+    cache = BlockKVCache(model, 512, rope="stitch")
+    g = torch.Generator().manual_seed(2)
+    ctx = torch.randint(3, 300, (150,), generator=g).cuda()
+    forward_block(model, cache, ctx, 0)
+    eager = forward_block(model, cache, ctx[-1:], 150)[0, -1]
+    step = GraphedStep(model, cache, n=1, compile=True)
+    forward_block(model, cache, ctx, 0)
+    got = step.replay(ctx[-1:], 150)[0][0]
+    assert (got - eager).abs().max().item() < 1e-3
+    torch._dynamo.reset()
