@@ -208,10 +208,11 @@ class Generator:
             for b in block_ids:
                 starts.append(off)
                 off += len(b)
+            opts = dict(self.blend_opts)
+            check_layer = opts.pop("check_layer", check_layer)  # blend_opts may set it too
             logits, nsel = blend_prefill(self.model, cache, torch.tensor(ctx_ids, device=dev), q,
                                          blend_ratio, check_layer, logits_to_keep=Lq,
-                                         select=blend_select or self.blend_select, chunk_starts=starts,
-                                         **self.blend_opts)
+                                         select=blend_select or self.blend_select, chunk_starts=starts, **opts)
             info["n_recomputed"] = nsel
         cache.drop_events()
         info["length"] = cache.length
