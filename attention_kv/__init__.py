@@ -6,13 +6,15 @@ Public API (exact signatures)::
 
     gen = Generator(model_name=None, *, cache_dir=None, model=None, tokenizer=None, device=None, dtype=None,
                     store=None, system_prompt=None, quant=None, kv_dtype=None, rope="stitch",
-                    cuda_graphs=True, max_cache_len=None, device_cache_bytes=None, compile_decode=False)
+                    cuda_graphs=True, max_cache_len=None, device_cache_bytes=None, compile_decode=False,
+                    compile_question=False)
         # model_name: anything rag.models.resolve_generator accepts (default SmolLM2-135M-Instruct);
         # or pass model=/tokenizer= already loaded. The model is switched to the "blockrag" attention
         # implementation (identical to SDPA unless a BlockKVCache is passed). cache_dir defaults to
         # rag.models.cache_dir()/kv/<model revision>; quant="int8" stores 8-bit KV. On CUDA the question
-        # forward and the decode step replay CUDA graphs; compile_decode=True also fuses the decode step
-        # with torch.compile (faster decoding, tens of seconds of compilation after the first answer).
+        # forward and the decode step replay CUDA graphs; compile_decode=True / compile_question=True also
+        # fuse them with torch.compile (faster decoding / lower TTFT; 10-20 s of compilation once, per
+        # question length for the question graph).
     res = gen.generate(question: str, chunks: Sequence[Chunk], mode: str = "turbo",
                        max_new_tokens: int = 64, stream: bool = False, blend_ratio: float = 0.15,
                        check_layer: int = 1) -> GenerationResult

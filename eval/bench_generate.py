@@ -59,7 +59,8 @@ def main(argv=None):
     ap.add_argument("--passages", type=int, default=12)
     ap.add_argument("--calls", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--compile-decode", action="store_true", help="also a Generator with compile_decode=True")
+    ap.add_argument("--compile", action="store_true",
+                    help="also a Generator with compile_decode=True and compile_question=True")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -72,9 +73,9 @@ def main(argv=None):
     store = KVCacheStore(Path(tempfile.mkdtemp()) / "kv", model, tok, dtype=torch.bfloat16)
     gens = {"graphs": Generator(model=model, tokenizer=tok, store=store, cuda_graphs=True),
             "eager": Generator(model=model, tokenizer=tok, store=store, cuda_graphs=False, device_cache_bytes=0)}
-    if args.compile_decode:
+    if args.compile:
         gens["graphs+compile"] = Generator(model=model, tokenizer=tok, store=store, cuda_graphs=True,
-                                           compile_decode=True)
+                                           compile_decode=True, compile_question=True)
     question = "Which company does the chemist born in the river port work for, and who is the mayor there?"
     rows, answers = [], {}
     for mode in ("turbo", "blend", "full"):

@@ -442,7 +442,7 @@ def bench_gpu(args):
             off += n
         kv_bytes = sum(p.nbytes for p in parts)
         row["kv_MB"] = kv_bytes / 1e6
-        cache = BlockKVCache(model, total + args.decode_tokens + 8, device=device)
+        cache = BlockKVCache(model, total + args.decode_tokens + 8 + Lq, device=device)
         attn_micro(row, model, cache, lambda c: pool.gather_into(c, keys), Lc, Lq, device, reps)
 
         def turbo_eager():
@@ -463,7 +463,7 @@ def bench_gpu(args):
         row["graph_only_ms"] = med(timed(lambda: graph.replay(q), reps, 2, device))
         del graph
         # rope applied once while stitching (no in-kernel rotation)
-        cache_rs = BlockKVCache(model, total + args.decode_tokens + 8, device=device, rope="stitch")
+        cache_rs = BlockKVCache(model, total + args.decode_tokens + 8 + Lq, device=device, rope="stitch")
         pool.gather_into(cache_rs, keys)
         graph_rs = GraphedBlockForward(model, cache_rs, Lc, Lq)
 
@@ -516,6 +516,25 @@ def bench_gpu(args):
                     del step_c, step_e
                 except Exception as ex:  # noqa: BLE001
                     log(f"   compiled decode failed: {type(ex).__name__}: {str(ex).splitlines()[0][:300]}")
+                torch._dynamo.reset()
+                # the question forward as a device-position graph, plain and compiled (TTFT incl. stitching)
+                try:
+                    for name, comp in (("turbo_step_graph_ms", False), ("turbo_step_graph_compiled_ms", True)):
+                        qg = GraphedStep(model, cache, Lq, compile=comp)
+
+                        def turbo_step(qg=qg):
+                            pool.gather_into(cache, keys)
+                            return qg.replay(q, Lc)
+
+                        row[name] = med(timed(lambda: turbo_step()[1], reps * 2, 3, device))
+                        row[name.replace("_ms", "_logits")] = turbo_step()[0].float().clone()
+                        del qg
+                    row["question_compiled_vs_graph_rel"] = rel(row.pop("turbo_step_graph_compiled_logits"),
+                                                                row.pop("turbo_step_graph_logits"))
+                except Exception as ex:  # noqa: BLE001
+                    log(f"   compiled question failed: {type(ex).__name__}: {str(ex).splitlines()[0][:300]}")
+                    row.pop("turbo_step_graph_logits", None)
+                    row.pop("turbo_step_graph_compiled_logits", None)
                 torch._dynamo.reset()
         # -- blend (eager)
         ctx_ids = ids[0, :Lc]
@@ -620,7 +639,7 @@ def bench_cpu(args):
             input_ids=q[None], position_ids=torch.arange(Lc, total)[None], past_key_values=dc, use_cache=True,
             logits_to_keep=1), reps, 1, reset=lambda: crop_to(dc, Lc)))
         set_attn(model, "blockrag")
-        cache = BlockKVCache(model, total + args.decode_tokens + 8, device=device, rope=args.cpu_rope)
+        cache = BlockKVCache(model, total + args.decode_tokens + 8 + Lq, device=device, rope=args.cpu_rope)
 
         def turbo():
             cache.load(parts)
@@ -653,7 +672,9 @@ def table(results) -> str:
             ("hf_decode_tok_s", "HF dec tok/s", "{:.1f}"),
             ("hf_static_compiled_tok_s", "HF static+compile tok/s", "{:.1f}"), ("turbo_decode_tok_s", "turbo dec tok/s", "{:.1f}"),
             ("turbo_decode_graph_tok_s", "turbo dec graph tok/s", "{:.1f}"),
-            ("turbo_decode_graph_compiled_tok_s", "turbo dec graph+compile tok/s", "{:.1f}")]
+            ("turbo_decode_graph_compiled_tok_s", "turbo dec graph+compile tok/s", "{:.1f}"),
+            ("turbo_step_graph_ms", "turbo step-graph ms", "{:.2f}"),
+            ("turbo_step_graph_compiled_ms", "turbo step-graph+compile ms", "{:.2f}")]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
