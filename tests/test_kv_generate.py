@@ -180,3 +180,28 @@ def test_device_tier_matches_host_path(smol, tmp_path):
     assert set(small._dev_tier) == {"prefix"} | {store.key(c) for c in chunks[1:]}
     ref, _ = plain.prefill(QUESTION, chunks[1:], "turbo")
     assert (got - ref).abs().max().item() < 1e-5
+
+
+def test_failed_compilation_falls_back_to_the_plain_graph(monkeypatch):
+    """compile_decode / compile_question are optimisations: a torch.compile failure warns, switches the
+    option off and captures the uncompiled graph (the graph class is faked: no GPU needed)."""
+    import attention_kv.generate as gen_mod
+    from attention_kv.generate import Generator
+
+    made = []
+
+    class FakeGraph:
+        def __init__(self, model, cache, n=1, compile=False):
+            if compile:
+                raise RuntimeError("inductor unavailable")
+            made.append(n)
+
+    monkeypatch.setattr(gen_mod, "GraphedStep", FakeGraph)
+    g = Generator.__new__(Generator)  # only the fields _graph reads
+    g.model, g.compile_decode, g.compile_question = None, True, True
+    with pytest.warns(UserWarning, match="compile_decode"):
+        assert isinstance(g._graph(None, 1, "compile_decode"), FakeGraph)
+    assert made == [1] and g.compile_decode is False and g.compile_question is True
+    with pytest.warns(UserWarning, match="compile_question"):
+        g._graph(None, 7, "compile_question")
+    assert made == [1, 7] and g.compile_question is False
