@@ -34,7 +34,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_attention import _dot, _merge_step, _softmax_step
+    from .triton_attention import _dot, _merge_partials, _softmax_step
 
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -104,16 +104,7 @@ if HAS_TRITON:
                 tl.debug_barrier()
                 prev = tl.atomic_add(CNT, 1, sem="acq_rel")
                 if prev == n_ch - 1:
-                    r = r0 + tl.arange(0, BM)
-                    m = tl.full([BM], float("-inf"), tl.float32)
-                    l = tl.zeros([BM], tl.float32)
-                    acc2 = tl.zeros([BM, D], tl.float32)
-                    for cc in range(0, n_ch):
-                        row2 = (cc * n_bh + bh) * R + r
-                        lse2 = tl.load(PL + row2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                        o2 = tl.load(PO + row2[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0,
-                                     cache_modifier=".cg")
-                        acc2, l, m = _merge_step(acc2, l, m, lse2, o2)
+                    acc2, l, _ = _merge_partials(PO, PL, bh * R + r0 + tl.arange(0, BM), n_bh * R, n_ch, ok, BM, D)
                     res = acc2 / tl.where(l == 0.0, 1.0, l)[:, None]
                     ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_d[None, :] * sod
                     tl.store(ptrs, res.to(O.dtype.element_ty), mask=ok[:, None])
@@ -214,14 +205,7 @@ if HAS_TRITON:
         h = kvh * G + r % G
         ok = i < Lq
         offs_d = tl.arange(0, D)
-        m = tl.full([BM], float("-inf"), tl.float32)
-        l = tl.zeros([BM], tl.float32)
-        acc = tl.zeros([BM, D], tl.float32)
-        for c in range(0, n_ch):
-            row = (c * n_bh + bh) * R + r
-            lse = tl.load(PL + row, mask=ok, other=float("-inf"))
-            o = tl.load(PO + row[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-            acc, l, m = _merge_step(acc, l, m, lse, o)
+        acc, l, _ = _merge_partials(PO, PL, bh * R + r, n_bh * R, n_ch, ok, BM, D)
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
         ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_d[None, :] * sod
         tl.store(ptrs, out.to(O.dtype.element_ty), mask=ok[:, None])

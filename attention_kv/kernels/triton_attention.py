@@ -119,6 +119,23 @@ if HAS_TRITON:
         return acc, l_i, m_new
 
     @triton.jit
+    def _merge_partials(PO, PL, rows0, step, n, ok, BM: tl.constexpr, D: tl.constexpr):
+        """Merge ``n`` partial results of a block of rows: slice ``c``'s rows sit at ``rows0 + c * step`` in
+        the partial outputs ``PO`` [rows, D] and log-sum-exps ``PL``. Returns (acc, l, m); out = acc / l.
+        Loads bypass L1 (``.cg``): partials may have just been written by other programs."""
+        offs_d = tl.arange(0, D)
+        m = tl.full([BM], float("-inf"), tl.float32)
+        l = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        for c in range(0, n):
+            row = rows0 + c * step
+            lse_c = tl.load(PL + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            o_c = tl.load(PO + row[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0,
+                          cache_modifier=".cg")
+            acc, l, m = _merge_step(acc, l, m, lse_c, o_c)
+        return acc, l, m
+
+    @triton.jit
     def _merge_step(acc, l, m, lse_c, o_c):
         """Fold one split's normalised output ``o_c`` with log-sum-exp ``lse_c`` (log2 units) into a running
         (acc, l, m); the result is acc / l once every split is in."""
@@ -328,14 +345,8 @@ if HAS_TRITON:
         h = kvh * G + offs_r % G
         row_ok = i < Lq
         offs_d = tl.arange(0, D)
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
-        for c in range(0, n):
-            base = ((slot0 + c) * n_bh + bh) * BLOCK_M
-            lse_c = tl.load(PL + base + offs_l, mask=row_ok, other=float("-inf"))
-            o_c = tl.load(PO + (base + offs_l)[:, None] * D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            acc, l, m = _merge_step(acc, l, m, lse_c, o_c)
+        acc, l, m = _merge_partials(PO, PL, (slot0 * n_bh + bh) * BLOCK_M + offs_l, n_bh * BLOCK_M, n, row_ok,
+                                    BLOCK_M, D)
         empty = l == 0.0
         l_safe = tl.where(empty, 1.0, l)
         out = acc / l_safe[:, None]
