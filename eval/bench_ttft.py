@@ -519,6 +519,7 @@ def bench_gpu(args):
                 torch._dynamo.reset()
                 # the question forward as a device-position graph, plain and compiled (TTFT incl. stitching)
                 try:
+                    logits = {}
                     for name, comp in (("turbo_step_graph_ms", False), ("turbo_step_graph_compiled_ms", True)):
                         qg = GraphedStep(model, cache, Lq, compile=comp)
 
@@ -527,14 +528,11 @@ def bench_gpu(args):
                             return qg.replay(q, Lc)
 
                         row[name] = med(timed(lambda: turbo_step()[1], reps * 2, 3, device))
-                        row[name.replace("_ms", "_logits")] = turbo_step()[0].float().clone()
+                        logits[comp] = turbo_step()[0].float().clone()
                         del qg
-                    row["question_compiled_vs_graph_rel"] = rel(row.pop("turbo_step_graph_compiled_logits"),
-                                                                row.pop("turbo_step_graph_logits"))
+                    row["question_compiled_vs_graph_rel"] = rel(logits[True], logits[False])
                 except Exception as ex:  # noqa: BLE001
                     log(f"   compiled question failed: {type(ex).__name__}: {str(ex).splitlines()[0][:300]}")
-                    row.pop("turbo_step_graph_logits", None)
-                    row.pop("turbo_step_graph_compiled_logits", None)
                 torch._dynamo.reset()
         # -- blend (eager)
         ctx_ids = ids[0, :Lc]
