@@ -2,7 +2,7 @@
 
 Public API (exact signatures)::
 
-    from attention_kv import Generator, KVCacheStore
+    from blockrag.attention_kv import Generator, KVCacheStore
 
     gen = Generator(model_name=None, *, cache_dir=None, model=None, tokenizer=None, device=None, dtype=None,
                     store=None, system_prompt=None, quant=None, kv_dtype=None, rope="stitch",

@@ -62,7 +62,7 @@ def config_revision(model) -> str:
     """Revision hash for a model: its folder's files (or, without a local folder, its config) plus a sample
     of the weights in memory (:func:`weights_fingerprint`), so a model changed after loading (fine-tuned,
     merged, edited) never reuses caches computed with the original weights."""
-    from rag.models import model_revision
+    from blockrag.models import model_revision
 
     path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
     if path and Path(path).exists():
@@ -230,7 +230,7 @@ class KVCacheStore:
     def __init__(self, folder: str | Path, model, tokenizer, *, system_prompt: str | None = None,
                  dtype: torch.dtype = torch.bfloat16, quant: str | None = None, lru_bytes: int = 1 << 30,
                  model_name: str | None = None, batch_size: int = 8, prefix: str | None = None):
-        from rag.models import tokenizer_hash
+        from blockrag.models import tokenizer_hash
 
         if quant not in (None, "int8"):
             raise ValueError("quant must be None or 'int8'")

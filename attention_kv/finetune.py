@@ -87,7 +87,7 @@ def make_example(fmt, tokenizer, question: str, answer: str, chunks: Sequence) -
 
 def to_chunks(docs, tokenizer) -> list:
     """``Document`` -> ``Chunk`` with stored token ids (as eval/bench_kv_quality.py indexes them)."""
-    from rag.documents import Chunk
+    from blockrag.documents import Chunk
 
     return [Chunk(id=d.id, doc_id=d.id, position=0, text=d.full_text,
                   token_ids=tokenizer(d.full_text, add_special_tokens=False)["input_ids"]) for d in docs]
@@ -96,7 +96,7 @@ def to_chunks(docs, tokenizer) -> list:
 def synthetic_examples(fmt, tokenizer, seeds: Sequence[int], n_passages: int = 6,
                        per_seed: int | None = None) -> list[Example]:
     """Training examples from ``eval.synthetic.make_multihop`` (gold passages + distractors, shuffled)."""
-    from eval.bench_kv_quality import load_questions
+    from blockrag.eval.bench_kv_quality import load_questions
 
     bad = set(seeds) & set(EVAL_SEEDS)
     if bad:
@@ -237,7 +237,7 @@ def save(model, tokenizer, out: str | Path) -> None:
 def evaluate(model, tokenizer, seed: int, n_questions: int, n_passages: int = 6,
              modes: Sequence[str] = ("full", "turbo")) -> dict:
     """Gold-answer mean log-likelihood per token per mode (eval/bench_kv_quality.py's measure)."""
-    from eval.bench_kv_quality import answer_loglik, load_questions
+    from blockrag.eval.bench_kv_quality import answer_loglik, load_questions
 
     from .cache_store import KVCacheStore
     from .generate import Generator
@@ -286,7 +286,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from rag.models import load_generator
+    from blockrag.models import load_generator
 
     from .cache_store import KVCacheStore
 

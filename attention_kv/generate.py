@@ -96,7 +96,7 @@ class Generator:
                  device_cache_bytes: int | None = None, compile_decode: bool = False,
                  compile_question: bool = False):
         if model is None:
-            from rag.models import load_generator
+            from blockrag.models import load_generator
 
             model, tok = load_generator(model_name, dtype=dtype, device=device)
             tokenizer = tokenizer or tok
@@ -105,7 +105,7 @@ class Generator:
         self.device = next(model.parameters()).device
         if store is None:
             if cache_dir is None:
-                from rag.models import cache_dir as _cd
+                from blockrag.models import cache_dir as _cd
 
                 from .cache_store import config_revision
                 cache_dir = _cd() / "kv" / config_revision(model)

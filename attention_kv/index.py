@@ -33,7 +33,7 @@ class KVIndex:
         if self._store is None:
             import torch
 
-            from rag.models import load_generator
+            from blockrag.models import load_generator
 
             from .cache_store import KVCacheStore
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from rag.documents import Chunk, Document, LoadError, LoadReport, _read_jsonl, load_jsonl, text_lines
+from blockrag.documents import Chunk, Document, LoadError, LoadReport, _read_jsonl, load_jsonl, text_lines
 
 log = logging.getLogger(__name__)
 

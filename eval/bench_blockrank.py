@@ -11,9 +11,9 @@
     and full causal attention over the same flat prompt (contiguous positions), all up to the same layer and
     through the same attention backend. Median of ``--reps`` runs after a warm-up.
 
-    PYTHONPATH=. python -m eval.bench_blockrank --candidates-out runs/scifact_cands.json --depth 100
-    PYTHONPATH=. python -m eval.bench_blockrank --quality --candidates runs/scifact_cands.json --depth 20 --queries 60
-    PYTHONPATH=. python -m eval.bench_blockrank --gpu-speed --out blockrank_gpu.json
+    PYTHONPATH=. python -m blockrag.eval.bench_blockrank --candidates-out runs/scifact_cands.json --depth 100
+    PYTHONPATH=. python -m blockrag.eval.bench_blockrank --quality --candidates runs/scifact_cands.json --depth 20 --queries 60
+    PYTHONPATH=. python -m blockrag.eval.bench_blockrank --gpu-speed --out blockrank_gpu.json
 """
 from __future__ import annotations
 
@@ -69,10 +69,10 @@ def load_scifact(data: Path, split: str = "train"):
 
 
 def hybrid_candidates(corpus, queries, depth: int) -> dict[str, list[list]]:
-    from rag.documents import Chunk
-    from retrievers.bm25 import BM25Retriever
-    from retrievers.dense import DenseRetriever
-    from retrievers.fusion import RRF
+    from blockrag.documents import Chunk
+    from blockrag.retrievers.bm25 import BM25Retriever
+    from blockrag.retrievers.dense import DenseRetriever
+    from blockrag.retrievers.fusion import RRF
 
     chunks = [Chunk(id=d, doc_id=d, position=0, text=t) for d, t in corpus.items()]
     bm25 = BM25Retriever().build(chunks)
@@ -88,8 +88,8 @@ def hybrid_candidates(corpus, queries, depth: int) -> dict[str, list[list]]:
 def quality(args) -> dict:
     import torch
 
-    from rerankers.blockrank import BlockRankReranker, relevance
-    from rerankers.pointwise import PointwiseReranker
+    from blockrag.rerankers.blockrank import BlockRankReranker, relevance
+    from blockrag.rerankers.pointwise import PointwiseReranker
 
     corpus, queries, qrels = load_scifact(args.data, "train")
     cands = json.loads(Path(args.candidates).read_text()) if args.candidates else \
@@ -98,7 +98,7 @@ def quality(args) -> dict:
     random.Random(0).shuffle(qids)
     if args.queries:
         qids = qids[:args.queries]
-    from rag.models import load_generator
+    from blockrag.models import load_generator
 
     model, tok = load_generator(args.model, device=args.device)
     br = BlockRankReranker(args.model, model=model, tokenizer=tok, doc_tokens=args.doc_tokens, query_rows="all",
@@ -239,7 +239,7 @@ def speed(model, layer: int, sizes, reps: int, device: str, doc_len: int = 160, 
           vocab_hi: int | None = None) -> list[dict]:
     import torch
 
-    from rerankers.blockrank import BlockPrompt, BlockRankReranker, DocKVCache
+    from blockrag.rerankers.blockrank import BlockPrompt, BlockRankReranker, DocKVCache
 
     timer = _timer(device, budget_s)
     g = torch.Generator().manual_seed(0)
@@ -368,7 +368,7 @@ def main(argv=None):
     if args.quality:
         result["quality"] = quality(args)
     if args.cpu_speed:
-        from rag.models import load_generator
+        from blockrag.models import load_generator
 
         model, _ = load_generator(args.model, device="cpu")
         sizes = [int(x) for x in (args.sizes or "20,50,100,200,500").split(",")]

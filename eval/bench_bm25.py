@@ -1,5 +1,5 @@
 """BM25 benchmark: ours vs bm25s vs rank-bm25 in the same run on the same machine, plus dense encode
-throughput. ``python -m eval.bench_bm25 [--data ../shared/datasets/scifact] [--out report.json]``
+throughput. ``python -m blockrag.eval.bench_bm25 [--data ../shared/datasets/scifact] [--out report.json]``
 
 Every BM25 system indexes the same texts (BEIR title + "\\n" + text, one chunk per document) with the
 same tokenisation (lowercase, ``\\b\\w\\w+\\b``, bm25s's English stopwords, Snowball English stemmer)
@@ -28,8 +28,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from eval.beir import beir_chunks, load_beir  # noqa: E402
-from eval.metrics import evaluate_run  # noqa: E402
+from blockrag.eval.beir import beir_chunks, load_beir  # noqa: E402
+from blockrag.eval.metrics import evaluate_run  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "scifact"
 
@@ -59,8 +59,8 @@ class Ours(_System):
     name = "blockrag BM25 (lucene)"
 
     def index(self, ids, texts):
-        from rag.documents import Chunk
-        from retrievers.bm25 import BM25Retriever
+        from blockrag.documents import Chunk
+        from blockrag.retrievers.bm25 import BM25Retriever
 
         self.r = BM25Retriever(variant="lucene").build(
             [Chunk(id=i, doc_id=i, position=0, text=t) for i, t in zip(ids, texts)])
@@ -118,7 +118,7 @@ class RankBM25(_System):
     def index(self, ids, texts):
         import rank_bm25
 
-        from retrievers.bm25 import Tokenizer
+        from blockrag.retrievers.bm25 import Tokenizer
 
         self.ids, self.tok = ids, Tokenizer()
         self.r = rank_bm25.BM25Okapi(self.tok.tokenize_many(texts))
@@ -141,7 +141,7 @@ def _ndcg(runs: list[list[str]], qids: list[str], qrels) -> float:
 def _dense_throughput(texts: list[str], batch_size: int = 64) -> dict:
     import torch
 
-    from rag.models import load_embedder
+    from blockrag.models import load_embedder
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)  # the BM25 pinning above is for BM25 only
@@ -243,7 +243,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.bench_bm25", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m blockrag.eval.bench_bm25", description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="BEIR dataset folder (default: %(default)s)")
     p.add_argument("--split", default="train")
     p.add_argument("--repeats", type=int, default=3)

@@ -1,6 +1,6 @@
 """Dense retrieval parity and throughput: our DenseRetriever vs sentence-transformers + faiss used directly.
 
-    python -m eval.bench_dense [--data ../shared/datasets/scifact] [--split train] [--out report.json]
+    python -m blockrag.eval.bench_dense [--data ../shared/datasets/scifact] [--split train] [--out report.json]
 
 Both sides embed the same texts (title + newline + abstract) with all-MiniLM-L6-v2 and search a flat
 inner-product index; the nDCG@10 difference shows what our wrapping (ids, deletes, persistence) costs.
@@ -42,11 +42,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from eval.beir import beir_chunks, load_beir
-    from eval.evaluate import retrieve_run
-    from eval.metrics import evaluate_run
-    from rag.models import resolve_embedder
-    from retrievers.dense import DenseRetriever
+    from blockrag.eval.beir import beir_chunks, load_beir
+    from blockrag.eval.evaluate import retrieve_run
+    from blockrag.eval.metrics import evaluate_run
+    from blockrag.models import resolve_embedder
+    from blockrag.retrievers.dense import DenseRetriever
 
     data = load_beir(args.data, args.split)
     chunks = beir_chunks(data.corpus)

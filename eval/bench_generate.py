@@ -8,8 +8,8 @@ The first call of each Generator builds the passages' KV caches and captures the
 reports it separately and the median of the later calls. Greedy answers of the two Generators are
 compared token by token.
 
-  PYTHONPATH=. python -m eval.bench_generate                       # SmolLM2-135M (installed package)
-  PYTHONPATH=. python -m eval.bench_generate --model DIR --random-weights   # config + tokenizer only
+  PYTHONPATH=. python -m blockrag.eval.bench_generate                       # SmolLM2-135M (installed package)
+  PYTHONPATH=. python -m blockrag.eval.bench_generate --model DIR --random-weights   # config + tokenizer only
 
 ``--random-weights`` builds the model from ``DIR``'s config with random weights (speed does not depend on
 the weights; the answers are then meaningless but must still agree).
@@ -30,7 +30,7 @@ import torch
 def build(model_name: str | None, random_weights: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from rag.models import load_generator, resolve_generator
+    from blockrag.models import load_generator, resolve_generator
 
     if not random_weights:
         return load_generator(model_name, dtype=torch.bfloat16, device="cuda")
@@ -42,7 +42,7 @@ def build(model_name: str | None, random_weights: bool):
 
 
 def passages(tok, n: int, seed: int = 0):
-    from rag.documents import Chunk
+    from blockrag.documents import Chunk
 
     rng = random.Random(seed)
     words = ("river port chemist mayor elected company industries born headquartered works valley north "
@@ -66,7 +66,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("bench_generate needs a CUDA GPU", file=sys.stderr)
         return 2
-    from attention_kv import Generator, KVCacheStore
+    from blockrag.attention_kv import Generator, KVCacheStore
 
     model, tok = build(args.model, args.random_weights)
     chunks = passages(tok, args.passages)

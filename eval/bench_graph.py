@@ -1,6 +1,6 @@
 """Graph RAG benchmark: multi-hop recall, multi-aspect topic recall, build throughput, query latency.
 
-    python -m eval.bench_graph --out runs/graph.json [--data ../shared/datasets] [--only synthetic,mrag,scifact]
+    python -m blockrag.eval.bench_graph --out runs/graph.json [--data ../shared/datasets] [--only synthetic,mrag,scifact]
 
 1. Synthetic multi-hop set (eval.synthetic): recall@10 of *all* gold passages per question, by hop
    count, for every graph mode vs BM25, dense and hybrid (RRF of both).
@@ -26,15 +26,15 @@ MODES = ("local", "global", "hybrid", "mix", "naive", "path", "ppr")
 
 
 def _chunks(docs):
-    from rag.documents import Chunk, chunk_id
+    from blockrag.documents import Chunk, chunk_id
 
     return [Chunk(id=chunk_id(d.id, 0, d.full_text), doc_id=d.id, position=0, text=d.full_text) for d in docs]
 
 
 def _baselines(chunks):
-    from retrievers.bm25 import BM25Retriever
-    from retrievers.dense import DenseRetriever
-    from retrievers.fusion import RRF
+    from blockrag.retrievers.bm25 import BM25Retriever
+    from blockrag.retrievers.dense import DenseRetriever
+    from blockrag.retrievers.fusion import RRF
 
     bm25 = BM25Retriever()
     bm25.build(chunks)
@@ -44,7 +44,7 @@ def _baselines(chunks):
 
 
 def _graph(chunks, dense, **kw):
-    from graph import GraphIndex
+    from blockrag.graph import GraphIndex
 
     gi = GraphIndex(dense=dense, **kw)
     t = time.perf_counter()
@@ -58,8 +58,8 @@ def _pct(xs, q):
 
 
 def bench_synthetic(args) -> dict:
-    from eval.synthetic import make_multihop
-    from graph import GraphRetriever
+    from blockrag.eval.synthetic import make_multihop
+    from blockrag.graph import GraphRetriever
 
     s = make_multihop(seed=args.seed)
     chunks = _chunks(s.passages)
@@ -82,8 +82,8 @@ def bench_synthetic(args) -> dict:
 
 
 def bench_mrag(args) -> dict:
-    from graph import GraphRetriever
-    from rag.documents import Document
+    from blockrag.graph import GraphRetriever
+    from blockrag.documents import Document
 
     folder = Path(args.data) / "mrag-wikipedia"
     if not (folder / "articles.json.bz2").exists():
@@ -126,8 +126,8 @@ def bench_mrag(args) -> dict:
 
 
 def bench_scifact(args) -> dict:
-    from graph import GraphIndex, GraphRetriever
-    from rag.documents import load_beir_corpus
+    from blockrag.graph import GraphIndex, GraphRetriever
+    from blockrag.documents import load_beir_corpus
 
     folder = Path(args.data) / "scifact"
     if not (folder / "corpus.jsonl").exists():
@@ -156,7 +156,7 @@ def bench_scifact(args) -> dict:
            "incremental_vs_full": round(add_s / full_s, 4), "graph": gi.stats(), "build_report": report_full}
     print(out, flush=True)
     # latency: every mode; naive/mix need chunk vectors, so a dense retriever over the same chunks
-    from retrievers.dense import DenseRetriever
+    from blockrag.retrievers.dense import DenseRetriever
 
     dense = DenseRetriever(show_progress=False)
     dense.build(base + more)

@@ -1,6 +1,6 @@
 """Benchmark of attention_kv.kernels (Triton) against torch SDPA, on Llama-3-8B attention heads.
 
-    PYTHONPATH=. python -m eval.bench_kernel --out kernel.json [--sweep] [--quick]
+    PYTHONPATH=. python -m blockrag.eval.bench_kernel --out kernel.json [--sweep] [--quick]
 
 Needs a CUDA GPU. In one run: (1) the device's ceilings (device-to-device copy bandwidth, bf16 matmul
 rate), (2) correctness of the kernel against a float64 computation and the fp32 torch reference on random
@@ -27,8 +27,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from attention_kv.kernels import attend_reference, make_block_ids, visibility_mask
-from attention_kv.kernels.triton_attention import attend_triton, default_config
+from blockrag.attention_kv.kernels import attend_reference, make_block_ids, visibility_mask
+from blockrag.attention_kv.kernels.triton_attention import attend_triton, default_config
 
 HQ, HKV, D = 32, 8, 128
 SWEEP_DECODE = ((128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3))
@@ -110,7 +110,7 @@ def bench_graph(fn, target_ms: float = 300.0) -> dict | None:
 
 def _kinfo() -> str:
     """Registers / spills of the attention kernel of the last call (empty for non-Triton calls)."""
-    from attention_kv.kernels import triton_attention as ta
+    from blockrag.attention_kv.kernels import triton_attention as ta
 
     h = ta.LAST_LAUNCH.pop("question", None) or ta.LAST_LAUNCH.pop("fwd", None)
     try:
@@ -218,7 +218,7 @@ def correctness(inv_freq) -> list:
         check(f"question 50 x 4133, split chunk={chunk}", lambda: attend_triton(q, k, v, chunk=chunk),
               lambda: attend_reference(q, k, v))
     kpos = torch.arange(Lk, device="cuda") + 1234
-    from attention_kv.kernels import apply_rope
+    from blockrag.attention_kv.kernels import apply_rope
     k_rot = apply_rope(k, kpos, inv_freq).to(DT)
     check("question 50 x 4133, RoPE on load (pos+1234)",
           lambda: attend_triton(q, k, v, inv_freq=inv_freq, k_positions=kpos),
@@ -346,7 +346,7 @@ def _time_question(rows, ceil, Lq, Lk, q, k, v, variants, ref, inv_freq, kpos):
     kv_bytes = 2 * HKV * Lk * D * 2
     for name, fn in variants:
         try:
-            from attention_kv.kernels import triton_attention as ta
+            from blockrag.attention_kv.kernels import triton_attention as ta
 
             ta.LAST_LAUNCH.clear()
             o = fn()
@@ -483,7 +483,7 @@ def table(ceil, dec, pre) -> str:
              f"(read+write), bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s"]
     lines.append("(a) 50-token question (Lq=50) or one decoded token (Lq=1) over a cache, Llama-3-8B heads (32q/8kv, "
                  "d=128, bf16). call = per call from Python (L2 emptied); graph = CUDA-graph replay (device time); "
-                 "GB/s and % copy from graph time")
+                 "GB/s and % copy from blockrag.graph time")
     lines.append(f"{'Lq':>3} | {'Lk':>6} | {'impl':<50} | {'call ms':>8} | {'graph ms':>8} | {'K/V GB/s':>8} | "
                  f"{'% copy':>6} | {'host us':>7}")
     keep = ("ours", "ours, general kernel (128-row tiles)", "ours, RoPE on load (prepass)", "ours, RoPE on load (fused)")
@@ -492,7 +492,7 @@ def table(ceil, dec, pre) -> str:
             lines.append(f"{r.get('Lq', 50):>3} | {r['Lk']:>6} | {r['impl'][:50]:<50} | {r['ms']:8.4f} | "
                          f"{_f(r['graph_ms'], '8.4f'):>8} | {r['GBps']:8.0f} | {r['pct_copy']:6.1f} | {r['cpu_us']:7.0f}")
     lines.append("(b) BlockRank prefill: 64 instr + N x 160 docs + 32 query (q = k = all tokens); TFLOP/s counts "
-                 "visible query-key pairs only, from graph time where captured")
+                 "visible query-key pairs only, from blockrag.graph time where captured")
     lines.append(f"{'N':>4} | {'L':>6} | {'impl':<50} | {'call ms':>8} | {'graph ms':>8} | {'TFLOP/s':>7} | {'% mm':>5}")
     for r in pre:
         if r["impl"].startswith("ours") and " bm" not in r["impl"] or r["impl"].startswith("sdpa"):
@@ -522,7 +522,7 @@ def main(argv=None):
     checks = correctness(inv_freq)
     ok = all(c["ok"] for c in checks)
     log("correctness", "PASS" if ok else "FAIL")
-    from attention_kv.kernels import triton_attention as ta
+    from blockrag.attention_kv.kernels import triton_attention as ta
     for name, h in ta.LAST_LAUNCH.items():
         try:
             log(f"  compiled {name}: regs {h.n_regs} spills {h.n_spills} shared {h.metadata.shared}")

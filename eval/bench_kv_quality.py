@@ -12,7 +12,7 @@ questions. ``KL rec.`` = 1 - KL(full || mode) / KL(full || turbo), the per-token
 teacher-forced answer distributions from the ``full`` ones (a much less noisy measure of closeness to full).
 Blend modes score the context with the question rows only (``n_score``), not with the appended answer.
 
-  PYTHONPATH=. python -m eval.bench_kv_quality --questions 30 --out quality.json
+  PYTHONPATH=. python -m blockrag.eval.bench_kv_quality --questions 30 --out quality.json
 
 Several seeds in one run (``--seed 1-7`` or ``--seed 1,2,3``) print one table per seed and a pooled row:
 the same formulas over all questions of all seeds (gap recovered = ratio of the mean LL differences,
@@ -55,10 +55,10 @@ def token_f1(pred: str, gold: str) -> float:
 
 
 def load_questions(seed: int, n_questions: int, n_passages: int):
-    """[(question text, gold answer, [Document])] from eval.synthetic (a tiny local fallback otherwise)."""
+    """[(question text, gold answer, [Document])] from blockrag.eval.synthetic (a tiny local fallback otherwise)."""
     rng = random.Random(seed)
     try:
-        from eval.synthetic import make_multihop
+        from blockrag.eval.synthetic import make_multihop
 
         s = make_multihop(seed=seed)
         qs = list(s.questions)
@@ -72,7 +72,7 @@ def load_questions(seed: int, n_questions: int, n_passages: int):
             out.append((q.text, q.answer, docs, q.hops))
         return out
     except ImportError:  # pragma: no cover - fallback generator
-        from rag.documents import Document
+        from blockrag.documents import Document
 
         out = []
         for i in range(n_questions):
@@ -192,8 +192,8 @@ def print_table(summary: dict, title: str) -> None:
 
 def run_seed(gen, gen8, tok, seed: int, args, root: str) -> dict:
     """One seed: index its passages, run every mode on every question; the single-seed result dict."""
-    from attention_kv import KVCacheStore
-    from rag.documents import Chunk
+    from blockrag.attention_kv import KVCacheStore
+    from blockrag.documents import Chunk
 
     modes = args.modes.split(",")
     # the synthetic worlds of different seeds reuse passage ids: one store folder per seed
@@ -268,7 +268,7 @@ def main(argv=None):
     ap.add_argument("--blend-opts", default=None,
                     help='JSON overriding Generator.blend_opts, e.g. \'{"gradual": 1.0}\' (the pre-gradual CacheBlend)')
     ap.add_argument("--model", default=None, help="generator path / id (default: the bundled SmolLM2), e.g. a "
-                    "block-attention fine-tune from attention_kv.finetune")
+                    "block-attention fine-tune from blockrag.attention_kv.finetune")
     ap.add_argument("--pool", nargs="+", default=None, metavar="JSON",
                     help="no model run: pool the per-question records of saved results and print the pooled table")
     ap.add_argument("--note", default=None, help="free text stored in the --out JSON (several seeds)")
@@ -283,8 +283,8 @@ def main(argv=None):
         return pooled
 
     torch.set_num_threads(args.threads)
-    from attention_kv import Generator, KVCacheStore
-    from rag.models import load_generator
+    from blockrag.attention_kv import Generator, KVCacheStore
+    from blockrag.models import load_generator
 
     model, tok = load_generator(args.model, dtype=torch.float32, device="cpu")
     root = args.cache_dir or tempfile.mkdtemp(prefix="kvq-")
@@ -295,7 +295,7 @@ def main(argv=None):
     if "turbo_int8" in args.modes.split(","):
         gen8 = Generator(model=model, tokenizer=tok, store=KVCacheStore(f"{root}/int8", model, tok, quant="int8"))
     seeds = parse_seeds(args.seed)
-    command = "PYTHONPATH=. python -m eval.bench_kv_quality " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "PYTHONPATH=. python -m blockrag.eval.bench_kv_quality " + shlex.join(sys.argv[1:] if argv is None else argv)
     runs, t0 = [], time.time()
 
     def title(r):

@@ -9,7 +9,7 @@ Articles are embedded as ``title\\ntext`` truncated to ``--doc-tokens`` generato
 the same text, truncated by its own 256-token limit). One SmolLM2 pass over the articles and one over
 the queries serve all three SmolLM2 variants and every layer in ``--layers``.
 
-    PYTHONPATH=. python -m eval.bench_mrag --out mrag.json
+    PYTHONPATH=. python -m blockrag.eval.bench_mrag --out mrag.json
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def main(argv=None):
 
     import torch
 
-    from retrievers.mrag import HeadEncoder, MRAGRetriever
+    from blockrag.retrievers.mrag import HeadEncoder, MRAGRetriever
 
     articles, queries = load(args.data)
     if args.articles:
@@ -136,7 +136,7 @@ def main(argv=None):
             results[label] = coverage([[title_of[h.chunk_id] for h in hs] for hs in hits], queries)
 
     if not args.no_minilm:
-        from rag.models import load_embedder
+        from blockrag.models import load_embedder
 
         model = load_embedder()
         t0 = time.perf_counter()

@@ -16,8 +16,8 @@ graph captured once (positions and cache length read on the device, so every ste
 Correctness first (2K, real encoding of the passages): ours vs HF's stitched DynamicCache, host vs GPU,
 int8 vs bf16, blend(100%) vs full.
 
-  PYTHONPATH=. python -m eval.bench_ttft --out ttft.json            # GPU
-  PYTHONPATH=. python -m eval.bench_ttft --cpu --out ttft_cpu.json  # CPU, SmolLM2-135M
+  PYTHONPATH=. python -m blockrag.eval.bench_ttft --out ttft.json            # GPU
+  PYTHONPATH=. python -m blockrag.eval.bench_ttft --cpu --out ttft_cpu.json  # CPU, SmolLM2-135M
 """
 from __future__ import annotations
 
@@ -31,11 +31,11 @@ import time
 
 import torch
 
-from attention_kv.cache_store import ChunkKV, encode_blocks, quantize_int8
-from attention_kv.blend import blend_prefill
-from attention_kv.hf_integration import (BlockKVCache, GraphedBlockForward, GraphedStep, forward_block,
+from blockrag.attention_kv.cache_store import ChunkKV, encode_blocks, quantize_int8
+from blockrag.attention_kv.blend import blend_prefill
+from blockrag.attention_kv.hf_integration import (BlockKVCache, GraphedBlockForward, GraphedStep, forward_block,
                                         use_blockrag_attention)
-from attention_kv.rope import cos_sin, rope_params, rotate
+from blockrag.attention_kv.rope import cos_sin, rope_params, rotate
 
 
 def log(*a):
@@ -226,7 +226,7 @@ def correctness(model, device, prefix_len, q_len, rng, results):
          "turbo_graph_vs_eager_rel": rel(ours, eager), "argmax_equal": bool(ours.argmax() == ref.argmax())}
     # host-memory path (same data) and int8
     set_attn(model, "blockrag")
-    from attention_kv.prefetch import LayerPrefetcher, int8_blob
+    from blockrag.attention_kv.prefetch import LayerPrefetcher, int8_blob
 
     hparts = [ChunkKV(p.token_ids, p.kv.cpu().pin_memory()) for p in parts]
     cache_h = BlockKVCache(model, Lc + q_len + 64, device=device)
@@ -239,7 +239,7 @@ def correctness(model, device, prefix_len, q_len, rng, results):
     host = graph_h.replay(qd)[0].float().clone()
     c["turbo_host_vs_gpu_rel"] = rel(host, ours)
     # GPU-resident pool gather (fused RoPE) vs torch stitching, and the rope-at-stitch forward
-    from attention_kv.prefetch import DeviceKVPool
+    from blockrag.attention_kv.prefetch import DeviceKVPool
 
     nL = model.config.num_hidden_layers
     pool = DeviceKVPool(nL, parts[0].kv.shape[3], parts[0].kv.shape[4], Lc, dtype=torch.bfloat16, device=device)
@@ -319,7 +319,7 @@ def correctness(model, device, prefix_len, q_len, rng, results):
 def attn_micro(row, model, cache, load, Lc, Lq, device, reps):
     """One layer's question-block attention over the stitched cache: our kernel with RoPE on load
     (strided K/V views of the interleaved buffer), our kernel on pre-rotated contiguous K/V, and SDPA."""
-    from attention_kv.masks import get_attend
+    from blockrag.attention_kv.masks import get_attend
 
     attend = get_attend()
     load(cache)
@@ -387,7 +387,7 @@ def bench_gpu(args):
     results["h2d_GBps"] = bw
     results["d2d_GBps"] = d2d_bandwidth(device)
     log(f"measured H2D {bw:.1f} GB/s (pinned, 1 GiB), D2D copy {results['d2d_GBps']:.0f} GB/s")
-    from attention_kv.prefetch import DeviceKVPool, LayerPrefetcher, int8_blob
+    from blockrag.attention_kv.prefetch import DeviceKVPool, LayerPrefetcher, int8_blob
 
     V = model.config.vocab_size
     nL, Hkv, D = model.config.num_hidden_layers, model.config.num_key_value_heads, 128
@@ -603,7 +603,7 @@ def bench_gpu(args):
 # ----------------------------------------------------------------------------- CPU benchmark
 @torch.no_grad()
 def bench_cpu(args):
-    from rag.models import load_generator
+    from blockrag.models import load_generator
 
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")

@@ -47,17 +47,17 @@ def _make(kind: str, chunks, model_name: str | None, bm25_params: dict | None, r
         return built[kind]
     t0 = time.perf_counter()
     if kind == "bm25":
-        from retrievers.bm25 import BM25Retriever
+        from blockrag.retrievers.bm25 import BM25Retriever
 
         r = BM25Retriever(**(bm25_params or {})).build(chunks)
     elif kind == "dense":
-        from retrievers.dense import DenseRetriever
+        from blockrag.retrievers.dense import DenseRetriever
 
         r = DenseRetriever(model_name=model_name)
         r.build(chunks)
     elif kind in ("hybrid", "score-fusion"):
         parts = [_make(p, chunks, model_name, bm25_params, rrf_k, built, timings) for p in ("bm25", "dense")]
-        from retrievers import fusion
+        from blockrag.retrievers import fusion
 
         r = fusion.RRF(parts, k=rrf_k) if kind == "hybrid" else fusion.ScoreFusion(parts)
     else:
@@ -76,11 +76,11 @@ def _from_store(store_dir: Path, kind: str, corpus, model_name: str | None, bm25
     if kind in ("hybrid", "score-fusion"):
         parts = [_from_store(store_dir, p, corpus, model_name, bm25_params, rrf_k, built, timings, state)
                  for p in ("bm25", "dense")]
-        from retrievers import fusion
+        from blockrag.retrievers import fusion
 
         built[kind] = fusion.RRF(parts, k=rrf_k) if kind == "hybrid" else fusion.ScoreFusion(parts)
         return built[kind]
-    from rag.collection import Collection
+    from blockrag.collection import Collection
 
     if "collection" not in state:
         col = Collection(store_dir, chunk_tokens=None, overlap=0)

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from rag.documents import Document, LoadError, LoadReport, text_lines
+from blockrag.documents import Document, LoadError, LoadReport, text_lines
 
 log = logging.getLogger(__name__)
 

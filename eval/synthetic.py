@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from rag.documents import Document
+from blockrag.documents import Document
 
 FORMAT_VERSION = 1
 
@@ -313,7 +313,7 @@ def _a(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-if __name__ == "__main__":  # python -m eval.synthetic OUT_FOLDER [seed]
+if __name__ == "__main__":  # python -m blockrag.eval.synthetic OUT_FOLDER [seed]
     import sys
 
     s = make_multihop(seed=int(sys.argv[2]) if len(sys.argv) > 2 else 0)

@@ -19,9 +19,9 @@ def main(argv=None) -> int:
     p.add_argument("--generator", default=None)
     args = p.parse_args(argv)
 
-    from attention_kv import Generator
-    from rag.collection import Collection
-    from rag.pipeline import Pipeline
+    from blockrag.attention_kv import Generator
+    from blockrag.collection import Collection
+    from blockrag.pipeline import Pipeline
 
     collection = Collection(args.store)
     generator = Generator(args.generator, cache_dir=f"{args.store}/kv")

@@ -78,13 +78,13 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=8080)
     args = p.parse_args(argv)
 
-    from rag.collection import Collection
-    from rag.pipeline import Pipeline
+    from blockrag.collection import Collection
+    from blockrag.pipeline import Pipeline
 
     collection = Collection(args.store)
     generator = None
     if not args.no_generate:
-        from attention_kv import Generator
+        from blockrag.attention_kv import Generator
 
         generator = Generator(None, cache_dir=f"{args.store}/kv")
     pipe = Pipeline(collection, args.retriever, k=4, generator=generator, mode=args.mode)

@@ -1,7 +1,7 @@
 """Graph RAG: entity/relation extraction, an incremental networkx graph store, LightRAG query modes,
 PathRAG paths and HippoRAG-style personalized PageRank; every mode is a retriever.
 
-    from graph import GraphIndex, GraphRetriever
+    from blockrag.graph import GraphIndex, GraphRetriever
     index = GraphIndex()              # spaCy extractor (regex fallback), all-MiniLM-L6-v2 vectors
     index.build(chunks)               # or index.add(chunks) / index.delete(chunk_ids)
     hits = GraphRetriever(index, mode="ppr").retrieve("who founded ...", k=10)

@@ -84,7 +84,7 @@ class STEmbedder:
     """sentence-transformers model resolved offline by :func:`rag.models.load_embedder`."""
 
     def __init__(self, model_name: str | None = None, batch_size: int = 128):
-        from rag.models import DEFAULT_EMBEDDER
+        from blockrag.models import DEFAULT_EMBEDDER
 
         self.name = model_name or DEFAULT_EMBEDDER
         self.batch_size = batch_size
@@ -93,7 +93,7 @@ class STEmbedder:
     @property
     def model(self):
         if self._model is None:
-            from rag.models import load_embedder
+            from blockrag.models import load_embedder
 
             self._model = load_embedder(self.name)
         return self._model
@@ -160,7 +160,7 @@ class GraphIndex:
         return self._extractor
 
     def _vi(self):
-        from retrievers.vector_index import VectorIndex
+        from blockrag.retrievers.vector_index import VectorIndex
 
         return VectorIndex(self.embedder.dim, "flat")
 
@@ -403,7 +403,7 @@ class GraphIndex:
 
     # ----------------------------------------------------------- persistence
     def manifest(self) -> dict:
-        from rag.models import model_revision, resolve_embedder
+        from blockrag.models import model_revision, resolve_embedder
 
         model = getattr(self.embedder, "name", None)
         revision = None
@@ -415,17 +415,17 @@ class GraphIndex:
                            "format_version": FORMAT_VERSION, **self.store.stats()}}
 
     def save(self, folder: str | Path) -> None:
-        from retrievers.vector_index import atomic_folder_write
+        from blockrag.retrievers.vector_index import atomic_folder_write
 
         self._ensure_indexes()
 
         def write(tmp: Path):
-            self.store.save(tmp / "graph.pkl")
+            self.store.save(tmp / "blockrag.graph.pkl")
             self.entities.save(tmp / "entities")
             self.relations.save(tmp / "relations")
             if self.chunks is not None:
                 self.chunks.save(tmp / "chunks")
-            (tmp / "graph.json").write_text(json.dumps({
+            (tmp / "blockrag.graph.json").write_text(json.dumps({
                 "format_version": FORMAT_VERSION, "name": self.name,
                 "embedder": getattr(self.embedder, "name", None), "extractor": self.extractor_config,
                 "chunk_vectors": self.chunk_vectors, "max_chunk_chars": self.max_chunk_chars,
@@ -437,11 +437,11 @@ class GraphIndex:
 
     @classmethod
     def load(cls, folder: str | Path, extractor=None, embedder=None, **kwargs) -> "GraphIndex":
-        from rag.store import IndexMismatch
-        from retrievers.vector_index import VectorIndex
+        from blockrag.store import IndexMismatch
+        from blockrag.retrievers.vector_index import VectorIndex
 
         folder = Path(folder)
-        meta = json.loads((folder / "graph.json").read_text())
+        meta = json.loads((folder / "blockrag.graph.json").read_text())
         if meta["format_version"] != FORMAT_VERSION:
             raise IndexMismatch(f"graph index at {folder} has format {meta['format_version']}, "
                                 f"this blockrag reads {FORMAT_VERSION}; rebuild it")
@@ -454,7 +454,7 @@ class GraphIndex:
                    chunk_vectors=meta["chunk_vectors"], max_chunk_chars=meta["max_chunk_chars"],
                    default_mode=meta.get("default_mode", "ppr"),
                    relation_vectors=meta.get("relation_vectors", "text"), **kwargs)
-        self.store = GraphStore.load(folder / "graph.pkl")
+        self.store = GraphStore.load(folder / "blockrag.graph.pkl")
         self.entities = VectorIndex.load(folder / "entities")
         self.relations = VectorIndex.load(folder / "relations")
         if (folder / "chunks").exists():

@@ -205,7 +205,7 @@ class HFBackend:
     def complete(self, prompt: str, max_tokens: int = 512) -> tuple[str, int, int]:
         import torch
 
-        from rag.models import load_generator
+        from blockrag.models import load_generator
 
         with self._lock:
             if self._model is None:

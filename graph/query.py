@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from retrievers.base import Hit
+from blockrag.retrievers.base import Hit
 
 from .extract import normalise_name, query_keywords
 from .store import edge_ends, edge_id

@@ -48,7 +48,7 @@ def cmd_index(args) -> int:
 
 
 def _graph_retriever(collection, mode: str):
-    from graph import retriever_for  # deferred: spaCy is optional
+    from blockrag.graph import retriever_for  # deferred: spaCy is optional
 
     return retriever_for(collection, mode=mode)
 
@@ -57,11 +57,11 @@ def make_reranker(name: str | None, model: str | None = None):
     if not name:
         return None
     if name == "blockrank":
-        from rerankers.blockrank import BlockRankReranker
+        from blockrag.rerankers.blockrank import BlockRankReranker
 
         return BlockRankReranker(model)
     if name == "pointwise":
-        from rerankers.pointwise import PointwiseReranker
+        from blockrag.rerankers.pointwise import PointwiseReranker
 
         return PointwiseReranker(model)
     raise SystemExit(f"error: unknown reranker {name!r} (blockrank or pointwise)")
@@ -106,7 +106,7 @@ def _generator(args, collection=None):
     """The cached generator; it shares the store's ``kv`` index (built at indexing time) when there is one."""
     if collection is not None and "kv" in collection.indexes:
         return collection.index("kv").generator()
-    from attention_kv import Generator
+    from blockrag.attention_kv import Generator
 
     return Generator(args.generator, cache_dir=Path(args.store) / "kv")
 
@@ -134,7 +134,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from eval.evaluate import format_table, run_beir
+    from blockrag.eval.evaluate import format_table, run_beir
 
     results = run_beir(args.data, args.split, args.retriever, store_dir=args.store, report_path=args.report,
                        max_queries=args.max_queries)
@@ -146,7 +146,7 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     """Index the bundled demo corpus, then answer its questions with the cited chunks."""
-    from examples.demo_corpus import QUESTIONS, write_demo_corpus
+    from .demo_corpus import QUESTIONS, write_demo_corpus
     from .collection import Collection
     from .documents import load_folder
     from .pipeline import Pipeline
@@ -181,9 +181,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blockrag", description="RAG with precomputed per-passage KV caches")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"blockrag {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("index", help="add a folder of .txt/.md, a .jsonl file or a BEIR folder to a store")

@@ -23,11 +23,11 @@ log = logging.getLogger(__name__)
 
 # kind -> "module:Class"; each class has build(chunks), add, delete, save(folder), load(folder), manifest().
 INDEX_KINDS = {
-    "bm25": "retrievers.bm25:BM25Retriever",
-    "dense": "retrievers.dense:DenseRetriever",
-    "mrag": "retrievers.mrag:MRAGRetriever",
-    "graph": "graph.index:GraphIndex",
-    "kv": "attention_kv.index:KVIndex",
+    "bm25": "blockrag.retrievers.bm25:BM25Retriever",
+    "dense": "blockrag.retrievers.dense:DenseRetriever",
+    "mrag": "blockrag.retrievers.mrag:MRAGRetriever",
+    "graph": "blockrag.graph.index:GraphIndex",
+    "kv": "blockrag.attention_kv.index:KVIndex",
 }
 
 
@@ -199,7 +199,7 @@ class Collection:
     def retriever(self, spec: str = "hybrid", model: str | None = None):
         """``bm25``, ``dense``, ``hybrid`` (RRF of bm25 + dense), or any index name."""
         if spec == "hybrid":
-            from retrievers.fusion import RRF
+            from blockrag.retrievers.fusion import RRF
 
             parts = [self.index(n) for n in ("bm25", "dense") if n in self.indexes]
             if not parts:

@@ -1,6 +1,6 @@
 """Rerankers: BlockRank (relevance read from block-sparse in-context attention) and a pointwise LLM baseline.
 
-    from rerankers import BlockRankReranker
+    from blockrag.rerankers import BlockRankReranker
     hits = BlockRankReranker().rerank(query, chunks, k=10)
 """
 from .blockrank import BlockRankReranker, DocKVCache

@@ -46,9 +46,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from rag.models import LazyGenerator
+from blockrag.models import LazyGenerator
 
-from retrievers.base import Hit
+from blockrag.retrievers.base import Hit
 
 INSTRUCTION = ("Below are passages, then a query. Find the passage that is most relevant to the query "
                "(the one that best supports or refutes it).")
@@ -67,7 +67,7 @@ class _Stop(Exception):
 # -- attention backends --------------------------------------------------------------------------------
 def _kernel_attend():
     try:
-        from attention_kv.kernels import attend  # noqa: WPS433 - lazy: the kernel lands separately
+        from blockrag.attention_kv.kernels import attend  # noqa: WPS433 - lazy: the kernel lands separately
         return attend
     except Exception:  # noqa: BLE001 - missing or half-written module: fall back to our reference
         return _attend_fallback

@@ -25,7 +25,7 @@ import random
 import time
 from pathlib import Path
 
-from rerankers.blockrank import BlockPrompt, BlockRankReranker
+from blockrag.rerankers.blockrank import BlockPrompt, BlockRankReranker
 
 
 def train_step(br: BlockRankReranker, prompt: BlockPrompt, answer: list[int], positive: int, layer: int,
@@ -70,8 +70,8 @@ def main(argv=None):
 
     import torch
 
-    from eval.bench_blockrank import load_scifact
-    from rag.models import load_generator
+    from blockrag.eval.bench_blockrank import load_scifact
+    from blockrag.models import load_generator
 
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)

@@ -16,9 +16,9 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from rag.models import LazyGenerator
+from blockrag.models import LazyGenerator
 
-from retrievers.base import Hit
+from blockrag.retrievers.base import Hit
 
 SYSTEM = "You are a careful search engine that judges whether a passage is relevant to a query."
 
@@ -82,7 +82,7 @@ class PointwiseReranker(LazyGenerator):
 
     def rerank(self, query: str, items: Sequence, k: int | None = None,
                texts: Mapping[str, str] | Callable[[str], str] | None = None) -> list[Hit]:
-        from rerankers.blockrank import _resolve
+        from blockrag.rerankers.blockrank import _resolve
 
         ids, doc_texts = _resolve(items, texts)
         if not ids:

@@ -18,7 +18,7 @@ from .vector_index import VectorIndex, atomic_folder_write
 class DenseRetriever:
     def __init__(self, model_name: str | None = None, name: str = "dense", index_kind: str = "flat",
                  batch_size: int = 64, device: str | None = None, show_progress: bool = True):
-        from rag.models import DEFAULT_EMBEDDER
+        from blockrag.models import DEFAULT_EMBEDDER
 
         self.model_name = model_name or DEFAULT_EMBEDDER
         self.name, self.index_kind, self.batch_size = name, index_kind, batch_size
@@ -31,7 +31,7 @@ class DenseRetriever:
     @property
     def model(self):
         if self._model is None:
-            from rag.models import load_embedder
+            from blockrag.models import load_embedder
 
             self._model = load_embedder(self.model_name, self.device)
         return self._model
@@ -100,7 +100,7 @@ class DenseRetriever:
 
     # ---------------------------------------------------------- persistence
     def manifest(self) -> dict:
-        from rag.models import model_revision, resolve_embedder
+        from blockrag.models import model_revision, resolve_embedder
 
         return {"kind": "dense", "model": self.model_name, "dimension": self.dim,
                 "revision": model_revision(resolve_embedder(self.model_name)),
@@ -116,7 +116,7 @@ class DenseRetriever:
 
     @classmethod
     def load(cls, folder: str | Path, model_name: str | None = None, **kwargs) -> "DenseRetriever":
-        from rag.store import IndexMismatch
+        from blockrag.store import IndexMismatch
 
         folder = Path(folder)
         meta = json.loads((folder / "dense.json").read_text())

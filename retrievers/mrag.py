@@ -46,9 +46,9 @@ from typing import Sequence
 
 import numpy as np
 
-from rag.models import LazyGenerator
+from blockrag.models import LazyGenerator
 
-from retrievers.base import BatchFromSingle, Hit
+from blockrag.retrievers.base import BatchFromSingle, Hit
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class _Space:
     def __init__(self, n_sub: int, dim: int, index_kind: str = "flat"):
         self.n_sub, self.dim = n_sub, dim
         try:
-            from retrievers.vector_index import VectorIndex
+            from blockrag.retrievers.vector_index import VectorIndex
 
             self.indexes = [VectorIndex(dim, kind=index_kind) for _ in range(n_sub)]
         except ImportError:  # no faiss (e.g. a bare GPU box): exact numpy search, not persisted
@@ -388,7 +388,7 @@ class MRAGRetriever(BatchFromSingle):
 
     # -- persistence -------------------------------------------------------------------------------
     def manifest(self) -> dict:
-        from rag.models import model_revision, resolve_generator, tokenizer_hash
+        from blockrag.models import model_revision, resolve_generator, tokenizer_hash
 
         enc = self.encoder
         try:
@@ -411,7 +411,7 @@ class MRAGRetriever(BatchFromSingle):
         }
 
     def save(self, folder: str | Path) -> None:
-        from retrievers.vector_index import atomic_folder_write
+        from blockrag.retrievers.vector_index import atomic_folder_write
 
         manifest = self.manifest()
 
@@ -431,8 +431,8 @@ class MRAGRetriever(BatchFromSingle):
     def load(cls, folder: str | Path, model_name: str | None = None, model=None, tokenizer=None,
              **kwargs) -> "MRAGRetriever":
         """Open a saved index; fails fast when ``model_name`` or the tokenizer differs from the saved one."""
-        from retrievers.vector_index import VectorIndex
-        from rag.models import tokenizer_hash
+        from blockrag.retrievers.vector_index import VectorIndex
+        from blockrag.models import tokenizer_hash
 
         folder = Path(folder)
         man = json.loads((folder / "manifest.json").read_text())
@@ -446,7 +446,7 @@ class MRAGRetriever(BatchFromSingle):
                    max_doc_tokens=man["max_doc_tokens"], max_query_tokens=man["max_query_tokens"],
                    index_kind=man["index_kind"], model=model, tokenizer=tokenizer, **kwargs)
         if tokenizer is None:
-            from rag.models import load_tokenizer
+            from blockrag.models import load_tokenizer
 
             tokenizer = load_tokenizer(saved_model)
         if tokenizer_hash(tokenizer) != man["tokenizer_hash"]:

@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from rag.models import load_tokenizer
+    from blockrag.models import load_tokenizer
 
     return load_tokenizer()
 

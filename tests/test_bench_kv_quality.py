@@ -2,7 +2,7 @@
 import json
 import math
 
-from eval.bench_kv_quality import bootstrap_gap, load_runs, parse_seeds, pool_runs, summarize
+from blockrag.eval.bench_kv_quality import bootstrap_gap, load_runs, parse_seeds, pool_runs, summarize
 
 
 def _run(seed, lls, kls):

@@ -31,7 +31,7 @@ def chunk_part(model, ids):
     """A chunk's cache as the KV store keeps it: encoded alone, keys un-rotated. -> kv[L, n, 2, Hkv, D]."""
     from transformers import DynamicCache
 
-    from attention_kv.rope import cos_sin, rope_params, unrotate
+    from blockrag.attention_kv.rope import cos_sin, rope_params, unrotate
 
     dc = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([ids]), past_key_values=dc, use_cache=True)
@@ -46,8 +46,8 @@ def chunk_part(model, ids):
 
 @torch.no_grad()
 def run_blend(model, chunks, q, rope="stitch", **kw):
-    from attention_kv.blend import blend_prefill
-    from attention_kv.hf_integration import BlockKVCache
+    from blockrag.attention_kv.blend import blend_prefill
+    from blockrag.attention_kv.hf_integration import BlockKVCache
 
     ctx = [t for c in chunks for t in c]
     cache = BlockKVCache(model, len(ctx) + len(q) + 4, rope=rope)
@@ -108,7 +108,7 @@ def test_partial_blend_moves_toward_full(setup):
 def test_carry_writes_only_the_drop_layer(setup):
     """carry=True: a token's K/V differ from the stitched cache only on a contiguous run of layers from
     the first recomputed one (the layers it went through + the one it was dropped at), never after."""
-    from attention_kv.hf_integration import BlockKVCache
+    from blockrag.attention_kv.hf_integration import BlockKVCache
 
     model, chunks, q = setup
     Lc = sum(len(c) for c in chunks)
@@ -129,7 +129,7 @@ def test_carry_writes_only_the_drop_layer(setup):
 
 @pytest.mark.parametrize("gradual", [1.0, 1.5, 2.5, 4.0])
 def test_schedule_budget(gradual):
-    from attention_kv.blend import _schedule
+    from blockrag.attention_kv.blend import _schedule
 
     for lc, n_rec, ratio in [(300, 28, 0.15), (57, 5, 0.3), (1000, 3, 0.05)]:
         n_sel = math.floor(ratio * lc)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_models import tiny_llama as _tiny_llama
 
-from rerankers.blockrank import BlockPrompt, BlockRankReranker, DocKVCache, relevance
+from blockrag.rerankers.blockrank import BlockPrompt, BlockRankReranker, DocKVCache, relevance
 
 
 def tiny_llama(seed=0):
@@ -89,8 +89,8 @@ def test_kv_reuse_and_permutation_invariance():
 
 @pytest.mark.slow
 def test_smollm2_rerank_api_small():
-    from rag.documents import Chunk
-    from rag.models import ModelNotAvailable, load_generator
+    from blockrag.documents import Chunk
+    from blockrag.models import ModelNotAvailable, load_generator
 
     try:
         model, tok = load_generator(device="cpu")
@@ -108,7 +108,7 @@ def test_smollm2_rerank_api_small():
     again = br.rerank("Where is the Eiffel Tower?", ["a", "b", "c"], k=2, texts=texts)
     assert [h.chunk_id for h in again] == [h.chunk_id for h in hits]
 
-    from rerankers.pointwise import PointwiseReranker
+    from blockrag.rerankers.pointwise import PointwiseReranker
 
     pw = PointwiseReranker(model=model, tokenizer=tok, doc_tokens=24)
     ph = pw.rerank("Where is the Eiffel Tower?", chunks)
@@ -116,7 +116,7 @@ def test_smollm2_rerank_api_small():
 
 
 def test_finetune_step_gradients():
-    from rerankers.blockrank_finetune import train_step
+    from blockrag.rerankers.blockrank_finetune import train_step
 
     model = tiny_llama(4)
     model.train()

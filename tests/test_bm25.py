@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rag.documents import Chunk
-from retrievers import bm25 as bm25_mod
-from retrievers.base import Hit, Index, Retriever
-from retrievers.bm25 import VARIANTS, BM25Retriever, Tokenizer
+from blockrag.documents import Chunk
+from blockrag.retrievers import bm25 as bm25_mod
+from blockrag.retrievers.base import Hit, Index, Retriever
+from blockrag.retrievers.bm25 import VARIANTS, BM25Retriever, Tokenizer
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -267,8 +267,8 @@ SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "scifact
 @pytest.mark.skipif(not (SCIFACT / "qrels" / "train.tsv").exists(),
                     reason=f"SciFact not found at {SCIFACT} (BEIR scifact with qrels/train.tsv)")
 def test_scifact_train_ndcg():
-    from eval.beir import beir_chunks, load_beir
-    from eval.evaluate import evaluate_retriever
+    from blockrag.eval.beir import beir_chunks, load_beir
+    from blockrag.eval.evaluate import evaluate_retriever
 
     t0 = time.perf_counter()
     data = load_beir(SCIFACT, "train")

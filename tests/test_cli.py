@@ -1,6 +1,6 @@
 import json
 
-from rag.cli import main
+from blockrag.cli import main
 
 
 def test_index_query_info_delete(tmp_path, capsys):

@@ -1,8 +1,8 @@
 import pytest
 
-from rag.collection import Collection
-from rag.documents import Document
-from rag.store import IndexMismatch
+from blockrag.collection import Collection
+from blockrag.documents import Document
+from blockrag.store import IndexMismatch
 
 DOCS = [
     Document(id="cats", text="Cats purr when they are content and sleep most of the day."),

@@ -16,7 +16,7 @@ def tiny_llama():
 
 @torch.no_grad()
 def test_graphed_question_and_decode_match_eager():
-    from attention_kv.hf_integration import BlockKVCache, GraphedStep, forward_block
+    from blockrag.attention_kv.hf_integration import BlockKVCache, GraphedStep, forward_block
 
     model = tiny_llama()
     cache = BlockKVCache(model, 512, rope="stitch")
@@ -45,7 +45,7 @@ def test_graphed_question_and_decode_match_eager():
 @torch.no_grad()
 def test_compiled_decode_step_matches_eager():
     """torch.compile (inductor) inside the captured decode step: same logits as the eager step."""
-    from attention_kv.hf_integration import BlockKVCache, GraphedStep, forward_block
+    from blockrag.attention_kv.hf_integration import BlockKVCache, GraphedStep, forward_block
 
     model = tiny_llama()
     cache = BlockKVCache(model, 512, rope="stitch")

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from rag.chunking import TokenChunker
-from rag.documents import (Chunk, Document, LoadError, LoadReport, from_langchain, load_folder, load_jsonl,
+from blockrag.chunking import TokenChunker
+from blockrag.documents import (Chunk, Document, LoadError, LoadReport, from_langchain, load_folder, load_jsonl,
                            load_path, to_langchain)
 
 

@@ -7,15 +7,15 @@ import math
 
 import pytest
 
-from eval.beir import beir_chunks, load_beir, load_qrels, load_queries
-from eval.evaluate import evaluate_retriever, format_table, run_beir
-from eval.metrics import evaluate_run, hits_to_doc_scores, hits_to_run
-from eval.msmarco import load_collection, load_msmarco
-from eval.msmarco import load_qrels as load_msmarco_qrels
-from eval.msmarco import load_queries as load_msmarco_queries
-from rag.documents import Chunk, LoadError
-from retrievers.base import Hit
-from retrievers.bm25 import BM25Retriever
+from blockrag.eval.beir import beir_chunks, load_beir, load_qrels, load_queries
+from blockrag.eval.evaluate import evaluate_retriever, format_table, run_beir
+from blockrag.eval.metrics import evaluate_run, hits_to_doc_scores, hits_to_run
+from blockrag.eval.msmarco import load_collection, load_msmarco
+from blockrag.eval.msmarco import load_qrels as load_msmarco_qrels
+from blockrag.eval.msmarco import load_queries as load_msmarco_queries
+from blockrag.documents import Chunk, LoadError
+from blockrag.retrievers.base import Hit
+from blockrag.retrievers.bm25 import BM25Retriever
 
 CORPUS = [
     {"_id": "d1", "title": "Foxes", "text": "The quick brown fox jumps over the lazy dog."},
@@ -190,7 +190,7 @@ def test_run_beir_bm25_report_and_table(tmp_path):
 
 
 def test_run_beir_with_store_reuses_it(tmp_path):
-    pytest.importorskip("rag.collection")
+    pytest.importorskip("blockrag.collection")
     root = write_beir(tmp_path / "ds")
     store = tmp_path / "store"
     first = run_beir(root, "test", "bm25", store_dir=store)

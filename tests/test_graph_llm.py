@@ -8,10 +8,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from graph import GraphIndex, HashEmbedder
-from graph.llm import (DONE, ExtractionError, LLMExtractor, LLMKeywordExtractor, OpenAIBackend,
+from blockrag.graph import GraphIndex, HashEmbedder
+from blockrag.graph.llm import (DONE, ExtractionError, LLMExtractor, LLMKeywordExtractor, OpenAIBackend,
                        parse_extraction, parse_keywords)
-from rag.documents import Chunk
+from blockrag.documents import Chunk
 
 GOOD = ('("entity"<|>Mara Velt<|>person<|>Founder of Quill Works)##\n'
         '("entity"<|>Quill Works<|>organization<|>A company)##\n'

@@ -31,16 +31,16 @@ except Exception:  # pragma: no cover
     HAS_TRITON = False
 
 if HAS_TRITON and not HAS_CUDA:
-    mod = sys.modules.get("attention_kv.kernels.triton_attention")
+    mod = sys.modules.get("blockrag.attention_kv.kernels.triton_attention")
     if mod is not None and type(mod._attn_fwd).__name__ != "InterpretedFunction":
         importlib.reload(mod)
-        qmod = sys.modules.get("attention_kv.kernels.question_attention")
+        qmod = sys.modules.get("blockrag.attention_kv.kernels.question_attention")
         if qmod is not None:
             importlib.reload(qmod)
 
-from attention_kv.kernels import attend, attend_reference, make_block_ids  # noqa: E402
-from attention_kv.kernels.question_attention import attend_question, question_plan, row_groups  # noqa: E402
-from attention_kv.kernels.triton_attention import attend_triton, block_tile_table  # noqa: E402
+from blockrag.attention_kv.kernels import attend, attend_reference, make_block_ids  # noqa: E402
+from blockrag.attention_kv.kernels.question_attention import attend_question, question_plan, row_groups  # noqa: E402
+from blockrag.attention_kv.kernels.triton_attention import attend_triton, block_tile_table  # noqa: E402
 
 DEV = "cuda" if HAS_CUDA else "cpu"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
@@ -267,7 +267,7 @@ def test_rope_on_load(backend, rope_q):
                  k_positions=kpos.to(DEV), q_positions=qpos.to(DEV) if rope_q else None, backend=backend)
     assert rel(out, ref) < 1e-5
     # rotating on load == rotating first and passing pre-rotated keys
-    from attention_kv.kernels import apply_rope
+    from blockrag.attention_kv.kernels import apply_rope
 
     k_rot = apply_rope(k, kpos, invf)
     q_in = apply_rope(q, qpos, invf) if rope_q else q

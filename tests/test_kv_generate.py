@@ -21,7 +21,7 @@ QUESTION = "Which company does Mira Kesh work for?"
 
 @pytest.fixture(scope="module")
 def smol():
-    from rag.models import ModelNotAvailable, load_generator
+    from blockrag.models import ModelNotAvailable, load_generator
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is faster on a shared CPU
@@ -29,7 +29,7 @@ def smol():
         model, tok = load_generator(None, dtype=torch.float32, device="cpu")
     except (ModelNotAvailable, OSError, ImportError) as err:  # pragma: no cover
         pytest.skip(f"SmolLM2 not available: {err}")
-    from attention_kv.hf_integration import use_blockrag_attention
+    from blockrag.attention_kv.hf_integration import use_blockrag_attention
 
     use_blockrag_attention(model)
     yield model, tok
@@ -37,14 +37,14 @@ def smol():
 
 
 def _chunks(tok, texts=TEXTS):
-    from rag.documents import Chunk
+    from blockrag.documents import Chunk
 
     return [Chunk(id=f"c{i}", doc_id="d", position=i, text=t,
                   token_ids=tok(t, add_special_tokens=False)["input_ids"]) for i, t in enumerate(texts)]
 
 
 def _gen(smol, tmp_path, **kw):
-    from attention_kv import Generator, KVCacheStore
+    from blockrag.attention_kv import Generator, KVCacheStore
 
     model, tok = smol
     store = KVCacheStore(tmp_path / "kv", model, tok, dtype=torch.float32, **kw)
@@ -55,7 +55,7 @@ def _gen(smol, tmp_path, **kw):
 def test_turbo_equals_block_masked_full_forward(smol, tmp_path):
     """No shared prefix: each passage sees only itself, so the cached pass is exactly a full forward with
     the block mask at contiguous positions (RoPE relative => un-rotated caches are position-free)."""
-    from attention_kv.masks import block_ids, block_mask_4d
+    from blockrag.attention_kv.masks import block_ids, block_mask_4d
 
     model, tok = smol
     gen = _gen(smol, tmp_path, prefix="")
@@ -81,7 +81,7 @@ def test_turbo_equals_hf_stitched_cache(smol, tmp_path):
     contiguous positions, HF's own DynamicCache + question forward (SDPA) == our turbo path."""
     from transformers import DynamicCache
 
-    from attention_kv.rope import cos_sin, rotate_half
+    from blockrag.attention_kv.rope import cos_sin, rotate_half
 
     model, tok = smol
     gen = _gen(smol, tmp_path)
@@ -163,7 +163,7 @@ def test_device_tier_matches_host_path(smol, tmp_path):
     """The device tier (dequantised chunk caches on the model's device, stitched by one concatenation) gives
     the same logits as per-layer loading from the store, and evicts least-recently-used chunks beyond its
     budget (never those of the current request)."""
-    from attention_kv import Generator, KVCacheStore
+    from blockrag.attention_kv import Generator, KVCacheStore
 
     model, tok = smol
     store = KVCacheStore(tmp_path / "kv", model, tok, dtype=torch.float32)
@@ -185,8 +185,8 @@ def test_device_tier_matches_host_path(smol, tmp_path):
 def test_failed_compilation_falls_back_to_the_plain_graph(monkeypatch):
     """compile_decode / compile_question are optimisations: a torch.compile failure warns, switches the
     option off and captures the uncompiled graph (the graph class is faked: no GPU needed)."""
-    import attention_kv.generate as gen_mod
-    from attention_kv.generate import Generator
+    import blockrag.attention_kv.generate as gen_mod
+    from blockrag.attention_kv.generate import Generator
 
     made = []
 

@@ -1,6 +1,6 @@
-from rag.collection import Collection
-from rag.documents import Document
-from rag.pipeline import Pipeline
+from blockrag.collection import Collection
+from blockrag.documents import Document
+from blockrag.pipeline import Pipeline
 
 
 def test_kv_index_follows_the_store_and_feeds_the_generator(tmp_path):

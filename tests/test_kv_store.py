@@ -11,8 +11,8 @@ from tests.test_kv_generate import QUESTION, TEXTS, _chunks, smol  # noqa: E402,
 
 
 def test_store_roundtrip_and_refusal(smol, tmp_path):
-    from attention_kv import KVCacheMismatch, KVCacheStore
-    from attention_kv.cache_store import encode_blocks
+    from blockrag.attention_kv import KVCacheMismatch, KVCacheStore
+    from blockrag.attention_kv.cache_store import encode_blocks
 
     model, tok = smol
     chunks = _chunks(tok)
@@ -53,7 +53,7 @@ def test_store_roundtrip_and_refusal(smol, tmp_path):
 
 
 def test_int8_fidelity(smol, tmp_path):
-    from attention_kv import Generator, KVCacheStore
+    from blockrag.attention_kv import Generator, KVCacheStore
 
     model, tok = smol
     chunks = _chunks(tok)
@@ -75,8 +75,8 @@ def test_revision_follows_the_weights(tmp_path):
     """A model changed after loading, or rewritten on disk with identical file sizes, gets a new revision."""
     import torch
 
-    from attention_kv.cache_store import config_revision, weights_fingerprint
-    from rag.models import model_revision
+    from blockrag.attention_kv.cache_store import config_revision, weights_fingerprint
+    from blockrag.models import model_revision
     from tests.tiny_models import tiny_llama
 
     model = tiny_llama()

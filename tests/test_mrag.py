@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from rag.documents import Chunk
-from retrievers.mrag import HeadEncoder, MRAGRetriever, head_weights, vote
+from blockrag.documents import Chunk
+from blockrag.retrievers.mrag import HeadEncoder, MRAGRetriever, head_weights, vote
 
 
 def test_vote_toy():

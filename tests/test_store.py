@@ -1,7 +1,7 @@
 import pytest
 
-from rag.documents import Chunk, Document
-from rag.store import DocStore, IndexMismatch
+from blockrag.documents import Chunk, Document
+from blockrag.store import DocStore, IndexMismatch
 
 
 def _doc(i, text):

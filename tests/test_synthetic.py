@@ -1,4 +1,4 @@
-from eval.synthetic import Question, SyntheticSet, load, make_multihop
+from blockrag.eval.synthetic import Question, SyntheticSet, load, make_multihop
 
 
 def test_deterministic_and_shaped():

@@ -19,7 +19,7 @@ def tiny_llama(seed: int = 0, layers: int = 4, hidden: int = 64, head_dim: int =
         cfg._attn_implementation = "eager"
     model = LlamaForCausalLM(cfg).eval()
     if attention == "blockrag":
-        from attention_kv.hf_integration import use_blockrag_attention
+        from blockrag.attention_kv.hf_integration import use_blockrag_attention
 
         use_blockrag_attention(model)
     return model

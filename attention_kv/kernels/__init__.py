@@ -2,7 +2,7 @@
 GQA, RoPE applied to keys on load, split-KV for a short question block over a long cache, and per-block
 attention mass.
 
-    from attention_kv.kernels import attend, make_block_ids
+    from blockrag.attention_kv.kernels import attend, make_block_ids
     ids = make_block_ids(prefix_len, doc_lens, query_len)          # 0 prefix, 1..N docs, -1 query
     out = attend(q, k, v, q_block=ids[-Lq:], k_block=ids)          # q: [B,Hq,Lq,D], k/v: [B,Hkv,Lk,D]
     out, mass = attend(q, k, v, q_block=ids, k_block=ids, mass_rows=rows)   # BlockRank relevance
