@@ -96,7 +96,7 @@ class Generator:
                  device_cache_bytes: int | None = None, compile_decode: bool = False,
                  compile_question: bool = False):
         if model is None:
-            from blockrag.models import load_generator
+            from blockrag.models import shared_generator as load_generator  # one copy per process
 
             model, tok = load_generator(model_name, dtype=dtype, device=device)
             tokenizer = tokenizer or tok

@@ -33,7 +33,7 @@ class KVIndex:
         if self._store is None:
             import torch
 
-            from blockrag.models import load_generator
+            from blockrag.models import shared_generator as load_generator  # one copy per process
 
             from .cache_store import KVCacheStore
 

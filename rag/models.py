@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -173,25 +174,71 @@ def tokenizer_hash(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-@lru_cache(maxsize=4)
 def load_tokenizer(name: str | None = None):
+    """The tokenizer of generator ``name``: one instance per resolved model folder and process."""
+    return _tokenizer_at(resolve_generator(name))
+
+
+@lru_cache(maxsize=8)
+def _tokenizer_at(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_generator(name))
+    return AutoTokenizer.from_pretrained(path)
 
 
-def load_generator(name: str | None = None, dtype=None, device: str | None = None):
-    """Load (model, tokenizer) for a causal LM. ``dtype`` defaults to fp32 on CPU, bf16 on GPU."""
+def _resolve_placement(dtype, device: str | None):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    path = resolve_generator(name)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return dtype, str(device)
+
+
+def load_generator(name: str | None = None, dtype=None, device: str | None = None):
+    """Load a fresh, private (model, tokenizer) pair for a causal LM (fp32 on CPU, bf16 on GPU by default).
+
+    For training or anything else that changes the weights. Inference code shares one copy per process
+    through :func:`shared_generator`."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_generator(name)
+    dtype, device = _resolve_placement(dtype, device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model, load_tokenizer(name)
+    return model, _tokenizer_at(path)
+
+
+_shared: dict = {}                 # (resolved path, dtype, device) -> (model, tokenizer)
+_shared_locks: dict = {}           # same key -> the lock its first loader holds
+_shared_guard = threading.Lock()   # guards the two dicts, never held while loading
+
+
+def shared_generator(name: str | None = None, dtype=None, device: str | None = None):
+    """The process-wide (model, tokenizer) of a causal LM, loaded once per resolved model folder, dtype and
+    device and shared by every reranker, MRAG encoder, KV index and Generator that asks for it.
+    Thread-safe: concurrent first calls for one key load it once; other keys load in parallel.
+    The model is in eval mode and must not be trained (use :func:`load_generator` for a private copy)."""
+    path = resolve_generator(name)
+    dtype, device = _resolve_placement(dtype, device)
+    key = (path, str(dtype), device)
+    with _shared_guard:
+        if key in _shared:
+            return _shared[key]
+        lock = _shared_locks.setdefault(key, threading.Lock())
+    with lock:
+        if key not in _shared:
+            pair = load_generator(path, dtype=dtype, device=device)
+            with _shared_guard:
+                _shared[key] = pair
+    return _shared[key]
+
+
+def clear_shared_generators() -> None:
+    """Forget the shared models (they are freed once nothing else holds them)."""
+    with _shared_guard:
+        _shared.clear()
+        _shared_locks.clear()
 
 
 @lru_cache(maxsize=4)
@@ -206,7 +253,7 @@ class LazyGenerator:
     """Mixin: ``model`` and ``tokenizer`` load on first use from ``self.model_name``.
 
     Users set ``self._model``/``self._tokenizer`` (``None``, or an already-loaded pair) in ``__init__``;
-    optional ``self._dtype``/``self._device`` are passed to :func:`load_generator`.
+    optional ``self._dtype``/``self._device`` are passed to :func:`shared_generator` (one copy per process).
     """
 
     _model = None
@@ -214,8 +261,8 @@ class LazyGenerator:
 
     def _load(self):
         if self._model is None:
-            self._model, self._tokenizer = load_generator(self.model_name, dtype=getattr(self, "_dtype", None),
-                                                          device=getattr(self, "_device", None))
+            self._model, self._tokenizer = shared_generator(self.model_name, dtype=getattr(self, "_dtype", None),
+                                                            device=getattr(self, "_device", None))
         return self._model, self._tokenizer
 
     @property
