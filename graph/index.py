@@ -27,7 +27,8 @@ from .store import GraphStore, edge_ends
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the graph is JSON (1 was a pickle, refused)
+GRAPH_FILE = "graph_data.json"
 
 
 @dataclass
@@ -410,9 +411,20 @@ class GraphIndex:
         if isinstance(self.embedder, STEmbedder):
             revision = model_revision(resolve_embedder(model))
         return {"kind": "graph", "model": model, "dimension": self.embedder.dim, "revision": revision,
+                "format_version": FORMAT_VERSION,
                 "params": {"extractor": self.extractor_config, "chunk_vectors": self.chunk_vectors,
                            "relation_vectors": self.relation_vectors,
                            "format_version": FORMAT_VERSION, **self.store.stats()}}
+
+    def identity(self) -> dict:
+        """What the opened files say (compared with the store's manifest on open): embedder, dimension, format."""
+        dim = self.entities.dim if self.entities is not None else None
+        out = {"model": getattr(self.embedder, "name", None), "dimension": dim, "format_version": FORMAT_VERSION}
+        if isinstance(self.embedder, STEmbedder):
+            from blockrag.models import model_revision, resolve_embedder
+
+            out["revision"] = model_revision(resolve_embedder(self.embedder.name))
+        return out
 
     def save(self, folder: str | Path) -> None:
         from blockrag.retrievers.vector_index import atomic_folder_write
@@ -420,7 +432,7 @@ class GraphIndex:
         self._ensure_indexes()
 
         def write(tmp: Path):
-            self.store.save(tmp / "blockrag.graph.pkl")
+            self.store.save(tmp / GRAPH_FILE)
             self.entities.save(tmp / "entities")
             self.relations.save(tmp / "relations")
             if self.chunks is not None:
@@ -441,9 +453,11 @@ class GraphIndex:
         from blockrag.retrievers.vector_index import VectorIndex
 
         folder = Path(folder)
-        meta = json.loads((folder / "blockrag.graph.json").read_text())
-        if meta["format_version"] != FORMAT_VERSION:
-            raise IndexMismatch(f"graph index at {folder} has format {meta['format_version']}, "
+        from blockrag.fileformat import read_json
+
+        meta = read_json(folder / "blockrag.graph.json", what="graph index metadata")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise IndexMismatch(f"graph index at {folder} has format {meta.get('format_version')!r}, "
                                 f"this blockrag reads {FORMAT_VERSION}; rebuild it")
         name = embedder if isinstance(embedder, str) else getattr(embedder, "name", None)
         if name is not None and name != meta["embedder"]:
@@ -454,7 +468,9 @@ class GraphIndex:
                    chunk_vectors=meta["chunk_vectors"], max_chunk_chars=meta["max_chunk_chars"],
                    default_mode=meta.get("default_mode", "ppr"),
                    relation_vectors=meta.get("relation_vectors", "text"), **kwargs)
-        self.store = GraphStore.load(folder / "blockrag.graph.pkl")
+        if not (folder / GRAPH_FILE).exists():
+            raise IndexMismatch(f"graph index at {folder} is in an older format (no {GRAPH_FILE}); rebuild it")
+        self.store = GraphStore.load(folder / GRAPH_FILE)
         self.entities = VectorIndex.load(folder / "entities")
         self.relations = VectorIndex.load(folder / "relations")
         if (folder / "chunks").exists():

@@ -5,13 +5,15 @@ id and one description per chunk. Relations are undirected edges between entity 
 supporting chunk, its weight, keywords and description. Removing a chunk removes exactly what only it
 supported, so deleting a document never needs a rebuild.
 
-Persisted as one pickle (reloads in milliseconds), written atomically (temp file + rename). Only load
-graph files you wrote yourself: pickle executes code from untrusted files.
+Persisted as one JSON document of plain data (strings, numbers, lists, objects), written atomically
+(temp file + rename). Nothing in the file can name code: loading builds the graph from those values and
+refuses anything that is not this format (earlier releases wrote a pickle; such files are refused, never
+read).
 """
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -21,7 +23,8 @@ import networkx as nx
 
 from .extract import Entity, Relation, normalise_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 was a pickle (refused)
+FORMAT_NAME = "blockrag-graph"
 MAX_DESCRIPTIONS = 8  # descriptions kept when rendering an entity (all chunks are kept for support)
 
 
@@ -198,15 +201,64 @@ class GraphStore:
         return list(self.doc_chunks)
 
     # ---------------------------------------------------------------- files
+    def to_data(self) -> dict:
+        """The graph as plain JSON-able data; adjacency order is kept so a reload ranks ties identically."""
+        g = self.g
+        nodes = [[k, {"names": dict(d["names"]), "types": dict(d["types"]), "chunks": d["chunks"],
+                      "desc": d["desc"]}] for k, d in g.nodes(data=True)]
+        edges = [[a, b, {c: [w, list(kws), desc] for c, (w, kws, desc) in d["support"].items()}]
+                 for a, b, d in g.edges(data=True)]
+        adjacency = [[k, list(g.adj[k])] for k in g.nodes]
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "nodes": nodes, "edges": edges,
+                "adjacency": adjacency, "chunk_entities": self.chunk_entities, "chunk_edges": self.chunk_edges,
+                "chunk_doc": self.chunk_doc}
+
+    @classmethod
+    def from_data(cls, state, source: str = "graph") -> "GraphStore":
+        """Inverse of :meth:`to_data`; anything else raises ``ValueError`` naming ``source``."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
+            raise ValueError(f"{source}: not a blockrag graph file")
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{source}: graph format {state.get('format_version')!r}, this blockrag reads "
+                             f"{FORMAT_VERSION}; rebuild the graph index")
+        self = cls()
+        try:
+            g = self.g
+            for key, d in state["nodes"]:
+                g.add_node(str(key), names=Counter({str(n): int(c) for n, c in d["names"].items()}),
+                           types=Counter({str(t): int(c) for t, c in d["types"].items()}),
+                           chunks={str(c): float(w) for c, w in d["chunks"].items()},
+                           desc={str(c): str(t) for c, t in d["desc"].items()})
+            data = {}
+            for a, b, sup in state["edges"]:
+                if a not in g or b not in g:
+                    raise ValueError(f"edge end {a!r}/{b!r} is not a node")
+                data[edge_id(a, b)] = {"support": {str(c): (float(w), [str(k) for k in kws], str(desc))
+                                                   for c, (w, kws, desc) in sup.items()}}
+            # networkx keeps one attribute dict per edge, shared by both ends; refilling the adjacency in its
+            # saved order (rather than add_edge in some order) reproduces neighbour iteration exactly
+            for key, nbrs in state["adjacency"]:
+                adj = g._adj[key]
+                for n in nbrs:
+                    adj[n] = data[edge_id(key, n)]
+            if sum(len(v) for v in g._adj.values()) != 2 * len(data) - sum(a == b for a, b, _ in state["edges"]):
+                raise ValueError("adjacency does not match the edge list")
+            self.chunk_entities = {str(c): [str(k) for k in ks] for c, ks in state["chunk_entities"].items()}
+            self.chunk_edges = {str(c): [str(e) for e in es] for c, es in state["chunk_edges"].items()}
+            self.chunk_doc = {str(c): str(d) for c, d in state["chunk_doc"].items()}
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise ValueError(f"{source}: corrupt graph file ({err})") from None
+        for c, d in self.chunk_doc.items():
+            self.doc_chunks.setdefault(d, set()).add(c)
+        return self
+
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"format_version": FORMAT_VERSION, "graph": self.g, "chunk_entities": self.chunk_entities,
-                 "chunk_edges": self.chunk_edges, "chunk_doc": self.chunk_doc}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                pickle.dump(state, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(self.to_data(), fh, ensure_ascii=False)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -214,17 +266,18 @@ class GraphStore:
 
     @classmethod
     def load(cls, path: str | Path) -> "GraphStore":
+        path = Path(path)
         with open(path, "rb") as fh:
-            state = pickle.load(fh)
-        if state.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: graph format {state.get('format_version')}, expected {FORMAT_VERSION}")
-        self = cls()
-        self.g = state["graph"]
-        self.chunk_entities, self.chunk_edges = state["chunk_entities"], state["chunk_edges"]
-        self.chunk_doc = state["chunk_doc"]
-        for c, d in self.chunk_doc.items():
-            self.doc_chunks.setdefault(d, set()).add(c)
-        return self
+            head = fh.read(1)
+            if head != b"{":  # a pickle (format 1) or anything else: refused without being parsed
+                raise ValueError(f"{path}: not a blockrag graph file (format {FORMAT_VERSION} is JSON); "
+                                 f"rebuild the graph index")
+            fh.seek(0)
+            try:
+                state = json.loads(fh.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{path}: corrupt graph file ({err})") from None
+        return cls.from_data(state, str(path))
 
     def stats(self) -> dict:
         return {"entities": self.num_entities(), "relations": self.num_relations(),

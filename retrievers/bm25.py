@@ -373,6 +373,10 @@ class BM25Retriever:
         return {"kind": "bm25", "model": None, "tokenizer_hash": self.tokenizer.hash(),
                 "format_version": FORMAT_VERSION, "params": self.params()}
 
+    def identity(self) -> dict:
+        """What the opened files say (compared with the store's manifest on open)."""
+        return {"tokenizer_hash": self.tokenizer.hash(), "format_version": FORMAT_VERSION}
+
     # ------------------------------------------------------------------ building
     def build(self, chunks: Sequence) -> "BM25Retriever":
         """Index ``chunks`` from scratch (drops anything indexed before)."""
@@ -644,8 +648,10 @@ class BM25Retriever:
                 folder = olds[-1]
             else:
                 raise FileNotFoundError(f"no BM25 index in {folder} (bm25.json missing)")
-        meta = json.loads((folder / "bm25.json").read_text())
-        if meta.get("manifest", {}).get("kind") != "bm25":
+        from blockrag.fileformat import read_json
+
+        meta = read_json(folder / "bm25.json", what="BM25 index metadata")
+        if not isinstance(meta.get("manifest"), dict) or meta["manifest"].get("kind") != "bm25":
             raise ValueError(f"{folder} does not hold a BM25 index (kind {meta.get('manifest', {}).get('kind')!r})")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"BM25 index in {folder} has format version {meta.get('format_version')}, "

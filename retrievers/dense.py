@@ -14,6 +14,8 @@ import numpy as np
 from .base import Hit
 from .vector_index import VectorIndex, atomic_folder_write
 
+FORMAT_VERSION = 1  # dense.json + vectors/ (a VectorIndex); files without the field are version 1
+
 
 class DenseRetriever:
     def __init__(self, model_name: str | None = None, name: str = "dense", index_kind: str = "flat",
@@ -33,7 +35,15 @@ class DenseRetriever:
         if self._model is None:
             from blockrag.models import load_embedder
 
-            self._model = load_embedder(self.model_name, self.device)
+            model = load_embedder(self.model_name, self.device)
+            if self.index is not None:  # a clear refusal instead of faiss' AssertionError at query time
+                getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+                if getter() != self.index.dim:
+                    from blockrag.store import IndexMismatch
+
+                    raise IndexMismatch(f"dense index {self.name!r} holds {self.index.dim}-dimensional vectors, "
+                                        f"but model {self.model_name!r} encodes {getter()}; rebuild it")
+            self._model = model
         return self._model
 
     @property
@@ -103,12 +113,21 @@ class DenseRetriever:
         from blockrag.models import model_revision, resolve_embedder
 
         return {"kind": "dense", "model": self.model_name, "dimension": self.dim,
-                "revision": model_revision(resolve_embedder(self.model_name)),
+                "revision": model_revision(resolve_embedder(self.model_name)), "format_version": FORMAT_VERSION,
                 "params": {"index_kind": self.index_kind}}
+
+    def identity(self) -> dict:
+        """What the opened files and the installed model say, without loading the model: compared with the
+        store's manifest on open (name, revision of the weights on disk, dimension, format)."""
+        from blockrag.models import model_revision, resolve_embedder
+
+        return {"model": self.model_name, "revision": model_revision(resolve_embedder(self.model_name)),
+                "dimension": self.index.dim if self.index is not None else None, "format_version": FORMAT_VERSION}
 
     def save(self, folder: str | Path) -> None:
         def write(tmp: Path):
-            (tmp / "dense.json").write_text(json.dumps({"model": self.model_name, "index_kind": self.index_kind}))
+            (tmp / "dense.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "model": self.model_name,
+                                                        "index_kind": self.index_kind}))
             if self.index is not None:
                 self.index.save(tmp / "vectors")
 
@@ -116,10 +135,14 @@ class DenseRetriever:
 
     @classmethod
     def load(cls, folder: str | Path, model_name: str | None = None, **kwargs) -> "DenseRetriever":
+        from blockrag.fileformat import StoreFormatError, read_json, require_format
         from blockrag.store import IndexMismatch
 
         folder = Path(folder)
-        meta = json.loads((folder / "dense.json").read_text())
+        meta = read_json(folder / "dense.json", what="dense index metadata")
+        require_format({"format_version": 1, **meta}, FORMAT_VERSION, folder, "dense index")
+        if not isinstance(meta.get("model"), str) or meta.get("index_kind") not in ("flat", "hnsw"):
+            raise StoreFormatError(f"{folder}/dense.json: bad model or index kind")
         if model_name is not None and model_name != meta["model"]:
             raise IndexMismatch(f"dense index at {folder} was built with {meta['model']!r}, "
                                 f"not {model_name!r}; rebuild it or drop --model")

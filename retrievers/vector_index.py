@@ -128,14 +128,30 @@ class VectorIndex:
     def load(cls, folder: str | Path) -> "VectorIndex":
         import faiss
 
+        from blockrag.fileformat import StoreFormatError, read_json, require_format
+
         folder = Path(folder)
-        meta = json.loads((folder / "meta.json").read_text())
-        if meta["format_version"] != FORMAT_VERSION:
-            raise ValueError(f"{folder}: vector index format {meta['format_version']}, expected {FORMAT_VERSION}")
-        self = cls(meta["dim"], meta["kind"], meta["hnsw_m"], meta["ef_search"])
-        self.index = faiss.read_index(str(folder / "index.faiss"))
+        meta = read_json(folder / "meta.json", what="vector index metadata")
+        require_format(meta, FORMAT_VERSION, folder, "vector index")
+        try:
+            self = cls(int(meta["dim"]), meta["kind"], int(meta["hnsw_m"]), int(meta["ef_search"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise StoreFormatError(f"{folder}: bad vector index metadata ({err})") from None
+        ids = read_json(folder / "ids.json", list, "vector index ids")
+        if not all(i is None or isinstance(i, str) for i in ids):
+            raise StoreFormatError(f"{folder}: vector index ids must be strings")
+        with open(folder / "index.faiss", "rb") as fh:  # faiss' own binary format: data, no code
+            magic = fh.read(4)
+        if magic not in (b"IxM2", b"IHNf"):  # IndexIDMap2 (flat) / IndexHNSWFlat, the two kinds written
+            raise StoreFormatError(f"{folder}/index.faiss: not a faiss index of a kind blockrag writes")
+        try:
+            self.index = faiss.read_index(str(folder / "index.faiss"))
+        except RuntimeError as err:
+            raise StoreFormatError(f"{folder}/index.faiss: unreadable ({str(err).splitlines()[0][:120]})") from None
+        if self.index.d != self.dim:
+            raise StoreFormatError(f"{folder}: faiss index has dimension {self.index.d}, its metadata says {self.dim}")
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = self.ef_search
-        self.ids = json.loads((folder / "ids.json").read_text())
+        self.ids = ids
         self.rows = {id_: label for label, id_ in enumerate(self.ids) if id_ is not None}
         return self
