@@ -9,8 +9,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import registry
+
 DEFAULT_STORE = ".blockrag/store"
-RETRIEVER_CHOICES = ["bm25", "dense", "hybrid", "mrag", "local", "global", "mix", "naive", "path", "ppr"]
 
 
 def _collection(args, create: bool = False):
@@ -38,7 +39,8 @@ def cmd_index(args) -> int:
         if kind not in collection.indexes:
             collection.build_index(kind)  # empty now; filled by add_documents below
     start = time.perf_counter()
-    ingest = collection.add_documents(docs)
+    # the chunker (a tokenizer load, seconds) only when a document is new or changed: a no-op re-index skips it
+    ingest = collection.add_documents(docs, chunks_for=lambda doc: collection.chunker.split(doc))
     print(f"{ingest.summary()} in {time.perf_counter() - start:.1f}s")
     for note in ingest.notes:
         print(f"note: {note}")
@@ -47,30 +49,26 @@ def cmd_index(args) -> int:
     return 0
 
 
-def _graph_retriever(collection, mode: str):
-    from blockrag.graph import retriever_for  # deferred: spaCy is optional
-
-    return retriever_for(collection, mode=mode)
-
-
-def make_reranker(name: str | None, model: str | None = None):
-    if not name:
-        return None
-    if name == "blockrank":
-        from blockrag.rerankers.blockrank import BlockRankReranker
-
-        return BlockRankReranker(model)
-    if name == "pointwise":
-        from blockrag.rerankers.pointwise import PointwiseReranker
-
-        return PointwiseReranker(model)
-    raise SystemExit(f"error: unknown reranker {name!r} (blockrank or pointwise)")
+def _retriever_name(args) -> str:
+    """``--mode MODE`` (graph RAG) wins over ``--retriever``; both are registry names."""
+    return registry.graph_mode_name(args.mode) if getattr(args, "mode", None) else args.retriever
 
 
-def make_retriever(collection, spec: str):
-    if spec in {"local", "global", "mix", "naive", "path", "ppr"} or spec.startswith("graph-"):  # "hybrid" = RRF
-        return _graph_retriever(collection, spec.removeprefix("graph-"))
-    return collection.retriever(spec)
+def _pipeline(args, collection, generate: bool):
+    """The one query path for ``query``: retriever, reranker (sharing the generator's LLM) and generator."""
+    from .pipeline import Pipeline, collection_generator
+
+    generator = collection_generator(collection, args.generator) if generate else None
+    opts = {}
+    if args.rerank and registry.reranker_spec(args.rerank).llm and generator is None and args.generator:
+        opts["model_name"] = args.generator
+    return Pipeline(collection, _retriever_name(args), k=args.k, reranker=args.rerank or None,
+                    rerank_depth=args.rerank_depth, generator=generator, mode=args.gen_mode, reranker_opts=opts)
+
+
+def _hit_line(passage) -> str:
+    text = " ".join(passage.text.split())[:160]
+    return f"{passage.rank:>2}. {passage.score:8.4f}  [{passage.doc_id} #{passage.chunk_id}] {text}"
 
 
 def cmd_query(args) -> int:
@@ -78,37 +76,21 @@ def cmd_query(args) -> int:
     if collection.store.count_chunks() == 0:
         print("the store is empty: nothing to retrieve (index some documents first)")
         return 0
-    retriever = _graph_retriever(collection, args.mode) if args.mode else make_retriever(collection, args.retriever)
-    reranker = make_reranker(args.rerank)
-    start = time.perf_counter()
-    hits = retriever.retrieve(args.question, args.rerank_depth if reranker else args.k)
-    if reranker is not None and hits:
-        hits = reranker.rerank(args.question, collection.get_chunks([h.chunk_id for h in hits]), k=args.k)
-    ms = (time.perf_counter() - start) * 1000
-    chunks = {c.id: c for c in collection.get_chunks([h.chunk_id for h in hits])}
-    print(f"{len(hits)} results in {ms:.1f} ms ({getattr(retriever, 'name', args.retriever)})")
-    for rank, hit in enumerate(hits, 1):
-        c = chunks.get(hit.chunk_id)
-        text = " ".join(c.text.split())[:160] if c else "?"
-        print(f"{rank:>2}. {hit.score:8.4f}  [{c.doc_id if c else '?'} #{hit.chunk_id}] {text}")
+    try:
+        pipe = _pipeline(args, collection, args.generate)
+    except registry.RegistryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    retrieval = pipe.retrieve(args.question)  # once: printed now, then answered from
+    via = pipe.retriever_name + (f" + {args.rerank}" if args.rerank else "")
+    print(f"{len(retrieval.passages)} results in {retrieval.total_ms:.1f} ms ({via})")
+    for passage in retrieval.passages:
+        print(_hit_line(passage))
     if args.generate:
-        from .pipeline import Pipeline
-
-        pipe = Pipeline(collection, retriever, k=args.k, reranker=reranker, rerank_depth=args.rerank_depth,
-                        generator=_generator(args, collection), mode=args.gen_mode)
-        answer = pipe.ask(args.question, stream=lambda t: print(t, end="", flush=True))
+        answer = pipe.ask(args.question, stream=lambda t: print(t, end="", flush=True), retrieval=retrieval)
         print()
         print(_timing_line(answer.timings))
     return 0
-
-
-def _generator(args, collection=None):
-    """The cached generator; it shares the store's ``kv`` index (built at indexing time) when there is one."""
-    if collection is not None and "kv" in collection.indexes:
-        return collection.index("kv").generator()
-    from blockrag.attention_kv import Generator
-
-    return Generator(args.generator, cache_dir=Path(args.store) / "kv")
 
 
 def _timing_line(timings: dict) -> str:
@@ -149,7 +131,7 @@ def cmd_demo(args) -> int:
     from .demo_corpus import QUESTIONS, write_demo_corpus
     from .collection import Collection
     from .documents import load_folder
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, collection_generator
 
     root = Path(args.workdir)
     corpus = write_demo_corpus(root / "corpus")
@@ -160,9 +142,9 @@ def cmd_demo(args) -> int:
             params = {"model_name": args.generator} if kind == "kv" else {}
             collection.build_index(kind, **params)
     print(collection.add_documents(load_folder(corpus)).summary())
-    generator = None if args.no_generate else collection.index("kv").generator()
+    generator = None if args.no_generate else collection_generator(collection)
     pipe = Pipeline(collection, "hybrid", k=3, generator=generator, mode=args.mode)
-    pipe.retriever.retrieve("warm-up", 1)  # load the embedder now, not in the middle of the first answer
+    pipe.retrieve("warm-up")  # load the embedder now, not in the middle of the first answer
     for question in QUESTIONS:
         print(f"\nQ: {question}")
         print("A: ", end="", flush=True)
@@ -176,9 +158,16 @@ def cmd_demo(args) -> int:
             full = generator.generate(question, answer.chunks, mode="full", max_new_tokens=pipe.max_new_tokens)
             print(f"   full prefill: {full.answer.strip()}")
             print(f"   ttft_ms={full.ttft_ms:.1f} (full) vs {answer.timings['ttft_ms']:.1f} ({args.mode})")
-        for chunk in answer.chunks:
-            print(f"   [{chunk.doc_id}] {' '.join(chunk.text.split())[:110]}")
+        for hit in answer.hits:
+            print(f"   [{hit.doc_id}] {' '.join(hit.text.split())[:110]}")
     return 0
+
+
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible HTTP API and a web UI over the store (see blockrag.server)."""
+    from .server import run
+
+    return run(args)
 
 
 def _version() -> str:
@@ -196,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("index", help="add a folder of .txt/.md, a .jsonl file or a BEIR folder to a store")
     s.add_argument("path")
     s.add_argument("--store", default=DEFAULT_STORE)
-    s.add_argument("--index", action="append", choices=["bm25", "dense", "mrag", "graph", "kv"],
+    s.add_argument("--index", action="append", choices=registry.index_kinds(),
                    help="indexes to keep (repeatable; default bm25 + dense; kv = passage KV caches)")
     s.add_argument("--chunk-tokens", type=int, default=256)
     s.add_argument("--overlap", type=int, default=32)
@@ -206,11 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("query", help="retrieve (and optionally answer) a question")
     s.add_argument("question")
     s.add_argument("--store", default=DEFAULT_STORE)
-    s.add_argument("--retriever", default="hybrid", help="bm25, dense, hybrid, mrag or an index name")
-    s.add_argument("--mode", choices=["local", "global", "hybrid", "mix", "naive", "path", "ppr"],
-                   help="graph RAG mode (needs a graph index)")
+    s.add_argument("--retriever", default="hybrid",
+                   help=f"{', '.join(registry.retriever_names())} or an index name of the store")
+    s.add_argument("--mode", choices=registry.GRAPH_MODES, help="graph RAG mode (needs a graph index)")
     s.add_argument("-k", type=int, default=5)
-    s.add_argument("--rerank", choices=["blockrank", "pointwise"], help="rerank the retrieved candidates")
+    s.add_argument("--rerank", choices=registry.reranker_names(), help="rerank the retrieved candidates")
     s.add_argument("--rerank-depth", type=int, default=50, help="candidates passed to the reranker")
     s.add_argument("--generate", action="store_true", help="answer with the cached generator")
     s.add_argument("--gen-mode", default="turbo", choices=["full", "turbo", "block", "blend"])
@@ -231,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = esub.add_parser("beir", help="a BEIR dataset folder (corpus.jsonl, queries.jsonl, qrels/)")
     b.add_argument("--data", required=True)
     b.add_argument("--split", default="test")
-    b.add_argument("--retriever", default="bm25", choices=["bm25", "dense", "hybrid"])
+    b.add_argument("--retriever", default="bm25", choices=registry.retriever_names() + ["all"],
+                   help="a retriever name, or all (bm25, dense, hybrid)")
     b.add_argument("--store", default=None, help="keep the built store here (default: a temp dir)")
     b.add_argument("--report", default=None, help="write a JSON report here")
     b.add_argument("--max-queries", type=int, default=None)
@@ -244,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-generate", action="store_true")
     s.add_argument("--no-compare", action="store_true", help="skip the full-prefill answer shown beside each one")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", help="serve a store: OpenAI-compatible HTTP API, streaming, web UI at /")
+    from .server.config import add_arguments as add_serve_arguments
+
+    add_serve_arguments(s)
+    s.set_defaults(func=cmd_serve)
     return p
 
 

@@ -7,7 +7,6 @@ generation lags the store's, which the next open detects and rebuilds from the s
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,26 +15,15 @@ from typing import Iterable
 from tqdm.auto import tqdm
 
 from .chunking import TokenChunker
+from . import registry
 from .documents import Chunk, Document
 from .store import DocStore, IndexMismatch
 
 log = logging.getLogger(__name__)
 
-# kind -> "module:Class"; each class has build(chunks), add, delete, save(folder), load(folder), manifest().
-INDEX_KINDS = {
-    "bm25": "blockrag.retrievers.bm25:BM25Retriever",
-    "dense": "blockrag.retrievers.dense:DenseRetriever",
-    "mrag": "blockrag.retrievers.mrag:MRAGRetriever",
-    "graph": "blockrag.graph.index:GraphIndex",
-    "kv": "blockrag.attention_kv.index:KVIndex",
-}
-
-
-def index_class(kind: str):
-    if kind not in INDEX_KINDS:
-        raise ValueError(f"unknown index kind {kind!r}; choose from {sorted(INDEX_KINDS)}")
-    module, cls = INDEX_KINDS[kind].split(":")
-    return getattr(importlib.import_module(module), cls)
+# index kinds live in the one registry of names (blockrag.registry); re-exported here for callers
+index_class = registry.index_class
+INDEX_KINDS = registry.INDEX_KINDS
 
 
 @dataclass
@@ -196,16 +184,12 @@ class Collection:
                            f"build it with `blockrag index ... --index {name}`")
         return self.indexes[name]
 
-    def retriever(self, spec: str = "hybrid", model: str | None = None):
-        """``bm25``, ``dense``, ``hybrid`` (RRF of bm25 + dense), or any index name."""
-        if spec == "hybrid":
-            from blockrag.retrievers.fusion import RRF
-
-            parts = [self.index(n) for n in ("bm25", "dense") if n in self.indexes]
-            if not parts:
-                raise KeyError("hybrid retrieval needs a bm25 and/or a dense index")
-            return RRF(parts)
-        return self.index(spec, model=model)
+    def retriever(self, spec: str = "hybrid", model: str | None = None, **opts):
+        """A retriever by name (see :mod:`blockrag.registry`): ``bm25``, ``dense``, ``hybrid`` (RRF of bm25 +
+        dense), ``mrag``, the graph modes (``local``, ``ppr``, ...), or any index name."""
+        if model is not None:
+            opts["model"] = model
+        return registry.retriever(self, spec, **opts)
 
     def get_chunks(self, ids):
         return self.store.get_chunks(ids)
