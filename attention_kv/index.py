@@ -21,6 +21,7 @@ class KVIndex:
         self.name, self.model_name, self.quant = name, model_name, quant
         self.system_prompt, self.device = system_prompt, device
         self.folder: Path | None = None
+        self._pending_delete: list[str] = []  # removed in save(), i.e. after the store's commit
         self._store = None
         self._model = self._tokenizer = None
 
@@ -65,10 +66,21 @@ class KVIndex:
             self.store.add(chunks)
 
     def delete(self, chunk_ids: Sequence[str]) -> None:
-        if chunk_ids:
-            self.store.delete(list(chunk_ids))
+        # deferred to save(): the Collection saves in-place indexes after its commit, so a crash before the
+        # commit never leaves the committed state without the cache files it needs
+        self._pending_delete += list(chunk_ids)
+
+    def reload(self) -> None:
+        """Re-read the cache's chunk map (another process wrote it), dropping deletes not yet saved."""
+        self._pending_delete = []
+        if self._store is not None:
+            with self._store._lock:
+                self._store._index = self._store._read_index()
 
     def save(self, folder: str | Path) -> None:
+        if self._pending_delete:
+            self.store.delete(self._pending_delete)
+            self._pending_delete = []
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"model": self.model_name, "quant": self.quant, "system_prompt": self.system_prompt}

@@ -1,10 +1,14 @@
 """DocStore: documents, chunks and the manifest of every index built over them, in SQLite (WAL).
 
-Each write is one transaction, so an interrupted ingest leaves the previous state. Index files live
-beside the database (``<store>/indexes/<name>/``) and are replaced atomically by their writers.
+Each write is one transaction that also bumps the store's generation and appends, per chunk added or
+removed, a row to the ``journal``; every index's manifest row records the generation it has applied. An
+index whose applied generation lags the store's is missing committed changes, and the journal says which
+(see :meth:`DocStore.changes_since`). Index files live beside the database (``<store>/indexes/<name>/``)
+and are replaced atomically by their writers.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -30,7 +34,10 @@ CREATE TABLE IF NOT EXISTS manifest (
     tokenizer_hash TEXT, format_version INTEGER NOT NULL, params TEXT NOT NULL, updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (generation INTEGER NOT NULL, chunk_id TEXT NOT NULL, op TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS journal_generation ON journal(generation);
 """
+STORE_FORMAT = 2  # 2: journal table; 1 (no journal) is upgraded in place by adding the table
 
 
 class IndexMismatch(RuntimeError):
@@ -48,14 +55,102 @@ def _unpack(blob: bytes) -> list[int]:
 
 
 class DocStore:
+    """``DocStore(folder)``: the SQLite file of a store. Writes go through :meth:`transaction`."""
+
     def __init__(self, folder: str | Path):
+        from .fileformat import StoreFormatError
+
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.folder / "store.sqlite", check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(_SCHEMA)
-        self.db.commit()
+        self._depth = 0
+        path = self.folder / "store.sqlite"
+        try:
+            # autocommit mode: transactions are explicit (BEGIN IMMEDIATE in transaction())
+            self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA busy_timeout=60000")
+            self.db.executescript(_SCHEMA)
+            fmt = self.get_setting("store_format")
+        except sqlite3.DatabaseError as err:
+            raise StoreFormatError(f"{path}: not a blockrag store ({err})") from None
+        if fmt is None:  # new, or written before the journal existed: it covers nothing older than now
+            with self.transaction():
+                self.set_setting("store_format", STORE_FORMAT)
+                self.set_setting("journal_floor", self.generation)
+        elif fmt != STORE_FORMAT:
+            raise StoreFormatError(f"{path}: store format {fmt!r}, this blockrag reads {STORE_FORMAT}")
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """One write transaction (re-entrant): everything inside commits together or not at all."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._depth = 0
+            self.db.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        self.db.execute("COMMIT")
+
+    @property
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (cheap: no table is read)."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
+
+    # ------------------------------------------------------- generation, journal
+    @property
+    def generation(self) -> int:
+        return self.get_setting("generation", 0)
+
+    def commit_generation(self, added: Iterable[str], removed: Iterable[str]) -> int:
+        """Bump the generation and journal the chunk ids added and removed; call inside a transaction."""
+        if not self._depth:
+            raise RuntimeError("commit_generation must run inside DocStore.transaction()")
+        generation = self.generation + 1
+        self.db.executemany("INSERT INTO journal VALUES (?, ?, 'del')", ((generation, c) for c in removed))
+        self.db.executemany("INSERT INTO journal VALUES (?, ?, 'add')", ((generation, c) for c in added))
+        self.set_setting("generation", generation)
+        return generation
+
+    def changes_since(self, generation: int) -> tuple[list[str], list[str]] | None:
+        """(chunk ids to add, chunk ids to delete) that bring an index at ``generation`` to the current one,
+        netted per chunk (its last operation wins); ``None`` if the journal no longer reaches back that far."""
+        current = self.generation
+        if generation >= current:
+            return [], []
+        floor = self.get_setting("journal_floor", 0)
+        if generation < floor:
+            return None
+        last: dict[str, str] = {}
+        for cid, op in self.db.execute("SELECT chunk_id, op FROM journal WHERE generation > ? "
+                                       "ORDER BY generation, rowid", (generation,)):
+            last.pop(cid, None)
+            last[cid] = op
+        return [c for c, op in last.items() if op == "add"], [c for c, op in last.items() if op == "del"]
+
+    def prune_journal(self) -> None:
+        """Drop journal rows every recorded index has applied."""
+        applied = [m["params"].get("generation", 0) for m in self.manifests()]
+        floor = min(applied) if applied else self.generation
+        with self.transaction():
+            self.db.execute("DELETE FROM journal WHERE generation <= ?", (floor,))
+            if floor > self.get_setting("journal_floor", 0):
+                self.set_setting("journal_floor", floor)
+
+    def state_key(self) -> tuple:
+        """(generation, per index (name, applied generation, updated_at)): what readers compare to reload."""
+        rows = self.db.execute("SELECT name, params, updated_at FROM manifest ORDER BY name").fetchall()
+        return (self.generation, tuple((n, json.loads(p).get("generation"), u) for n, p, u in rows))
 
     # ----------------------------------------------------------------- settings
     def get_setting(self, key: str, default=None):
@@ -63,7 +158,7 @@ class DocStore:
         return json.loads(row[0]) if row else default
 
     def set_setting(self, key: str, value) -> None:
-        with self.db:
+        with self.transaction():
             self.db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, json.dumps(value)))
 
     def index_dir(self, name: str) -> Path:
@@ -77,7 +172,7 @@ class DocStore:
         """
         added, removed = [], []
         now = time.time()
-        with self.db:
+        with self.transaction():
             for doc, chunks in docs_and_chunks:
                 old = self.db.execute("SELECT title, text FROM documents WHERE id=?", (doc.id,)).fetchone()
                 if old == (doc.title, doc.text):
@@ -98,11 +193,40 @@ class DocStore:
         """Delete documents (and their chunks); returns the removed chunk ids."""
         doc_ids = list(doc_ids)
         removed = []
-        with self.db:
+        with self.transaction():
             for doc_id in doc_ids:
                 removed += [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE doc_id=?", (doc_id,))]
                 self.db.execute("DELETE FROM documents WHERE id=?", (doc_id,))
         return removed
+
+    def replace_document(self, doc: Document, chunks: Iterable[Chunk] = ()) -> None:
+        """Write ``doc`` (dropping any previous version and its chunks) and then its chunks, streamed in."""
+        if not self._depth:
+            raise RuntimeError("replace_document must run inside DocStore.transaction()")
+        self.db.execute("DELETE FROM documents WHERE id=?", (doc.id,))
+        self.db.execute("INSERT INTO documents VALUES (?, ?, ?, ?, ?)",
+                        (doc.id, doc.title, doc.text, json.dumps(doc.metadata), time.time()))
+        self.add_chunks(chunks)
+
+    def add_chunks(self, chunks: Iterable[Chunk]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?, ?)",
+                            ((c.id, c.doc_id, c.position, c.text, _pack(c.token_ids), json.dumps(c.metadata))
+                             for c in chunks))
+
+    def delete_documents(self, doc_ids: Iterable[str]) -> None:
+        """Delete rows (chunks cascade); call inside a transaction."""
+        self.db.executemany("DELETE FROM documents WHERE id=?", ((d,) for d in doc_ids))
+
+    def doc_chunk_ids(self, doc_id: str) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT id FROM chunks WHERE doc_id=? ORDER BY position", (doc_id,))]
+
+    def iter_chunk_batches(self, ids: Iterable[str], batch: int = 4096) -> Iterator[list[Chunk]]:
+        """Chunks by id in batches of ``batch`` (unknown ids left out), so huge updates stay bounded in memory."""
+        ids = list(ids)
+        for i in range(0, len(ids), batch):
+            part = self.get_chunks(ids[i:i + batch])
+            if part:
+                yield part
 
     def has_document(self, doc_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM documents WHERE id=?", (doc_id,)).fetchone() is not None
@@ -165,13 +289,13 @@ class DocStore:
     def record_index(self, name: str, kind: str, model: str | None = None, revision: str | None = None,
                      dimension: int | None = None, tokenizer_hash: str | None = None,
                      format_version: int = FORMAT_VERSION, params: dict | None = None) -> None:
-        with self.db:
+        with self.transaction():
             self.db.execute("INSERT OR REPLACE INTO manifest VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (name, kind, model, revision, dimension, tokenizer_hash, format_version,
                              json.dumps(params or {}), time.time()))
 
     def drop_index(self, name: str) -> None:
-        with self.db:
+        with self.transaction():
             self.db.execute("DELETE FROM manifest WHERE name=?", (name,))
 
     def check_index(self, name: str, model: str | None = None, tokenizer_hash: str | None = None,

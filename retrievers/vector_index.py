@@ -25,8 +25,12 @@ def normalise(x: np.ndarray) -> np.ndarray:
 def atomic_folder_write(folder: Path, write) -> None:
     """Call ``write(tmp)`` on a temporary sibling folder, then swap it in place of ``folder``.
 
-    A crash before the swap leaves the previous folder untouched.
+    A crash before the swap leaves the previous folder untouched; a crash between the two renames leaves it
+    under ``.<name>.old-*``, which :func:`recover_folder` puts back. Callers that share a folder between
+    processes serialise saves (a Collection holds its store's write lock), so two swaps never interleave.
     """
+    from blockrag.faults import fault
+
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
@@ -34,14 +38,37 @@ def atomic_folder_write(folder: Path, write) -> None:
         write(tmp)
         old = None
         if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{tmp.name[-8:]}")
             folder.rename(old)
+            fault("swap:between-renames")
         tmp.rename(folder)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_folder(folder: Path) -> bool:
+    """Put back the previous copy of ``folder`` if a swap died between its renames; True if it did."""
+    folder = Path(folder)
+    if folder.exists():
+        return False
+    olds = sorted(folder.parent.glob(f".{folder.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not olds:
+        return False
+    olds[-1].rename(folder)
+    return True
+
+
+def remove_leftovers(parent: Path) -> int:
+    """Delete temporary and superseded folders that interrupted swaps left in ``parent``."""
+    n = 0
+    for p in Path(parent).glob(".*"):
+        if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name):
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+    return n
 
 
 class VectorIndex:

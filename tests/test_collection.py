@@ -75,14 +75,21 @@ def test_interrupted_ingest_leaves_previous_state(collection, monkeypatch, tmp_p
     assert _top_doc(reopened, "bm25", "volcano ash") == "volcano"
 
 
-def test_index_saved_after_store_commit_lag_is_repaired(collection, monkeypatch, tmp_path):
-    # crash after the SQLite commit but before the dense index is saved: the next open rebuilds it
+def test_failed_index_save_commits_nothing(collection, monkeypatch, tmp_path):
+    # whole-folder indexes are saved inside the store's transaction: a failed save leaves the previous state
+    # everywhere (rows, generation, every index), and the in-memory indexes are reloaded from their files
     dense = collection.indexes["dense"]
+    generation = collection.generation
     monkeypatch.setattr(dense, "save", lambda folder: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         collection.add_documents([Document(id="glacier", text="Glaciers carve valleys over thousands of years.")])
+    assert collection.generation == generation and not collection.store.has_document("glacier")
+    assert "glacier" not in {c.doc_id for c in collection.get_chunks(
+        [h.chunk_id for h in collection.retriever("bm25").retrieve("glaciers valleys", 10)])}
     collection.close()
     reopened = Collection(tmp_path / "store", progress=False)
+    assert not reopened.store.has_document("glacier") and len(reopened.indexes["dense"]) == 4
+    reopened.add_documents([Document(id="glacier", text="Glaciers carve valleys over thousands of years.")])
     assert _top_doc(reopened, "dense", "ice carving valleys") == "glacier"
 
 
