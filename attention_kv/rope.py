@@ -1,6 +1,6 @@
 """RoPE helpers (HF ``rotate_half`` convention), always computed in fp32.
 
-Keys are stored *un-rotated*; they are rotated to their stitched (contiguous) positions either here
+A model's RoPE parameters come from the model seam (``ModelAdapter.inv_freq``). Keys are stored *un-rotated*; they are rotated to their stitched (contiguous) positions either here
 (:func:`rotate`) or by the attention kernel as it loads them (``attend(..., inv_freq=, k_positions=)``).
 """
 from __future__ import annotations
@@ -11,15 +11,6 @@ import torch
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_params(model) -> tuple[torch.Tensor, float]:
-    """(inv_freq fp32 [D/2], attention_scaling) of an HF Llama/Qwen2/Mistral-style model."""
-    base = getattr(model, "model", model)
-    rot = getattr(base, "rotary_emb", None)
-    if rot is None:
-        raise TypeError(f"{type(model).__name__}: no rotary_emb module; only RoPE models are supported")
-    return rot.inv_freq.detach().float(), float(getattr(rot, "attention_scaling", 1.0))
 
 
 def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float = 1.0):
@@ -53,11 +44,12 @@ try:  # in-place RoPE over a token range of stitched K buffers (one pass; used w
     @triton.jit
     def _rope_rows_kernel(k_ptr, cos_ptr, sin_ptr, layer_stride, tok_stride, head_stride, start,
                           HALF: tl.constexpr, HKV: tl.constexpr, HKV_P2: tl.constexpr):
-        t = start + tl.program_id(0)
-        layer = tl.program_id(1)
+        t = (start + tl.program_id(0)).to(tl.int64)
+        layer = tl.program_id(1).to(tl.int64)
         h = tl.arange(0, HKV_P2)[:, None]
         d = tl.arange(0, HALF)[None, :]
         m = (h < HKV) & (d < HALF)
+        # int64: layer * layer_stride passes 2^31 elements for an 8B model's cache past ~33K tokens
         base = k_ptr + layer * layer_stride + t * tok_stride + h * head_stride
         x1 = tl.load(base + d, mask=m).to(tl.float32)
         x2 = tl.load(base + HALF + d, mask=m).to(tl.float32)
@@ -76,13 +68,19 @@ def rope_rows_(k: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, 
     ``start..end`` with fp32 tables ``[max_len, D/2]``."""
     if end <= start:
         return
-    nl, _, _, hkv, d = k.shape
     if k.is_cuda and _HAS_TRITON:
-        _rope_rows_kernel[(end - start, nl)](k, cos_half, sin_half, k.stride(0), k.stride(2), k.stride(3), start,
-                                            HALF=d // 2, HKV=hkv, HKV_P2=triton.next_power_of_2(hkv),
-                                            num_warps=2)
+        _rope_rows_triton(k, cos_half, sin_half, start, end)
         return
     c = torch.cat([cos_half[start:end]] * 2, -1)[:, None, :]
     s = torch.cat([sin_half[start:end]] * 2, -1)[:, None, :]
     x = k[:, :, start:end]
     x.copy_(rotate(x, c, s))
+
+
+def _rope_rows_triton(k: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, start: int, end: int) -> None:
+    """The Triton launch of :func:`rope_rows_` (also runs under ``TRITON_INTERPRET=1`` on the CPU, for tests)."""
+    nl, _, _, hkv, d = k.shape
+    if k.stride(-1) != 1:
+        raise ValueError("rope_rows_ needs a contiguous last (head) dimension")
+    _rope_rows_kernel[(end - start, nl)](k, cos_half, sin_half, k.stride(0), k.stride(2), k.stride(3), start,
+                                        HALF=d // 2, HKV=hkv, HKV_P2=triton.next_power_of_2(hkv), num_warps=2)

@@ -10,7 +10,8 @@ slices so that the grid fills the GPU; row groups sharing a key slice are launch
 K/V reads hit L2. Each program streams its slice (through the copy engine when the call is captured in a
 CUDA graph: descriptor encoding costs host time per eager launch), and the last program to finish a row
 group's slices merges their partial outputs (an arrival counter; no second kernel). ``kv_len`` lets the
-kernel read the number of valid keys on the device, so one captured graph serves a growing cache. Only
+kernel read the number of valid keys on the device, so one captured graph serves a growing cache (the grid
+is sized for the whole buffer and the kernel spreads the valid keys over all its slices). Only
 tiles that overlap the question itself apply the causal mask.
 
 Measured on an H100 and dropped (eval/bench_kernel.py): all rows in one program as three sub-tiles sharing
@@ -28,6 +29,7 @@ import math
 import torch
 
 from .triton_attention import HAS_TRITON, LAST_LAUNCH, LOG2E, _cdiv, _interpret, _num_sms
+from .triton_attention import check_tile_offsets, tile_offsets_fit
 
 TensorDescriptor = None
 if HAS_TRITON:
@@ -70,7 +72,8 @@ if HAS_TRITON:
         i = r // G
         h = kvh * G + r % G
         ok = i < Lq
-        ptrs = Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + tl.arange(0, D)[None, :] * sqd
+        ptrs = (Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + i.to(tl.int64)[:, None] * sqm
+                + tl.arange(0, D)[None, :] * sqd)
         return tl.load(ptrs, mask=ok[:, None], other=0.0), i, h, ok
 
     @triton.jit
@@ -90,12 +93,13 @@ if HAS_TRITON:
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
         offs_d = tl.arange(0, D)
+        o_row = O + b.to(tl.int64) * sob + h.to(tl.int64)[:, None] * soh + i.to(tl.int64)[:, None] * som
         if DIRECT:
-            ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_d[None, :] * sod
+            ptrs = o_row + offs_d[None, :] * sod
             tl.store(ptrs, out.to(O.dtype.element_ty), mask=ok[:, None])
         else:
             lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
-            row = (c * n_bh + bh) * R + r0 + tl.arange(0, BM)
+            row = ((c * n_bh + bh) * R + r0 + tl.arange(0, BM)).to(tl.int64)
             tl.store(PO + row[:, None] * D + offs_d[None, :], out, mask=ok[:, None])
             tl.store(PL + row, lse, mask=ok)
             if FOLD:
@@ -106,7 +110,7 @@ if HAS_TRITON:
                 if prev == n_ch - 1:
                     acc2, l, _ = _merge_partials(PO, PL, bh * R + r0 + tl.arange(0, BM), n_bh * R, n_ch, ok, BM, D)
                     res = acc2 / tl.where(l == 0.0, 1.0, l)[:, None]
-                    ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_d[None, :] * sod
+                    ptrs = o_row + offs_d[None, :] * sod
                     tl.store(ptrs, res.to(O.dtype.element_ty), mask=ok[:, None])
                     tl.atomic_xchg(CNT, 0)  # ready for the next call (and for CUDA-graph replays)
 
@@ -123,14 +127,17 @@ if HAS_TRITON:
         l_i = tl.zeros([BM], tl.float32)
         m_i = tl.full([BM], float("-inf"), tl.float32)
         offs_d = tl.arange(0, D)
+        offs_t = tl.arange(0, BLOCK_N)
         for kt in range(lo, mid):  # fully visible tiles: no mask, no bounds checks
-            offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_n = kt * BLOCK_N + offs_t
             if USE_TMA:
                 k = KD.load([b, kvh, kt * BLOCK_N, 0]).reshape(BLOCK_N, D)
                 v = VD.load([b, kvh, kt * BLOCK_N, 0]).reshape(BLOCK_N, D)
             else:
-                k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd)
-                v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd)
+                # the tile's first key in int64, offsets inside the tile int32 (tile_offsets_fit)
+                t0 = tl.cast(kt, tl.int64) * BLOCK_N
+                k = tl.load(K + t0 * skn + offs_t[:, None] * skn + offs_d[None, :] * skd)
+                v = tl.load(V + t0 * svn + offs_t[:, None] * svn + offs_d[None, :] * svd)
             acc, l_i, m_i = _q_step(acc, l_i, m_i, q, k, v, gq, offs_n, Lk, qk_scale, False, DOT_PREC, UPCAST, LAZY)
         for kt in range(mid, hi):  # tiles overlapping the question (causal) or the end of the keys
             offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,8 +147,11 @@ if HAS_TRITON:
                 v = tl.where((offs_n < Lk)[:, None], v, 0.0)
             else:
                 n_ok = offs_n < Lk
-                k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=n_ok[:, None], other=0.0)
-                v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None], other=0.0)
+                t0 = tl.cast(kt, tl.int64) * BLOCK_N
+                k = tl.load(K + t0 * skn + offs_t[:, None] * skn + offs_d[None, :] * skd, mask=n_ok[:, None],
+                            other=0.0)
+                v = tl.load(V + t0 * svn + offs_t[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None],
+                            other=0.0)
             acc, l_i, m_i = _q_step(acc, l_i, m_i, q, k, v, gq, offs_n, Lk, qk_scale, True, DOT_PREC, UPCAST, False)
         _q_finish(acc, l_i, m_i, O, PO, PL, CNT, b, h, i, ok, r0, c, bh, n_bh, R, n_ch, sob, soh, som, sod,
                   BM, D, DIRECT, FOLD)
@@ -160,6 +170,9 @@ if HAS_TRITON:
             q_start = Lk - Lq
             n_tiles = tl.cdiv(Lk, BLOCK_N)
             n_full = tl.minimum((q_start + 1) // BLOCK_N, Lk // BLOCK_N)
+            # the grid holds n_ch slices for the whole buffer: spread the valid keys over all of them (CH is
+            # then the shortest slice allowed), so that a half-full buffer still fills the GPU
+            CH = tl.maximum(tl.cdiv(n_tiles, n_ch), CH)
             n_ch = tl.cdiv(n_tiles, CH)
         # program id: row group fastest, so the row groups sharing a key slice run side by side (L2 reuse)
         pid = tl.program_id(0)
@@ -172,8 +185,8 @@ if HAS_TRITON:
         lo = c * CH
         hi = tl.minimum(lo + CH, n_tiles)
         mid = tl.maximum(lo, tl.minimum(hi, n_full))  # tiles below `mid` are visible to every row
-        k_base = K + b * skb + kvh * skh
-        v_base = V + b * svb + kvh * svh
+        k_base = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
         if c < n_ch:  # (always, unless DYN: slices past the current length do nothing)
             if rg < n_main:
                 _q_rows(Q, k_base, v_base, KD, VD, O, PO, PL, CNT + bh * n_rg + rg, b, kvh, bh, n_bh, c, n_ch, rg * BM,
@@ -207,7 +220,8 @@ if HAS_TRITON:
         offs_d = tl.arange(0, D)
         acc, l, _ = _merge_partials(PO, PL, bh * R + r, n_bh * R, n_ch, ok, BM, D)
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
-        ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_d[None, :] * sod
+        ptrs = (O + b.to(tl.int64) * sob + h.to(tl.int64)[:, None] * soh + i.to(tl.int64)[:, None] * som
+                + offs_d[None, :] * sod)
         tl.store(ptrs, out.to(O.dtype.element_ty), mask=ok[:, None])
 
 
@@ -294,6 +308,8 @@ def attend_question(q, k, v, *, q_start: int | None = None, scale: float | None 
             _SPECS.pop(next(iter(_SPECS)))
         _SPECS[key] = spec
     c = spec["const"]
+    if spec["check"]:
+        check_tile_offsets(c["BLOCK_N"], k, v)
     n_bh, n_ch, R = B * Hkv, spec["n_ch"], spec["R"]
     if c["DIRECT"]:
         po = pl = out
@@ -340,8 +356,11 @@ def _launch_spec(B, Hq, Lq, D, Hkv, Lk, q_start, dtype, dev, k, v, block_m, bloc
     bm = block_m or bm
     bn = block_n or bn
     n_bh = B * Hkv
+    min_keys = 4 * bn if interp else 512
     p = question_plan(Lq, Lk, q_start, G, n_bh, _num_sms(dev), block_m=bm, block_n=bn,
-                      programs_per_sm=programs_per_sm or pps, chunk=chunk, min_keys=4 * bn if interp else 512)
+                      programs_per_sm=programs_per_sm or pps, chunk=chunk, min_keys=min_keys)
+    if dyn:  # the kernel sizes its slices at run time; it gets the shortest slice allowed
+        p["chunk"] = max(1, min(chunk or _cdiv(min_keys, bn), p["chunk"]))
     direct = p["n_ch"] == 1
     fold = fold and not direct
     if dyn and not (fold or direct):
@@ -350,4 +369,5 @@ def _launch_spec(B, Hq, Lq, D, Hkv, Lk, q_start, dtype, dev, k, v, block_m, bloc
                  DOT_PREC="ieee" if dtype == torch.float32 else "tf32", UPCAST=interp and dtype == torch.bfloat16,
                  USE_TMA=bool(tma and _tma_ok(k) and _tma_ok(v)), FOLD=fold, LAZY=lazy, DYN=dyn,
                  num_warps=num_warps or nw, num_stages=num_stages or ns)
-    return dict(p, grid=(p["n_rg"] * p["n_ch"], n_bh), const=const, interp=interp, po=None, pl=None)
+    return dict(p, grid=(p["n_rg"] * p["n_ch"], n_bh), const=const, interp=interp, po=None, pl=None,
+                check=not (tile_offsets_fit(k, bn) and tile_offsets_fit(v, bn)))

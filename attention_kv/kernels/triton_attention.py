@@ -128,7 +128,7 @@ if HAS_TRITON:
         l = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, D], tl.float32)
         for c in range(0, n):
-            row = rows0 + c * step
+            row = (rows0 + c * step).to(tl.int64)  # (int64: every offset below may pass 2^31 elements)
             lse_c = tl.load(PL + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
             o_c = tl.load(PO + row[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0,
                           cache_modifier=".cg")
@@ -161,12 +161,16 @@ if HAS_TRITON:
                 kt = tl.load(TABLE + qt * n_kt + it)
             else:
                 kt = it
-            offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-            v_ptrs = v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd
+            offs_t = tl.arange(0, BLOCK_N)
+            offs_n = kt * BLOCK_N + offs_t
+            # the tile's first key in int64 (past 2^31 elements in long or strided caches); offsets inside a
+            # tile stay int32 (checked on the host: tile_offsets_fit)
+            t0 = tl.cast(kt, tl.int64) * BLOCK_N
+            v_ptrs = v_base + t0 * svn + offs_t[:, None] * svn + offs_dv[None, :] * svd
             if SPLIT:
-                k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :] * skd
+                k_ptrs = k_base + t0 * skn + offs_t[:, None] * skn + offs_d[None, :] * skd
             else:
-                k_ptrs = k_base + offs_n[:, None] * skn + offs_dv[None, :] * skd
+                k_ptrs = k_base + t0 * skn + offs_t[:, None] * skn + offs_dv[None, :] * skd
             if MASKED:
                 n_ok = offs_n < Lk
                 k1 = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
@@ -235,14 +239,18 @@ if HAS_TRITON:
         row_ok = i < Lq
         offs_d = tl.arange(0, HALF)
         offs_dv = tl.arange(0, 2 * HALF)
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        i64 = i.to(tl.int64)
+        q_row = Q + b64 * sqb + h64[:, None] * sqh + i64[:, None] * sqm
 
         if SPLIT:
-            q_ptrs = Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_d[None, :] * sqd
+            q_ptrs = q_row + offs_d[None, :] * sqd
             q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
             q2 = tl.load(q_ptrs + HALF * sqd, mask=row_ok[:, None], other=0.0)
             invf = tl.load(INVF + offs_d)
         else:
-            q_ptrs = Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_dv[None, :] * sqd
+            q_ptrs = q_row + offs_dv[None, :] * sqd
             q1 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
             q2 = q1
             invf = tl.zeros([HALF], tl.float32)
@@ -262,8 +270,8 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, 2 * HALF], tl.float32)
-        k_base = K + b * skb + kvh * skh
-        v_base = V + b * svb + kvh * svh
+        k_base = K + b64 * skb + kvh.to(tl.int64) * skh
+        v_base = V + b64 * svb + kvh.to(tl.int64) * svh
         if USE_TABLE:
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q1, q2, k_base, v_base, KB, KP, invf, TABLE, qt, n_kt, lo, hi, gq, qb,
@@ -288,13 +296,13 @@ if HAS_TRITON:
         out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
         if nch == 1:
-            o_ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_dv[None, :] * sod
+            o_ptrs = O + b64 * sob + h64[:, None] * soh + i64[:, None] * som + offs_dv[None, :] * sod
             tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
             if STORE_LSE:
-                tl.store(LSE + (b * Hkv * G + h) * Lq + i, lse, mask=row_ok)
+                tl.store(LSE + (b64 * Hkv * G + h64) * Lq + i64, lse, mask=row_ok)
         else:
             slot = tl.load(PBASE + qt) + c
-            base = (slot * n_bh + bh) * BLOCK_M
+            base = (slot * n_bh + bh).to(tl.int64) * BLOCK_M
             tl.store(PO + (base + offs_l)[:, None] * (2 * HALF) + offs_dv[None, :], out, mask=row_ok[:, None])
             tl.store(PL + base + offs_l, lse, mask=row_ok)
 
@@ -312,7 +320,8 @@ if HAS_TRITON:
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         offs_d = tl.arange(0, HALF)
-        ptr = K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+        ptr = (K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + offs_n.to(tl.int64)[:, None] * skn
+               + offs_d[None, :] * skd)
         k1 = tl.load(ptr, mask=n_ok[:, None], other=0.0)
         k2 = tl.load(ptr + HALF * skd, mask=n_ok[:, None], other=0.0)
         invf = tl.load(INVF + offs_d)
@@ -320,7 +329,7 @@ if HAS_TRITON:
         c, s = _cos_sin(kp[:, None] * invf[None, :], ROPE_MODE)
         k1f = k1.to(tl.float32)
         k2f = k2.to(tl.float32)
-        optr = KO + (bh * Lk + offs_n[:, None]) * (2 * HALF) + offs_d[None, :]
+        optr = KO + (bh.to(tl.int64) * Lk + offs_n[:, None]) * (2 * HALF) + offs_d[None, :]
         tl.store(optr, (k1f * c - k2f * s).to(k1.dtype), mask=n_ok[:, None])
         tl.store(optr + HALF, (k2f * c + k1f * s).to(k1.dtype), mask=n_ok[:, None])
 
@@ -350,11 +359,14 @@ if HAS_TRITON:
         empty = l == 0.0
         l_safe = tl.where(empty, 1.0, l)
         out = acc / l_safe[:, None]
-        o_ptrs = O + b * sob + h[:, None] * soh + i[:, None] * som + offs_d[None, :] * sod
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        i64 = i.to(tl.int64)
+        o_ptrs = O + b64 * sob + h64[:, None] * soh + i64[:, None] * som + offs_d[None, :] * sod
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
         if STORE_LSE:
             lse = tl.where(empty, float("-inf"), m + tl.log2(l_safe))
-            tl.store(LSE + (b * Hkv * G + h) * Lq + i, lse, mask=row_ok)
+            tl.store(LSE + (b64 * Hkv * G + h64) * Lq + i64, lse, mask=row_ok)
 
     @triton.jit
     def _block_mass(
@@ -378,7 +390,9 @@ if HAS_TRITON:
         r_ok = sel < R
         i = tl.load(ROWS + sel, mask=r_ok, other=0)
         offs_d = tl.arange(0, HALF)
-        q_ptrs = Q + b * sqb + h[:, None] * sqh + i[:, None] * sqm + offs_d[None, :] * sqd
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        q_ptrs = Q + b64 * sqb + h64[:, None] * sqh + i.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd
         q1 = tl.load(q_ptrs, mask=r_ok[:, None], other=0.0)
         q2 = tl.load(q_ptrs + HALF * sqd, mask=r_ok[:, None], other=0.0)
         if ROPE_K or ROPE_Q:
@@ -390,19 +404,20 @@ if HAS_TRITON:
             q2f = q2.to(tl.float32)
             q1 = (q1f * cq - q2f * sq).to(Q.dtype.element_ty)
             q2 = (q2f * cq + q1f * sq).to(Q.dtype.element_ty)
-        lse = tl.load(LSE + (b * Hq + h) * Lq + i, mask=r_ok, other=float("-inf"))
+        lse = tl.load(LSE + (b64 * Hq + h64) * Lq + i, mask=r_ok, other=float("-inf"))
         lse = tl.where(lse == float("-inf"), 0.0, lse)
         gq = q_start + i
         if HAS_BLOCKS:
             qb = tl.load(QB + i, mask=r_ok, other=0)
-        k_base = K + b * skb + kvh * skh
+        k_base = K + b64 * skb + kvh.to(tl.int64) * skh
         t0 = kc * CHT
         t1 = tl.minimum(t0 + CHT, n_kt_causal)
-        mass_row = MASS + ((b * Hq + h) * R + sel) * NB
+        mass_row = MASS + ((b64 * Hq + h64) * R + sel) * NB
         for kt in range(t0, t1):
-            offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_t = tl.arange(0, BLOCK_N)
+            offs_n = kt * BLOCK_N + offs_t
             n_ok = offs_n < Lk
-            k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :] * skd
+            k_ptrs = k_base + tl.cast(kt, tl.int64) * BLOCK_N * skn + offs_t[:, None] * skn + offs_d[None, :] * skd
             k1 = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
             k2 = tl.load(k_ptrs + HALF * skd, mask=n_ok[:, None], other=0.0)
             if ROPE_K:
@@ -433,6 +448,22 @@ if HAS_TRITON:
 
 # ----------------------------------------------------------------------------------------------------
 # host side
+
+
+def tile_offsets_fit(t: torch.Tensor, block_n: int) -> bool:
+    """Whether the kernels' int32 offsets fit for K or V ``t`` [..., keys, D] read in tiles of ``block_n`` keys.
+
+    The kernels compute the batch, head and first-key offset of every tile in int64 (a cache past 2^31
+    elements, a strided view of a larger buffer); only the offsets inside one tile, (block_n - 1) * key
+    stride + (D - 1) * dim stride, are int32."""
+    return (block_n - 1) * abs(t.stride(-2)) + (t.shape[-1] - 1) * abs(t.stride(-1)) < 2 ** 31
+
+
+def check_tile_offsets(block_n: int, *tensors) -> None:
+    """Clear error for a layout whose per-tile offsets would overflow int32 (a key stride of > 16M elements)."""
+    for t in tensors:
+        if not tile_offsets_fit(t, block_n):
+            raise ValueError(f"key stride {t.stride(-2)} too large for {block_n}-key tiles (int32 offsets)")
 
 
 _SMS: dict = {}
@@ -687,6 +718,7 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
     n_bh = B * Hkv
     n_sm = _num_sms(dev)
     n_kt = _cdiv(Lk, BN)
+    check_tile_offsets(max(BN, block_n or cfg["block_n"]), k, v)
     if main_blocks:
         # The plan depends on the block ids' values: cache it on the identity (storage, version) of the
         # tensors passed, so that the layers of one forward pass (same ids) build it once. A new or

@@ -1,0 +1,257 @@
+"""Short-question and decode attention kernels against their floors, on the cache layout the product uses.
+
+    python -m blockrag.eval.bench_attn_kernels --out eval/results/attn_kernels_h200.json [--lengths 32768]
+
+Needs a CUDA GPU. One run: (1) the ceilings: device-to-device copy bandwidth (bytes read + written) and the
+bf16 matmul rate (8192^3, random data); (2) correctness of every variant against float64 on random shapes
+(ragged lengths, both head layouts, output poisoned with NaN first); (3) timings: a 50-token question and one
+decoded token over a 32K cache, Llama-3-8B heads (32 q / 8 KV) and Qwen2-7B heads (28 q / 4 KV), d=128, bf16.
+
+Layout and call are the generator's: K and V interleaved per token (``kv[layer, token, 2, Hkv, D]``), the
+whole buffer (twice the valid length: the worst case of power-of-two size buckets) passed with the valid
+length on the device (``kv_len``), each call captured in one CUDA graph
+with 8 layers back to back (each layer's K/V distinct, 8 x the L2 size in all), median of the replays / 8.
+Floor of one call = max(K/V bytes / copy bandwidth, attention FLOPs / matmul rate); the FLOPs count the
+question's real rows (4 * Hq * Lq * Lk * D, causal tail ignored).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from blockrag.attention_kv.kernels.question_attention import attend_question
+
+D = 128
+DT = torch.bfloat16
+HEADS = {"llama3-8b": (32, 8), "qwen2-7b": (28, 4)}
+N_LAYERS = 8
+
+# (name, knobs of attend_question); the first one is the default
+QUESTION_VARIANTS = [
+    ("default", {}),
+    ("bm128 bn64 w8 s3", dict(block_m=128, block_n=64, num_warps=8, num_stages=3)),
+    ("bm128 bn128 w8 s2", dict(block_m=128, block_n=128, num_warps=8, num_stages=2)),
+    ("bm64 bn64 w4 s3 pps2", dict(block_m=64, block_n=64, num_warps=4, num_stages=3, programs_per_sm=2)),
+    ("bm64 bn64 w4 s2 pps3", dict(block_m=64, block_n=64, num_warps=4, num_stages=2, programs_per_sm=3)),
+    ("bm128 bn64 w8 s2 pps2", dict(block_m=128, block_n=64, num_warps=8, num_stages=2, programs_per_sm=2)),
+    ("default lazy", dict(lazy=True)),
+]
+DECODE_VARIANTS = [
+    ("default", {}),
+    ("bn128 s3 pps2", dict(block_n=128, num_stages=3, programs_per_sm=2)),
+    ("bn64 s3 pps2", dict(block_n=64, num_stages=3, programs_per_sm=2)),
+    ("bn64 s4 pps1", dict(block_n=64, num_stages=4, programs_per_sm=1)),
+    ("bn64 s2 pps3", dict(block_n=64, num_stages=2, programs_per_sm=3)),
+    ("bn128 s2 pps2", dict(block_n=128, num_stages=2, programs_per_sm=2)),
+    ("bn32 s4 pps4", dict(block_n=32, num_stages=4, programs_per_sm=4)),
+]
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def timed(fn, reps: int = 30, warm: int = 3) -> float:
+    """Median ms of ``fn`` over ``reps`` runs, CUDA events around each."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e))
+    return statistics.median(ts)
+
+
+def ceilings() -> dict:
+    n = 512 * 1024 * 1024
+    src = torch.randn(n, device="cuda", dtype=DT)
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), reps=20)
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device="cuda", dtype=DT)
+    b = torch.randn(m, m, device="cuda", dtype=DT)
+    ms2 = timed(lambda: a @ b, reps=20)
+    del a, b
+    torch.cuda.empty_cache()
+    return dict(copy_GBps=2 * n * 2 / (ms * 1e-3) / 1e9, matmul_TFLOPs=2 * m ** 3 / (ms2 * 1e-3) / 1e12)
+
+
+def naive64(q, k, v, n_valid):
+    """float64 causal attention of the last ``Lq`` positions of ``n_valid`` keys."""
+    B, Hq, Lq, _ = q.shape
+    G = Hq // k.shape[1]
+    kk = k[:, :, :n_valid].double().repeat_interleave(G, 1)
+    vv = v[:, :, :n_valid].double().repeat_interleave(G, 1)
+    s = q.double() @ kk.transpose(-1, -2) / math.sqrt(D)
+    qpos = torch.arange(n_valid - Lq, n_valid, device=q.device)
+    s = s.masked_fill(torch.arange(n_valid, device=q.device)[None, :] > qpos[:, None], float("-inf"))
+    return torch.softmax(s, -1) @ vv
+
+
+def kv_buffer(n_layers, max_len, hkv):
+    """The generator's cache layout: kv[layer, 1, token, 2, Hkv, D]; views k/v [layer] -> [1, Hkv, max_len, D]."""
+    kv = torch.randn(n_layers, 1, max_len, 2, hkv, D, device="cuda", dtype=DT)
+    ks = [kv[i, :, :, 0].transpose(1, 2) for i in range(n_layers)]
+    vs = [kv[i, :, :, 1].transpose(1, 2) for i in range(n_layers)]
+    return kv, ks, vs
+
+
+def correctness(variants_q, variants_d) -> list:
+    rows = []
+    torch.manual_seed(0)
+    for head_name, (hq, hkv) in HEADS.items():
+        for lq, variants in ((50, variants_q), (1, variants_d)):
+            for n_valid in (3001, 12345):
+                max_len = n_valid + 777
+                _, ks, vs = kv_buffer(1, max_len, hkv)
+                q = torch.randn(1, hq, lq, D, device="cuda", dtype=DT)
+                ref = naive64(q, ks[0], vs[0], n_valid)
+                kv_len = torch.tensor([n_valid], dtype=torch.int32, device="cuda")
+                for name, kw in variants:
+                    for dyn in (True, False):
+                        out = torch.full_like(q, float("nan"))
+                        if dyn:
+                            attend_question(q, ks[0], vs[0], kv_len=kv_len, out=out, **kw)
+                        else:
+                            attend_question(q, ks[0][:, :, :n_valid], vs[0][:, :, :n_valid], out=out, **kw)
+                        torch.cuda.synchronize()
+                        err = ((out.double() - ref).norm() / ref.norm()).item()
+                        ok = bool(torch.isfinite(out).all()) and err < 2e-2
+                        rows.append(dict(heads=head_name, Lq=lq, Lk=n_valid, variant=name, kv_len_on_device=dyn,
+                                         rel_err_vs_fp64=err, ok=ok))
+                        if not ok:
+                            log(f"  FAIL {head_name} Lq={lq} Lk={n_valid} {name} dyn={dyn}: rel {err:.3g}")
+                del ks, vs
+    n_bad = sum(not r["ok"] for r in rows)
+    log(f"correctness: {len(rows) - n_bad}/{len(rows)} ok, max rel err "
+        f"{max(r['rel_err_vs_fp64'] for r in rows):.2e}")
+    return rows
+
+
+def graph_of(calls):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    torch.cuda.synchronize()
+    return g
+
+
+def bench(ceil, lengths) -> list:
+    rows = []
+    for head_name, (hq, hkv) in HEADS.items():
+        for lk in lengths:
+            # a power-of-two size bucket holding Lk keys plus the question: up to twice the valid length
+            max_len = 2 * lk
+            kv, ks, vs = kv_buffer(N_LAYERS, max_len, hkv)
+            kv_len = torch.tensor([lk], dtype=torch.int32, device="cuda")
+            kv_bytes = 2 * lk * hkv * D * 2
+            for lq, variants in ((50, QUESTION_VARIANTS), (1, DECODE_VARIANTS)):
+                q = torch.randn(1, hq, lq, D, device="cuda", dtype=DT)
+                outs = [torch.empty_like(q) for _ in range(N_LAYERS)]
+                flops = 4 * hq * lq * lk * D
+                floor_us = max(kv_bytes / (ceil["copy_GBps"] * 1e9), flops / (ceil["matmul_TFLOPs"] * 1e12)) * 1e6
+                tight = [(n + " (buffer Lk+1024)", dict(kw, _tight=True)) for n, kw in variants[:1]]
+                for name, kw in variants + tight:
+                    try:
+                        kw = dict(kw)
+                        n_buf = lk + 1024 if kw.pop("_tight", False) else max_len
+                        calls = [(lambda i=i, kw=kw, n_buf=n_buf: attend_question(
+                            q, ks[i][:, :, :n_buf], vs[i][:, :, :n_buf], kv_len=kv_len, out=outs[i], **kw))
+                            for i in range(N_LAYERS)]
+                        g = graph_of(calls)
+                        us = timed(g.replay, reps=40) / N_LAYERS * 1e3
+                        del g
+                    except Exception as ex:  # noqa: BLE001
+                        log(f"  {head_name} Lq={lq} {name}: {type(ex).__name__}: {str(ex).splitlines()[0][:150]}")
+                        continue
+                    r = dict(heads=head_name, Lq=lq, Lk=lk, variant=name, us=us, floor_us=floor_us,
+                             x_floor=us / floor_us, kv_GBps=kv_bytes / (us * 1e-6) / 1e9,
+                             pct_copy_bw=100 * kv_bytes / (us * 1e-6) / 1e9 / ceil["copy_GBps"],
+                             TFLOPs=flops / (us * 1e-6) / 1e12)
+                    rows.append(r)
+                    log(f"  {head_name:10s} Lq={lq:3d} Lk={lk} {name:24s} {us:7.1f} us  x{r['x_floor']:.2f} floor "
+                        f"{r['pct_copy_bw']:5.1f}% copy BW {r['TFLOPs']:5.0f} TFLOP/s")
+                # SDPA on contiguous K/V (its best case: no interleaving), as a peer
+                kc = ks[0][:, :, :lk].contiguous()
+                vc = vs[0][:, :, :lk].contiguous()
+                try:
+                    from torch.nn.attention.bias import causal_lower_right
+
+                    mask = causal_lower_right(lq, lk) if lq > 1 else None
+                    fn = lambda: F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)  # noqa
+                    g = graph_of([fn])
+                    us = timed(g.replay, reps=40) * 1e3
+                    rows.append(dict(heads=head_name, Lq=lq, Lk=lk, variant="torch SDPA (contiguous K/V)", us=us,
+                                     floor_us=floor_us, x_floor=us / floor_us,
+                                     pct_copy_bw=100 * kv_bytes / (us * 1e-6) / 1e9 / ceil["copy_GBps"],
+                                     TFLOPs=flops / (us * 1e-6) / 1e12))
+                    del g
+                except Exception as ex:  # noqa: BLE001
+                    log(f"  SDPA: {type(ex).__name__}: {str(ex).splitlines()[0][:150]}")
+                del kc, vc
+            del kv, ks, vs
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table(ceil, rows) -> str:
+    out = [f"copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s (same run)",
+           "| heads | Lq | Lk | variant | us | floor us | x floor | % copy BW | TFLOP/s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['heads']} | {r['Lq']} | {r['Lk']} | {r['variant']} | {r['us']:.1f} | {r['floor_us']:.1f} | "
+                   f"{r['x_floor']:.2f} | {r['pct_copy_bw']:.1f} | {r['TFLOPs']:.0f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="attn_kernels.json")
+    ap.add_argument("--lengths", default="32768")
+    ap.add_argument("--quick", action="store_true", help="default variants only")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    global QUESTION_VARIANTS, DECODE_VARIANTS
+    if args.quick:
+        QUESTION_VARIANTS, DECODE_VARIANTS = QUESTION_VARIANTS[:1], DECODE_VARIANTS[:1]
+    ceil = ceilings()
+    log(f"ceilings: {ceil}")
+    corr = correctness(QUESTION_VARIANTS, DECODE_VARIANTS)
+    rows = bench(ceil, [int(x) for x in args.lengths.split(",")])
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=ceil, correctness=corr,
+               timings=rows)
+    try:
+        import triton
+
+        res["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    log(table(ceil, rows))
+    if not all(r["ok"] for r in corr):
+        raise SystemExit("correctness check failed")
+
+
+if __name__ == "__main__":
+    main()
