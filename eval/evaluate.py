@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -13,12 +14,11 @@ from .metrics import DEFAULT_METRICS, evaluate_run, hits_to_run
 
 log = logging.getLogger(__name__)
 
-RETRIEVER_KINDS = ("bm25", "dense", "hybrid", "score-fusion")
-
 
 def retrieve_run(retriever, queries: Mapping[str, str], k: int = 100, batch_size: int = 256,
                  chunk_to_doc: Mapping[str, str] | None = None) -> dict[str, dict[str, float]]:
-    """Run ``retriever`` over ``queries`` (batched) -> BEIR-style ``{qid: {doc_id: score}}``."""
+    """Run ``retriever`` (anything with ``retrieve_batch(queries, k)``: a retriever or a Pipeline) over
+    ``queries`` (batched) -> BEIR-style ``{qid: {doc_id: score}}``."""
     qids = list(queries)
     results = {}
     for i in range(0, len(qids), batch_size):
@@ -40,63 +40,43 @@ def evaluate_retriever(retriever, queries: Mapping[str, str], qrels: Mapping[str
 
 
 # ------------------------------------------------------------------------------------ construction
-def _make(kind: str, chunks, model_name: str | None, bm25_params: dict | None, rrf_k: int,
-          built: dict, timings: dict):
-    """Build (or reuse from ``built``) the retriever of ``kind`` over ``chunks``."""
-    if kind in built:
-        return built[kind]
-    t0 = time.perf_counter()
-    if kind == "bm25":
-        from blockrag.retrievers.bm25 import BM25Retriever
+def _check_names(kinds: Sequence[str]) -> None:
+    """Every name must be a registry retriever (eval builds the indexes it needs); one line otherwise."""
+    from blockrag import registry
 
-        r = BM25Retriever(**(bm25_params or {})).build(chunks)
-    elif kind == "dense":
-        from blockrag.retrievers.dense import DenseRetriever
-
-        r = DenseRetriever(model_name=model_name)
-        r.build(chunks)
-    elif kind in ("hybrid", "score-fusion"):
-        parts = [_make(p, chunks, model_name, bm25_params, rrf_k, built, timings) for p in ("bm25", "dense")]
-        from blockrag.retrievers import fusion
-
-        r = fusion.RRF(parts, k=rrf_k) if kind == "hybrid" else fusion.ScoreFusion(parts)
-    else:
-        raise ValueError(f"unknown retriever kind {kind!r}; choose from {', '.join(RETRIEVER_KINDS)}")
-    if kind in ("bm25", "dense"):
-        timings[kind] = time.perf_counter() - t0
-    built[kind] = r
-    return r
+    known = registry.retriever_names()
+    for kind in kinds:
+        if kind not in registry.retriever_names(aliases=True):
+            raise registry.UnknownName(f"unknown retriever kind {kind!r}; choose from {', '.join(known)}, all")
 
 
-def _from_store(store_dir: Path, kind: str, corpus, model_name: str | None, bm25_params: dict | None,
-                rrf_k: int, built: dict, timings: dict, state: dict):
-    """Same, through a Collection persisted in ``store_dir`` (documents + indexes reused when present)."""
-    if kind in built:
-        return built[kind]
-    if kind in ("hybrid", "score-fusion"):
-        parts = [_from_store(store_dir, p, corpus, model_name, bm25_params, rrf_k, built, timings, state)
-                 for p in ("bm25", "dense")]
-        from blockrag.retrievers import fusion
-
-        built[kind] = fusion.RRF(parts, k=rrf_k) if kind == "hybrid" else fusion.ScoreFusion(parts)
-        return built[kind]
+def _open_collection(store_dir: Path, corpus):
+    """A blockrag store holding the corpus, one chunk per document (chunk id == document id)."""
     from blockrag.collection import Collection
 
-    if "collection" not in state:
-        col = Collection(store_dir, chunk_tokens=None, overlap=0)
-        col.store.set_setting("chunking", {"tokenizer": None, "chunk_tokens": None, "overlap": 0})
-        col.chunking = col.store.get_setting("chunking")
-        rep = col.add_documents(corpus, chunks_for=lambda d: beir_chunks([d]))
-        log.info("store %s: %s", store_dir, rep.summary())
-        state["collection"] = col
-    col = state["collection"]
-    if kind not in col.indexes:
-        params = dict(bm25_params or {}) if kind == "bm25" else ({"model_name": model_name} if model_name else {})
+    col = Collection(store_dir, chunk_tokens=None, overlap=0)
+    col.store.set_setting("chunking", {"tokenizer": None, "chunk_tokens": None, "overlap": 0})
+    col.chunking = col.store.get_setting("chunking")
+    rep = col.add_documents(corpus, chunks_for=lambda d: beir_chunks([d]))
+    log.info("store %s: %s", store_dir, rep.summary())
+    return col
+
+
+def _ensure_indexes(col, kind: str, model_name: str | None, bm25_params: dict | None, timings: dict) -> None:
+    """Build the indexes retriever ``kind`` reads that the store lacks (their build times go to ``timings``)."""
+    from blockrag import registry
+
+    for index_kind in registry.retriever_spec(kind).needs:
+        if index_kind in col.indexes:  # reused; a dense index must have been built with the asked model
+            col.index(index_kind, model=model_name if index_kind == "dense" else None)
+            continue
+        if index_kind == "bm25":
+            params = dict(bm25_params or {})
+        else:
+            params = {"model_name": model_name} if model_name and index_kind in ("dense", "mrag") else {}
         t0 = time.perf_counter()
-        col.build_index(kind, **params)
-        timings[kind] = time.perf_counter() - t0
-    built[kind] = col.index(kind, model=model_name if kind == "dense" else None)
-    return built[kind]
+        col.build_index(index_kind, **params)
+        timings[index_kind] = time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------- BEIR
@@ -107,47 +87,57 @@ def run_beir(data_dir: str | Path, split: str = "test", retriever_kind: str | Se
              ignore_identical_ids: bool = False) -> dict[str, dict[str, float]]:
     """Index a BEIR corpus (one chunk per document) and evaluate one or more retrievers on ``split``.
 
-    ``retriever_kind``: ``bm25``, ``dense``, ``hybrid`` (RRF of bm25 + dense; its parts are reported
-    too), ``score-fusion``, ``all``, or a list. With ``store_dir`` the documents and indexes are kept in
-    a blockrag store there and reused on the next run. Returns ``{retriever: {metric: value}}``; each row
+    ``retriever_kind``: a retriever name of :mod:`blockrag.registry` (``bm25``, ``dense``, ``hybrid`` = RRF
+    of bm25 + dense, whose parts are reported too, ``score-fusion``, ``mrag``, the graph modes, ...),
+    ``all`` (bm25, dense, hybrid), or a list; the indexes it reads are built, and every query goes through
+    :meth:`blockrag.pipeline.Pipeline.retrieve_batch`. With ``store_dir`` the documents and indexes are
+    kept in a blockrag store there and reused on the next run (else a temporary one). Returns ``{retriever: {metric: value}}``; each row
     also has ``index_s`` (build time, when built in this run) and ``queries_per_s`` (all queries,
     batched). ``report_path`` receives a JSON report.
     """
+    from blockrag import registry
+    from blockrag.pipeline import Pipeline
+
+    kinds = [retriever_kind] if isinstance(retriever_kind, str) else list(retriever_kind)
+    if kinds == ["all"]:
+        kinds = ["bm25", "dense", "hybrid"]
+    _check_names(kinds)
     data = load_beir(data_dir, split)
     queries = data.queries
     if max_queries:
         queries = dict(list(queries.items())[:max_queries])
     qrels = {q: data.qrels[q] for q in queries}
-    kinds = [retriever_kind] if isinstance(retriever_kind, str) else list(retriever_kind)
-    if kinds == ["all"]:
-        kinds = ["bm25", "dense", "hybrid"]
     order = []
     for kind in kinds:  # a fusion is reported together with its parts
-        for part in (["bm25", "dense"] if kind in ("hybrid", "score-fusion") else []) + [kind]:
+        for part in list(registry.retriever_spec(kind).parts) + [kind]:
             if part not in order:
                 order.append(part)
-    chunks = beir_chunks(data.corpus)
-    built, timings, state = {}, {}, {}
+    tmp = tempfile.TemporaryDirectory(prefix="blockrag-beir-") if store_dir is None else None
+    col = _open_collection(Path(store_dir if store_dir is not None else tmp.name), data.corpus)
+    timings: dict[str, float] = {}
     results: dict[str, dict[str, float]] = {}
-    for kind in order:
-        if store_dir is not None:
-            retriever = _from_store(Path(store_dir), kind, data.corpus, model_name, bm25_params, rrf_k, built,
-                                    timings, state)
-        else:
-            retriever = _make(kind, chunks, model_name, bm25_params, rrf_k, built, timings)
-        if queries:  # warm-up outside the timing (numba kernel load, encoder's first batch)
-            retriever.retrieve_batch([next(iter(queries.values()))], k)
-        t0 = time.perf_counter()
-        run = retrieve_run(retriever, queries, k)
-        elapsed = time.perf_counter() - t0
-        row = evaluate_run(run, qrels, metrics, ignore_identical_ids=ignore_identical_ids)
-        if kind in timings:
-            row["index_s"] = timings[kind]
-        row["queries_per_s"] = len(queries) / elapsed if elapsed > 0 else float("inf")
-        results[kind] = row
-        log.info("%s: %s", kind, row)
-    if "collection" in state:
-        state["collection"].close()
+    try:
+        for kind in order:
+            _ensure_indexes(col, kind, model_name, bm25_params, timings)
+            spec = registry.retriever_spec(kind)
+            opts = {"rrf_k": rrf_k} if spec.name == "hybrid" else {}
+            pipe = Pipeline(col, kind, k=k, retriever_opts=opts)
+            if queries:  # warm-up outside the timing (numba kernel load, encoder's first batch)
+                pipe.retrieve_batch([next(iter(queries.values()))], k)
+            t0 = time.perf_counter()
+            run = retrieve_run(pipe, queries, k)
+            elapsed = time.perf_counter() - t0
+            row = evaluate_run(run, qrels, metrics, ignore_identical_ids=ignore_identical_ids)
+            built = [timings[n] for n in spec.needs if n in timings]
+            if built and not spec.parts:  # a fusion's build time is its parts' rows
+                row["index_s"] = sum(built)
+            row["queries_per_s"] = len(queries) / elapsed if elapsed > 0 else float("inf")
+            results[kind] = row
+            log.info("%s: %s", kind, row)
+    finally:
+        col.close()
+        if tmp is not None:
+            tmp.cleanup()
     if report_path is not None:
         report = {"dataset": str(data_dir), "split": split, "n_documents": len(data.corpus),
                   "n_queries": len(queries), "k": k, "metrics": list(metrics), "results": results,
