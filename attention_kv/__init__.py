@@ -9,8 +9,8 @@ Public API (exact signatures)::
                     cuda_graphs=True, max_cache_len=None, device_cache_bytes=None, compile_decode=False,
                     compile_question=False)
         # model_name: anything rag.models.resolve_generator accepts (default SmolLM2-135M-Instruct);
-        # or pass model=/tokenizer= already loaded. The model is switched to the "blockrag" attention
-        # implementation (identical to SDPA unless a BlockKVCache is passed). cache_dir defaults to
+        # or pass model=/tokenizer= already loaded (a Llama, Mistral or Qwen2 causal LM; the model itself
+        # is not modified: the cached modes run its modules through the model seam). cache_dir defaults to
         # rag.models.cache_dir()/kv/<model revision>; quant="int8" stores 8-bit KV. On CUDA the question
         # forward and the decode step replay CUDA graphs; compile_decode=True / compile_question=True also
         # fuse them with torch.compile (faster decoding / lower TTFT; 10-20 s of compilation once, per
@@ -39,20 +39,24 @@ Public API (exact signatures)::
     # A store folder built with another model revision / tokenizer / prefix raises KVCacheMismatch.
     # Share one store between indexing and Generator: Generator(..., store=store).
 
-GPU serving pieces (used by eval/bench_ttft.py): ``prefetch.DeviceKVPool`` (GPU-resident tier, one fused
-gather+RoPE kernel per stitch), ``prefetch.LayerPrefetcher`` (pinned host -> GPU copies in layer groups,
-overlapped with a replayed CUDA graph through per-layer device flags; int8 dequant fused),
-``GraphedBlockForward`` (CUDA graph of the question-block forward for a fixed context length),
-``GraphedStep`` (CUDA graph of an n-token forward whose positions and cache length are read on the device:
-one graph for every decode step of any context; ``Generator`` uses it on CUDA).
+The model seam (``model.ModelAdapter``) is the only module that knows transformers' model internals:
+dims, RoPE parameters, embedding / norms / q-k-v-o projections / MLP / lm_head, and one decoder forward
+``forward(ids, positions, attend, logits_rows=...)`` whose attention is a callback. Cache encoding, the
+cached generator, CacheBlend, BlockRank, MRAG and the fine-tuning losses all run through it; ``full`` mode
+uses transformers' public forward (``DynamicCache``) as the reference.
 
-Lower level: ``BlockKVCache`` (HF-Cache-compatible static stitched cache), ``forward_block``,
-``GraphedBlockForward`` (CUDA graph of the question-block forward), ``blend_prefill``, ``masks``, ``rope``.
+Lower level: ``BlockKVCache`` (static stitched buffer; its ``attend`` is the seam callback of the cached
+modes), ``forward_block`` (one seam forward of a token block over it), ``GraphedStep`` (CUDA graph of an
+n-token forward whose positions and cache length are read on the device: one graph for every decode step
+of any context; ``Generator`` uses it on CUDA), ``blend_prefill``, ``masks``, ``rope``. Benchmark-only GPU
+pieces (prefetching loaders, the fixed-length question graph) live in ``blockrag.eval.gpu_pieces``.
 """
 from .cache_store import ChunkKV, KVCacheMismatch, KVCacheStore
 from .blend import blend_prefill
 from .generate import MODES, GenerationResult, GenerationStream, Generator
-from .hf_integration import BlockKVCache, GraphedBlockForward, GraphedStep, forward_block, register
+from .block_cache import BlockKVCache, GraphedStep, forward_block
+from .model import ModelAdapter, UnsupportedModel
 
 __all__ = ["Generator", "GenerationResult", "GenerationStream", "KVCacheStore", "KVCacheMismatch", "ChunkKV",
-           "BlockKVCache", "GraphedBlockForward", "GraphedStep", "forward_block", "blend_prefill", "register", "MODES"]
+           "BlockKVCache", "GraphedStep", "forward_block", "blend_prefill", "ModelAdapter", "UnsupportedModel",
+           "MODES"]

@@ -7,7 +7,8 @@ from typing import Sequence
 
 import torch
 
-from .hf_integration import BlockKVCache
+from .block_cache import BlockKVCache
+from .model import ModelAdapter
 
 
 @torch.no_grad()
@@ -52,16 +53,15 @@ def blend_prefill(model, cache: BlockKVCache, ctx_ids: torch.Tensor, q_ids: torc
     beyond that (an oracle ranking by the true full-prefill K/V deviation x question attention did no
     better); the schedule (gradual filtering) and ``carry`` did.
     """
-    base = getattr(model, "model", model)
+    ad = ModelAdapter.of(model)
     Lc, Lq = ctx_ids.numel(), q_ids.numel()
     N = Lc + Lq
     ns = Lq if n_score is None else max(1, min(Lq, n_score))  # question rows that score the context
     ids = torch.cat([ctx_ids, q_ids])[None]
-    h = base.embed_tokens(ids)
-    pos = torch.arange(N, device=ids.device)[None]
-    cos, sin = base.rotary_emb(h, pos)
-    layers = base.layers
-    n_layers = len(layers)
+    h = ad.embed(ids)
+    pos = torch.arange(N, device=ids.device)
+    cos, sin = ad.rope(pos)  # [1, 1, N, D]: rows are indexed on dim 2
+    n_layers = ad.n_layers
     probe = probe and check_layer + 1 < n_layers
     old_kv = _old_kv(cache, check_layer, Lc, None)
     old_next = _old_kv(cache, check_layer + 1, Lc, None) if probe else None
@@ -69,15 +69,15 @@ def blend_prefill(model, cache: BlockKVCache, ctx_ids: torch.Tensor, q_ids: torc
     for l in range(check_layer + 1):
         if l == check_layer:
             h_in = h
-        h = _layer(layers[l], h, (cos, sin), pos, cache)
+        h = ad.layer(l, h, (cos, sin), cache.attend)
     new_kv = cache.kv[check_layer, 0, :Lc].float()
     dev = _kv_dev(new_kv, old_kv)
     if probe:
-        dev = dev + _kv_dev(_project_kv(layers[check_layer + 1], h[:, :Lc], cos[:, :Lc], sin[:, :Lc]), old_next)
+        dev = dev + _kv_dev(_project_kv(ad, check_layer + 1, h[:, :Lc], cos[:, :, :Lc], sin[:, :, :Lc]), old_next)
     if select in ("attn", "dev*attn"):
         qs = slice(Lc, Lc + ns)
-        att = _question_attention(layers[check_layer], h_in[:, qs], cos[:, qs], sin[:, qs],
-                                  cache.k[check_layer, 0, :Lc], False, cache.inv_freq)  # rewritten: HF-rotated
+        att = _question_attention(ad, check_layer, h_in[:, qs], cos[:, :, qs], sin[:, :, qs],
+                                  cache.k[check_layer, 0, :Lc], False, cache.inv_freq)  # rewritten: rotated
         dev = att if select == "attn" else dev / dev.mean().clamp_min(1e-12) * att
     n_sel = min(Lc, int(math.floor(ratio * Lc + 1e-9)))  # at most ratio of the context per layer
     if sink_tokens > 0 and n_sel > 0 and n_sel < Lc:
@@ -99,29 +99,28 @@ def blend_prefill(model, cache: BlockKVCache, ctx_ids: torch.Tensor, q_ids: torc
                 dmask = torch.ones(sel.numel(), dtype=torch.bool, device=sel.device)
                 dmask[keep] = False
                 drop = sel[dmask]
-                kv_new = _project_kv(layers[l], h[:, :sel.numel()][:, dmask], cos[:, drop], sin[:, drop])
+                kv_new = _project_kv(ad, l, h[:, :sel.numel()][:, dmask], cos[:, :, drop], sin[:, :, drop])
                 cache.kv[l, 0].index_copy_(0, drop, kv_new.to(cache.kv.dtype))
-                if cache.rope == "kernel":  # written rotated (as HF writes recomputed keys)
+                if cache.rope == "kernel":  # written rotated (as the forward writes recomputed keys)
                     cache.kpos[l].index_fill_(0, drop, 0)
             keep_rows = torch.cat([keep, torch.arange(sel.numel(), rows.numel(), device=ids.device)])
             sel, rows, h = sel[keep], rows[keep_rows], h[:, keep_rows]
         cache_old = _old_kv(cache, l, Lc, sel) if i + 1 < len(sizes) and sizes[i + 1] < sel.numel() else None
         h_q = h[:, -Lq:][:, :ns]  # the scoring question rows (the context rows come first)
         cache.begin(rows=rows, kv_len=N, layers=(l, l + 1))
-        h = _layer(layers[l], h, (cos[:, rows], sin[:, rows]), rows[None], cache)
+        h = ad.layer(l, h, (cos[:, :, rows], sin[:, :, rows]), cache.attend)
         if cache_old is not None:
             layer_dev = _kv_dev(cache.kv[l, 0, sel].float(), cache_old)
             if select == "dev*attn":
                 if reattend:  # the question's attention at this layer (on the partly updated cache)
                     k_l = _old_kv(cache, l, Lc, None)[:, 0]
-                    att = _question_attention(layers[l], h_q, cos[:, Lc:Lc + ns], sin[:, Lc:Lc + ns], k_l, False,
-                                              cache.inv_freq)
+                    att = _question_attention(ad, l, h_q, cos[:, :, Lc:Lc + ns], sin[:, :, Lc:Lc + ns], k_l,
+                                              False, cache.inv_freq)
                 layer_dev = layer_dev * att[sel]
     cache.length = N
     cache._rows = None
-    h = base.norm(h[:, -logits_to_keep:])
     n_mean = int(round(sum(sizes) / len(sizes))) if sizes else n_sel
-    return model.lm_head(h)[0], n_mean
+    return ad.logits(h, logits_to_keep)[0], n_mean
 
 
 def _schedule(n_sel: int, Lc: int, n_rec: int, gradual: float) -> list[int]:
@@ -175,42 +174,24 @@ def _kv_dev(new_kv: torch.Tensor, old_kv: torch.Tensor) -> torch.Tensor:
     return d.sum(-1)
 
 
-def _project_kv(layer, h, cos, sin) -> torch.Tensor:
+def _project_kv(ad: ModelAdapter, layer: int, h, cos, sin) -> torch.Tensor:
     """K (rotated) and V of ``layer`` for hidden states ``h`` [1, n, hidden] -> [n, 2, Hkv, D] fp32."""
-    from .rope import rotate_half
-
-    attn = layer.self_attn
-    x = layer.input_layernorm(h)
-    hd = attn.head_dim
-    k = attn.k_proj(x).view(1, x.shape[1], -1, hd).float()
-    v = attn.v_proj(x).view(1, x.shape[1], -1, hd).float()
-    c, s_ = cos[:, :, None].float(), sin[:, :, None].float()
-    k = k * c + rotate_half(k) * s_
-    return torch.stack([k[0], v[0]], dim=1)
+    k, v = ad.kv(layer, h, cos, sin)
+    return torch.stack([k[0].float().transpose(0, 1), v[0].float().transpose(0, 1)], dim=1)
 
 
-def _question_attention(layer, h_q, cos_q, sin_q, k_ctx, unrotated: bool, inv_freq):
+def _question_attention(ad: ModelAdapter, layer: int, h_q, cos_q, sin_q, k_ctx, unrotated: bool, inv_freq):
     """Mean (over heads and question rows) attention probability of the question on each context token at
-    ``layer``, from the layer's own q projection (Llama/Qwen2/Mistral module names)."""
-    from .rope import cos_sin, rotate, rotate_half
+    ``layer``, from the layer's own q projection."""
+    from .rope import cos_sin, rotate
 
-    attn = layer.self_attn
-    x = layer.input_layernorm(h_q)
-    hd = attn.head_dim
-    q = attn.q_proj(x).view(1, x.shape[1], -1, hd).transpose(1, 2).float()  # [1, Hq, Lq, D]
-    c, s_ = cos_q[:, None].float(), sin_q[:, None].float()
-    q = q * c + rotate_half(q) * s_
+    q, _, _ = ad.qkv(layer, h_q)
+    q = rotate(q.float(), cos_q, sin_q)  # [1, Hq, Lq, D]
     k = k_ctx.float().transpose(0, 1)  # [Hkv, Lc, D]
     if unrotated:
         cc, ss = cos_sin(torch.arange(k.shape[1], device=k.device), inv_freq)
         k = rotate(k, cc, ss, torch.float32)
     rep = q.shape[1] // k.shape[0]
     k = k.repeat_interleave(rep, dim=0)[None]
-    p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scaling, dim=-1)  # question sees all context
+    p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * ad.scale, dim=-1)  # question sees all context
     return p.mean(dim=(0, 1, 2))
-
-
-def _layer(layer, h, pe, pos, cache):
-    out = layer(h, attention_mask=None, position_ids=pos, past_key_values=cache, use_cache=True,
-                position_embeddings=pe, blockrag_cache=cache)
-    return out[0] if isinstance(out, tuple) else out

@@ -1,83 +1,45 @@
-"""Hooking block-attention into HF transformers without forking model code.
+"""The stitched static KV buffer of the cached modes and the forwards over it (through the model seam).
 
-* ``register()`` adds the attention implementation ``"blockrag"`` (``AttentionInterface.register``).
-  Without a :class:`BlockKVCache` in the call's kwargs it is exactly HF's SDPA path (so ``full`` mode and
-  ordinary ``generate`` keep working); with one, it calls ``attention_kv.kernels.attend`` on the stitched,
-  **un-rotated** cache (keys rotated in-kernel at contiguous positions).
-* :class:`BlockKVCache` is a duck-typed HF ``Cache``: static per-layer buffers (token-major, K and V
-  interleaved: ``kv[layers, 1, max_len, 2, Hkv, D]``), the question's keys are de-rotated on ``update`` so that the whole
-  buffer is un-rotated, and context blocks are loaded into it layer by layer (host->device copies on a
-  side stream, one CUDA event per layer that the layer's attention waits on).
+* :class:`BlockKVCache`: static per-layer buffers (token-major, K and V interleaved:
+  ``kv[layers, 1, max_len, 2, Hkv, D]``) holding ``prefix + passages`` (loaded layer by layer, host->device
+  copies on a side stream with one CUDA event per layer) followed by question / generated tokens. Its
+  :meth:`~BlockKVCache.attend` is the seam's attention callback: it writes the current tokens' K/V at the
+  declared positions and calls ``attention_kv.kernels.attend`` over the buffer.
+* :func:`forward_block`: one seam forward of a contiguous block of tokens (question, or a decoded token).
+* :class:`GraphedStep`: a CUDA graph of that forward with positions and cache length on the device.
 """
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .masks import attend_reference, get_attend
-from .rope import cos_sin, rope_params, rope_rows_
-
-ATTN_NAME = "blockrag"
-_registered = False
-
-
-def blockrag_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    cache = kwargs.pop("blockrag_cache", None)
-    if cache is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    out = cache.attend(module.layer_idx, query, key, value, scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def register() -> str:
-    """Register the ``"blockrag"`` attention implementation once; returns its name."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionInterface.register(ATTN_NAME, blockrag_attention)
-        # HF builds SDPA masks for the fallback path; our own calls pass a dummy 4D mask (skips creation).
-        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-        _registered = True
-    return ATTN_NAME
-
-
-def use_blockrag_attention(model) -> None:
-    """Switch a loaded model to the ``blockrag`` implementation (SDPA when no BlockKVCache is passed)."""
-    register()
-    try:
-        model.set_attn_implementation(ATTN_NAME)
-    except Exception:  # older transformers
-        model.config._attn_implementation = ATTN_NAME
-
-
-def model_dims(model) -> tuple[int, int, int]:
-    cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_hidden_layers, cfg.num_key_value_heads, hd
+from .model import ModelAdapter
+from .rope import cos_sin, rope_rows_
 
 
 class BlockKVCache:
-    """Static stitched cache: ``prefix + chunks`` (loaded) followed by question / generated tokens."""
+    """Static stitched cache: ``prefix + chunks`` (loaded) followed by question / generated tokens.
 
-    is_compileable = False
-    is_sliding = [False]
+    ``BlockKVCache(model, max_len, device=None, dtype=None, backend="auto", rope="kernel")`` (``model``: an HF
+    causal LM or its :class:`~attention_kv.model.ModelAdapter`). Before a forward, :meth:`begin` (or
+    :meth:`begin_device`) declares where the forward's tokens go; :meth:`attend` is then the forward's
+    attention callback. ``layer_ready``: optional hook ``f(layer)`` called before each layer's attention
+    (a loader that copies layers while the forward runs waits there).
+    """
 
     def __init__(self, model, max_len: int, device=None, dtype=None, backend: str = "auto", rope: str = "kernel"):
         """``rope="kernel"``: context keys stay un-rotated and the attention kernel rotates them as it loads
         them (no stitching pass); ``rope="stitch"``: keys are rotated once while stitching (one extra pass)."""
         if rope not in ("kernel", "stitch"):
             raise ValueError("rope must be 'kernel' or 'stitch'")
-        p = next(model.parameters())
-        self.device = torch.device(device) if device is not None else p.device
-        self.dtype = dtype or p.dtype
-        self.n_layers, self.n_kv, self.head_dim = model_dims(model)
+        ad = ModelAdapter.of(model)
+        ad.check_length(max_len)
+        self.device = torch.device(device) if device is not None else ad.device
+        self.dtype = dtype or ad.dtype
+        self.n_layers, self.n_kv, self.head_dim = ad.n_layers, ad.n_kv_heads, ad.head_dim
+        self.scale = ad.scale
         self.max_len = max_len
         self.rope = rope
         # K and V interleaved per token: a chunk's layer slice [n, 2, Hkv, D] is one contiguous copy
@@ -85,12 +47,9 @@ class BlockKVCache:
                               device=self.device)
         self.k = self.kv[:, :, :, 0]  # [layers, 1, max_len, Hkv, D] views
         self.v = self.kv[:, :, :, 1]
-        inv_freq, self.rope_scaling = rope_params(model)
-        if self.rope_scaling != 1.0:
-            raise NotImplementedError("RoPE variants with attention scaling != 1 (YaRN/LongRoPE) are not supported")
-        self.inv_freq = inv_freq.to(self.device)
-        # Per layer, the position each stored key is rotated to in-kernel. Keys written by the model itself
-        # (question, decoded, recomputed tokens) are already rotated by HF: position 0 = identity rotation.
+        self.inv_freq = ad.inv_freq.to(self.device)
+        # Per layer, the position each stored key is rotated to in-kernel. Keys written by a forward
+        # (question, decoded, recomputed tokens) arrive rotated: position 0 = identity rotation.
         self.kpos = torch.zeros(self.n_layers, max_len, dtype=torch.int32, device=self.device)
         self._arange = torch.arange(max_len, dtype=torch.int32, device=self.device)
         if rope == "stitch":
@@ -100,11 +59,10 @@ class BlockKVCache:
         self.length = 0  # valid positions
         self.backend = backend
         self._attend = get_attend()
-        self.dummy_mask = torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=self.device)
         self.k_block = None  # optional int32 [max_len] block ids (question rows see all anyway)
         self.q_block = None
         self._events = None
-        self.prefetcher = None  # attention_kv.prefetch.LayerPrefetcher, when loading from host memory
+        self.layer_ready: Callable[[int], None] | None = None  # opt-in hook before each layer's attention
         self._rows = None
         self._span = None
         self._dyn = 0  # > 0: the next forward's tokens sit at device positions dev_pos[:_dyn] (graph replays)
@@ -166,7 +124,7 @@ class BlockKVCache:
     def drop_events(self) -> None:
         self._events = None
 
-    # ------------------------------------------------------------------ HF Cache protocol
+    # ------------------------------------------------------------------ positions of the next forward
     def begin(self, start: int | None = None, n: int = 1, rows: torch.Tensor | None = None,
               kv_len: int | None = None, layers: tuple[int, int] | None = None) -> None:
         """Declare the positions of the next forward's tokens: ``start..start+n`` or explicit ``rows``
@@ -217,39 +175,34 @@ class BlockKVCache:
     def end_device(self) -> None:
         self._dyn = 0
 
-    @torch.compiler.disable  # runs eagerly inside a compiled forward (GraphedStep(compile=True))
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
-        """Store the (HF-rotated) keys and values of the current tokens; return the layer's K/V views."""
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the current tokens' (rotated) K/V [1, Hkv, n, D] of ``layer``; return the layer's K/V views
+        [1, Hkv, kv_len, D] that the attention reads."""
         if self._dyn:
-            kv = torch.stack([key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)], dim=1)
-            self.kv[layer_idx, 0].index_copy_(0, self.dev_pos[:self._dyn], kv.to(self.dtype))
-            return self.k[layer_idx].transpose(1, 2), self.v[layer_idx].transpose(1, 2)
+            kv = torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)], dim=1)
+            self.kv[layer, 0].index_copy_(0, self.dev_pos[:self._dyn], kv.to(self.dtype))
+            return self.k[layer].transpose(1, 2), self.v[layer].transpose(1, 2)
         if self._rows is None:
             s, e = self._span
-            self.k[layer_idx, :, s:e] = key_states.transpose(1, 2)
-            self.v[layer_idx, :, s:e] = value_states.transpose(1, 2)
+            self.k[layer, :, s:e] = k.transpose(1, 2)
+            self.v[layer, :, s:e] = v.transpose(1, 2)
         else:
-            kv = torch.stack([key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)], dim=1)
-            self.kv[layer_idx, 0].index_copy_(0, self._rows, kv.to(self.dtype))
+            kv = torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)], dim=1)
+            self.kv[layer, 0].index_copy_(0, self._rows, kv.to(self.dtype))
         L = self._kv_len
-        return self.k[layer_idx, :, :L].transpose(1, 2), self.v[layer_idx, :, :L].transpose(1, 2)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
-
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return self.max_len
-
-    def __len__(self) -> int:
-        return self.n_layers
+        return self.k[layer, :, :L].transpose(1, 2), self.v[layer, :, :L].transpose(1, 2)
 
     # ------------------------------------------------------------------ attention
-    @torch.compiler.disable
-    def attend(self, layer_idx: int, q, k, v, scaling):
+    @torch.compiler.disable  # runs eagerly inside a compiled forward (GraphedStep(compile=True))
+    def attend(self, layer_idx: int, q, k, v):
+        """The seam's attention callback: write the current tokens' K/V (at the positions declared by
+        :meth:`begin` / :meth:`begin_device`), then attend ``q`` over the layer's buffer up to ``kv_len``."""
+        k, v = self._write(layer_idx, k, v)
+        scaling = self.scale
         if self._events is not None:
             torch.cuda.current_stream(self.device).wait_event(self._events[layer_idx])
-        if self.prefetcher is not None:
-            self.prefetcher.wait(layer_idx)
+        if self.layer_ready is not None:
+            self.layer_ready(layer_idx)
         if self._dyn:
             from .kernels.question_attention import attend_question
 
@@ -283,15 +236,15 @@ class _nullcontext:
 
 def forward_block(model, cache: BlockKVCache, input_ids: torch.Tensor, start: int | None = None,
                   logits_to_keep: int = 1) -> torch.Tensor:
-    """One forward of a contiguous block of tokens (question or one decoded token) against ``cache``."""
+    """One seam forward of a contiguous block of tokens (question or one decoded token) at positions
+    ``start..`` against ``cache`` (``model``: HF model or adapter). Returns logits [1, logits_to_keep, V]."""
     n = input_ids.shape[-1]
     start = cache.length if start is None else start
     cache.begin(start, n)
-    pos = torch.arange(start, start + n, device=input_ids.device)[None]
-    out = model(input_ids=input_ids.view(1, -1), position_ids=pos, past_key_values=cache, use_cache=True,
-                attention_mask=cache.dummy_mask, blockrag_cache=cache, logits_to_keep=logits_to_keep)
+    pos = torch.arange(start, start + n, device=input_ids.device)
+    out = ModelAdapter.of(model).forward(input_ids.view(1, -1), pos, cache.attend, logits_rows=logits_to_keep)
     cache.end()
-    return out.logits
+    return out
 
 
 def _capture(forward, dev, warmup: int):
@@ -310,29 +263,6 @@ def _capture(forward, dev, warmup: int):
     return graph, logits, token
 
 
-class GraphedBlockForward:
-    """CUDA-graph capture of :func:`forward_block` for fixed (start, n): removes per-layer launch overhead.
-
-    The context buffers are static, so any stitched context of the same length replays the same graph.
-    ``replay(ids)`` returns (logits[1, V], argmax token) device tensors.
-    """
-
-    def __init__(self, model, cache: BlockKVCache, start: int, n: int, warmup: int = 2):
-        self.model, self.cache, self.start, self.n = model, cache, start, n
-        dev = cache.device
-        self.ids = torch.zeros(1, n, dtype=torch.long, device=dev)
-        saved = cache.length
-        self.graph, self.logits, self.token = _capture(lambda: forward_block(model, cache, self.ids, start), dev,
-                                                       warmup)
-        cache.length = saved
-
-    def replay(self, ids: torch.Tensor):
-        self.ids.copy_(ids.view(1, -1), non_blocking=True)
-        self.graph.replay()
-        self.cache.length = self.start + self.n
-        return self.logits, self.token
-
-
 class GraphedStep:
     """CUDA graph of a forward of ``n`` tokens (decode: 1) at positions given on the device, over a
     :class:`BlockKVCache` with ``rope="stitch"``: captured once, replayed for every position of any context
@@ -342,19 +272,19 @@ class GraphedStep:
     def __init__(self, model, cache: BlockKVCache, n: int = 1, warmup: int = 2, compile: bool = False):
         if cache.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
-        self.model, self.cache, self.n = model, cache, n
+        self.model, self.cache, self.n = ModelAdapter.of(model), cache, n
         dev = cache.device
         self.ids = torch.zeros(1, n, dtype=torch.long, device=dev)
-        self.pos = cache.device_positions(n).view(1, n)
+        self.pos = cache.device_positions(n)
         saved = cache.length
         cache.set_device_positions(cache.max_len - n, n)
         # compile: torch.compile (inductor) fuses the norms, RoPE and activations between our attention calls
         # before the capture; the first warm-up call compiles
         fwd = self._forward
         if compile:
-            # the cache's update/attend run eagerly between compiled pieces, one piece per decoder layer and
+            # the cache's attend runs eagerly between compiled pieces, one piece per decoder layer and
             # (layer_idx is a static int) one compilation per layer: allow that many
-            n_layers = model.config.num_hidden_layers
+            n_layers = self.model.n_layers
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * n_layers + 8)
             fwd = torch.compile(self._forward, dynamic=False)
         self.graph, self.logits, self.token = _capture(fwd, dev, warmup + (2 if compile else 0))
@@ -364,11 +294,9 @@ class GraphedStep:
         c = self.cache
         c.begin_device(self.n)
         try:
-            out = self.model(input_ids=self.ids, position_ids=self.pos, past_key_values=c, use_cache=True,
-                             attention_mask=c.dummy_mask, blockrag_cache=c, logits_to_keep=1)
+            return self.model.forward(self.ids, self.pos, c.attend, logits_rows=1)
         finally:
             c.end_device()
-        return out.logits
 
     def replay(self, ids, start: int):
         if start + self.n > self.cache.max_len - self.n:

@@ -9,7 +9,7 @@ and the same fields sit in its metadata and in the store's ``manifest.json``: op
 model, tokenizer or prefix raises :class:`KVCacheMismatch`, and a stale file is never picked up.
 
 Loading memory-maps the file (safetensors), an in-memory LRU tier (pinned host memory when CUDA is there)
-keeps hot chunks; host->device copies are done layer by layer by :mod:`attention_kv.hf_integration`.
+keeps hot chunks; host->device copies are done layer by layer by :class:`attention_kv.block_cache.BlockKVCache`.
 """
 from __future__ import annotations
 
@@ -140,27 +140,17 @@ def encode_blocks(model, prefix_ids: Sequence[int], blocks: Sequence[Sequence[in
                   progress: bool | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run ``prefix + block`` for every block; return (prefix kv, [block kv]) as ``[L, n, 2, Hkv, D]`` fp32.
 
-    K is captured from ``k_proj`` (before RoPE, exact); models with a k-norm after the projection are
-    handled by de-rotating the rotated keys instead.
+    One seam forward per batch with plain causal attention; each layer's K is taken before RoPE (exact:
+    the forward hands the keys un-rotated and the attention rotates them in fp32, as the kernel does at
+    generation time) and V as projected.
     """
-    from .rope import cos_sin, rope_params, unrotate
+    from .model import ModelAdapter
+    from .masks import attend_reference
 
-    device = next(model.parameters()).device
-    cfg = model.config
-    n_layers, hkv = cfg.num_hidden_layers, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    base = getattr(model, "model", model)
-    layers = base.layers
+    ad = ModelAdapter.of(model)
+    device = ad.device
     P = len(prefix_ids)
-    use_hooks = not any(hasattr(l.self_attn, "k_norm") for l in layers)
-    captured: dict = {}
-    hooks = []
-    if use_hooks:
-        for i, layer in enumerate(layers):
-            hooks.append(layer.self_attn.k_proj.register_forward_hook(
-                lambda m, a, out, i=i: captured.__setitem__(("k", i), out)))
-            hooks.append(layer.self_attn.v_proj.register_forward_hook(
-                lambda m, a, out, i=i: captured.__setitem__(("v", i), out)))
+    pad = ad.lm.config.pad_token_id if ad.lm.config.pad_token_id is not None else 0
     order = sorted(range(len(blocks)), key=lambda i: -len(blocks[i]))  # similar lengths per batch
     out: list[torch.Tensor | None] = [None] * len(blocks)
     prefix_kv = None
@@ -168,37 +158,34 @@ def encode_blocks(model, prefix_ids: Sequence[int], blocks: Sequence[Sequence[in
     if progress or (progress is None and len(blocks) > 32):
         from tqdm.auto import tqdm
         bar = tqdm(total=len(blocks), desc="encoding KV", unit="chunk")
-    inv_freq, scaling = rope_params(model)
     try:
         for s in range(0, max(len(order), 1), batch_size):
             idx = order[s:s + batch_size] or []
             seqs = [list(prefix_ids) + list(blocks[i]) for i in idx] or [list(prefix_ids)]
             T = max(len(x) for x in seqs)
-            pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+            ad.check_length(T)
             ids = torch.tensor([x + [pad] * (T - len(x)) for x in seqs], device=device)
-            pos = torch.arange(T, device=device)[None].expand(len(seqs), T)
+            pos = torch.arange(T, device=device)
+            inv = ad.inv_freq
+            ks: list[torch.Tensor] = []
+            vs: list[torch.Tensor] = []
+
+            def attend(layer, q, k, v):  # k un-rotated: keep it, rotate in the attention
+                ks.append(k)
+                vs.append(v)
+                return attend_reference(q, k, v, q_start=0, inv_freq=inv, k_positions=pos, scale=ad.scale)
+
             # right padding + causal attention: real tokens never see the padding, no mask needed
-            res = model(input_ids=ids, position_ids=pos, use_cache=not use_hooks, logits_to_keep=1)
-            if use_hooks:
-                ks = torch.stack([captured[("k", i)].view(len(seqs), T, hkv, head_dim) for i in range(n_layers)])
-                vs = torch.stack([captured[("v", i)].view(len(seqs), T, hkv, head_dim) for i in range(n_layers)])
-            else:
-                cache = res.past_key_values
-                cos, sin = cos_sin(torch.arange(T, device=device), inv_freq.to(device), scaling)
-                ks = torch.stack([unrotate(cache.layers[i].keys, cos, sin, torch.float32, scaling).transpose(1, 2)
-                                  for i in range(n_layers)])
-                vs = torch.stack([cache.layers[i].values.transpose(1, 2) for i in range(n_layers)])
-            kv = torch.stack([ks, vs], dim=3).float().cpu()  # [L, B, T, 2, Hkv, D]
+            ad.hidden_states(ids, pos, attend, rotate_keys=False)
+            kv = torch.stack([torch.stack(ks), torch.stack(vs)], dim=-1)  # [L, B, Hkv, T, D, 2]
+            kv = kv.permute(0, 1, 3, 5, 2, 4).float().cpu()  # [L, B, T, 2, Hkv, D]
             if prefix_kv is None:
                 prefix_kv = kv[:, 0, :P].contiguous()
             for b, i in enumerate(idx):
                 out[i] = kv[:, b, P:P + len(blocks[i])].contiguous()
             if bar is not None:
                 bar.update(len(idx))
-            captured.clear()
     finally:
-        for h in hooks:
-            h.remove()
         if bar is not None:
             bar.close()
     return prefix_kv, out  # type: ignore[return-value]
@@ -241,16 +228,18 @@ class KVCacheStore:
         self.prefix_text, self.question_template = prompt_parts(tokenizer, system_prompt, prefix)
         self.prefix_ids = tokenizer(self.prefix_text, add_special_tokens=False)["input_ids"]
         self.sep_ids = tokenizer(PASSAGE_SEPARATOR, add_special_tokens=False)["input_ids"]
-        cfg = model.config
+        from .model import ModelAdapter
+
+        cfg, dims = model.config, ModelAdapter.of(model)  # an unsupported model is refused here, in one line
         self.identity = {
             "format_version": FORMAT_VERSION,
             "model": model_name or getattr(model, "name_or_path", "") or cfg.model_type,
             "revision": config_revision(model),
             "tokenizer_hash": tokenizer_hash(tokenizer),
             "prefix_hash": _ids_hash(self.prefix_ids),
-            "n_layers": cfg.num_hidden_layers,
-            "n_kv_heads": cfg.num_key_value_heads,
-            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            "n_layers": dims.n_layers,
+            "n_kv_heads": dims.n_kv_heads,
+            "head_dim": dims.head_dim,
             "dtype": str(dtype).replace("torch.", ""),
             "quant": quant or "none",
         }

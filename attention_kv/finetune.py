@@ -5,8 +5,8 @@ shared prefix and itself, the question and the answer see everything, positions 
 ordinary full attention. Each training step is ONE full forward over
 ``prefix + passages + question + answer`` (token ids built exactly as at inference: the KV store's
 ``prefix_ids``, per-chunk ``chunk_token_ids``, ``question_ids``; answer = gold answer tokens + end of turn)
-at contiguous positions, with the block mask (:func:`attention_kv.masks.block_mask_4d`, probability
-``block_prob``) or the plain causal mask (the paper's mixed training, so full attention is kept);
+at contiguous positions through the model seam (``ModelAdapter.forward``), with the block mask
+(:func:`attention_kv.masks.visibility` of the block ids, probability ``block_prob``) or the plain causal mask (the paper's mixed training, so full attention is kept);
 loss = cross-entropy on the answer tokens only. AdamW, linear warm-up then linear decay, grad clipping.
 
     PYTHONPATH=. python -m attention_kv.finetune --train-seeds 10,11,12 --steps 300 --lr 3e-5 --threads 1 \\
@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .masks import block_ids, block_mask_4d
+from .masks import block_ids, block_mask_4d, visibility
 
 EVAL_SEEDS = (0, 1, 2)
 
@@ -115,16 +115,27 @@ def training_mask(ex: Example, block: bool, dtype=torch.float32, device=None) ->
 
 
 def example_loss(model, ex: Example, block: bool) -> torch.Tensor:
-    """One full forward (contiguous positions) with the chosen mask; mean CE over the answer tokens."""
-    p = next(model.parameters())
-    ids = torch.tensor([ex.input_ids], device=p.device)
+    """One full seam forward (contiguous positions) with the chosen mask; mean CE over the answer tokens.
+    The model's own modules run (peft-wrapped layers included), so gradients reach whatever is trainable."""
+    from .model import ModelAdapter, causal_attention
+
+    ad = ModelAdapter.of(model)
+    dev = ad.device
+    ids = torch.tensor([ex.input_ids], device=dev)
     L, A = ids.shape[1], len(ex.answer_ids)
-    mask = training_mask(ex, block, p.dtype, p.device)
-    pos = torch.arange(L, device=p.device)[None]
+    ad.check_length(L)
+    pos = torch.arange(L, device=dev)
+    visible = None
+    if block:
+        bid = ex.block_ids().to(dev)
+        visible = visibility(pos, L, bid, bid)[None, None]
+
+    def attend(layer, q, k, v):
+        return causal_attention(q, k, v, ad.scale, visible)
+
     # logits only where they predict an answer token: rows L-A-1 .. L-2
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                   logits_to_keep=A + 1).logits[0, :A]
-    return F.cross_entropy(logits.float(), torch.tensor(ex.answer_ids, device=p.device))
+    logits = ad.forward(ids, pos, attend, logits_rows=A + 1)[0, :A]
+    return F.cross_entropy(logits.float(), torch.tensor(ex.answer_ids, device=dev))
 
 
 def weights_hash(model) -> str:

@@ -1,7 +1,8 @@
 """Cached generation: ``Generator(model_name).generate(question, chunks, mode=...)``.
 
 Modes
-  ``full``   ordinary prefill of ``prefix + passages + question`` (HF SDPA path), then decoding.
+  ``full``   ordinary prefill of ``prefix + passages + question`` (HF's public forward with a
+             ``DynamicCache``: the reference the cached modes are compared with), then decoding.
   ``turbo``  TurboRAG / Block-Attention: passages' K/V come from the :class:`KVCacheStore`, are stitched
   ``block``  after the shared prefix at contiguous positions (RoPE in fp32, once while stitching or by
              the kernel as keys are loaded), and only the question block is prefilled (``block`` is the same computation;
@@ -27,7 +28,8 @@ import torch
 
 from .cache_store import ChunkKV, KVCacheStore
 from .blend import blend_prefill
-from .hf_integration import BlockKVCache, GraphedStep, forward_block, use_blockrag_attention
+from .block_cache import BlockKVCache, GraphedStep, forward_block
+from .model import ModelAdapter
 
 MODES = ("full", "turbo", "block", "blend")
 
@@ -101,7 +103,7 @@ class Generator:
             model, tok = load_generator(model_name, dtype=dtype, device=device)
             tokenizer = tokenizer or tok
         self.model, self.tokenizer = model.eval(), tokenizer
-        use_blockrag_attention(self.model)
+        self.adapter = ModelAdapter.of(model)  # the cached modes run the decoder through the model seam
         self.device = next(model.parameters()).device
         if store is None:
             if cache_dir is None:
@@ -125,7 +127,7 @@ class Generator:
         # launch overhead); longer requests fall back to a fresh buffer and eager decoding.
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and rope == "stitch"
         mpe = getattr(model.config, "max_position_embeddings", None) or 8192
-        self.max_cache_len = int(max_cache_len or min(mpe, 8192))
+        self.max_cache_len = int(max_cache_len or min(mpe, 8192, self.adapter.max_context or 8192))
         self._cache = None
         self._epoch = 0  # requests that used the shared buffer (a suspended stream must not resume after another)
         self._step_graph = None
@@ -178,14 +180,12 @@ class Generator:
         dev = self.device
         info = {"n_context": Lc, "n_question": Lq, "n_recomputed": 0}
         if mode == "full":
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.model.config)
+            cache = self.adapter.new_hf_cache()
             ids = torch.tensor([ctx_ids + q_ids], device=dev)
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=Lq)
+            logits = self.adapter.hf_forward(ids, cache, logits_rows=Lq)
             info["cache"] = cache
             info["length"] = Lc + Lq
-            return out.logits[0], info
+            return logits[0], info
         cache = self._cache_for(Lc + Lq + 256, cache_max_len)
         stream = None
         if self.device_cache_bytes:
@@ -289,9 +289,7 @@ class Generator:
     def _step(self, mode: str, cache, token: int, pos: int) -> torch.Tensor:
         ids = torch.tensor([[token]], device=self.device)
         if mode == "full":
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True,
-                             position_ids=torch.tensor([[pos]], device=self.device))
-            return out.logits[0, -1]
+            return self.adapter.hf_forward(ids, cache, torch.tensor([pos], device=self.device))[0, -1]
         return forward_block(self.model, cache, ids[0], pos)[0, -1]
 
     def _run(self, question, chunks, mode, max_new_tokens, blend_ratio, check_layer):

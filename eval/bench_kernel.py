@@ -512,6 +512,9 @@ def main(argv=None):
         return 2
     import triton
 
+    from blockrag.attention_kv.kernels import triton_attention as ta
+
+    ta.LAST_LAUNCH.enabled = True  # opt-in record of the compiled kernels (registers / spills)
     t0 = time.time()
     info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 sms=torch.cuda.get_device_properties(0).multi_processor_count,

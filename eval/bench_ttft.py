@@ -33,9 +33,10 @@ import torch
 
 from blockrag.attention_kv.cache_store import ChunkKV, encode_blocks, quantize_int8
 from blockrag.attention_kv.blend import blend_prefill
-from blockrag.attention_kv.hf_integration import (BlockKVCache, GraphedBlockForward, GraphedStep, forward_block,
-                                        use_blockrag_attention)
-from blockrag.attention_kv.rope import cos_sin, rope_params, rotate
+from blockrag.attention_kv.block_cache import BlockKVCache, GraphedStep, forward_block
+from blockrag.attention_kv.model import ModelAdapter
+from blockrag.attention_kv.rope import cos_sin, rotate
+from blockrag.eval.gpu_pieces import GraphedBlockForward
 
 
 def log(*a):
@@ -99,7 +100,7 @@ def hf_stitched_cache(model, parts: list[ChunkKV], device):
     """HF DynamicCache holding the stitched context with keys rotated (fp32) at contiguous positions."""
     from transformers import DynamicCache
 
-    inv, _ = rope_params(model)
+    inv = ModelAdapter.of(model).inv_freq
     L = sum(p.n_tokens for p in parts)
     cos, sin = cos_sin(torch.arange(L, device=device), inv.to(device))
     dc = DynamicCache(config=model.config)
@@ -112,9 +113,8 @@ def hf_stitched_cache(model, parts: list[ChunkKV], device):
 
 
 def set_attn(model, name):
-    if name == "blockrag":
-        use_blockrag_attention(model)
-    else:
+    """HF's attention implementation for the HF peers; "blockrag" = ours (the seam never uses HF's)."""
+    if name != "blockrag":
         model.set_attn_implementation(name)
 
 
@@ -226,7 +226,7 @@ def correctness(model, device, prefix_len, q_len, rng, results):
          "turbo_graph_vs_eager_rel": rel(ours, eager), "argmax_equal": bool(ours.argmax() == ref.argmax())}
     # host-memory path (same data) and int8
     set_attn(model, "blockrag")
-    from blockrag.attention_kv.prefetch import LayerPrefetcher, int8_blob
+    from blockrag.eval.gpu_pieces import LayerPrefetcher, int8_blob
 
     hparts = [ChunkKV(p.token_ids, p.kv.cpu().pin_memory()) for p in parts]
     cache_h = BlockKVCache(model, Lc + q_len + 64, device=device)
@@ -239,7 +239,7 @@ def correctness(model, device, prefix_len, q_len, rng, results):
     host = graph_h.replay(qd)[0].float().clone()
     c["turbo_host_vs_gpu_rel"] = rel(host, ours)
     # GPU-resident pool gather (fused RoPE) vs torch stitching, and the rope-at-stitch forward
-    from blockrag.attention_kv.prefetch import DeviceKVPool
+    from blockrag.eval.gpu_pieces import DeviceKVPool
 
     nL = model.config.num_hidden_layers
     pool = DeviceKVPool(nL, parts[0].kv.shape[3], parts[0].kv.shape[4], Lc, dtype=torch.bfloat16, device=device)
@@ -294,7 +294,7 @@ def correctness(model, device, prefix_len, q_len, rng, results):
     c["int8_device_dequant_vs_torch_rel"] = rel(cache_h.kv[:, 0, :Lc].float().cpu(), deq.to(torch.bfloat16).float())
     c["int8_logits_vs_bf16_rel"] = rel(host8, ours)
     c["int8_argmax_equal"] = bool(host8.argmax() == ours.argmax())
-    pf.cache.prefetcher = None
+    pf.cache.layer_ready = None
     # blend 100% == full prefill; blend 15%
     set_attn(model, "sdpa")
     ids = torch.tensor(prefix + [t for b in blocks for t in b], device=device)
@@ -387,7 +387,7 @@ def bench_gpu(args):
     results["h2d_GBps"] = bw
     results["d2d_GBps"] = d2d_bandwidth(device)
     log(f"measured H2D {bw:.1f} GB/s (pinned, 1 GiB), D2D copy {results['d2d_GBps']:.0f} GB/s")
-    from blockrag.attention_kv.prefetch import DeviceKVPool, LayerPrefetcher, int8_blob
+    from blockrag.eval.gpu_pieces import DeviceKVPool, LayerPrefetcher, int8_blob
 
     V = model.config.vocab_size
     nL, Hkv, D = model.config.num_hidden_layers, model.config.num_key_value_heads, 128
@@ -585,7 +585,7 @@ def bench_gpu(args):
             row["turbo_host_i8_ms"] = med(timed(host8, reps, 2, device))
             row["host_timed_out"] = pf.timed_out()
             row["host_i8_bound_ms"] = i8_bytes / (bw * 1e9) * 1e3
-            cache.prefetcher = None
+            cache.layer_ready = None
             del graph_h, hparts, blobs, i8
         best = min(row["turbo_ms"], row["turbo_rs_ms"])
         row["speedup_vs_full"] = row["hf_full_ms"] / best
@@ -608,7 +608,6 @@ def bench_cpu(args):
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     model, tok = load_generator(None, dtype=torch.float32, device="cpu")
-    use_blockrag_attention(model)
     rng = torch.Generator().manual_seed(0)
     V = model.config.vocab_size
     P, Lq = args.prefix_len, args.question_len

@@ -1,4 +1,12 @@
-"""Host -> device loading of stitched contexts, overlapped with the question-block forward layer by layer.
+"""GPU pieces used only by the benchmarks (eval/bench_ttft.py): a prefetching loader, a GPU-resident chunk
+pool and a fixed-length question-forward graph, built on the product's :class:`BlockKVCache` hooks.
+
+* :class:`LayerPrefetcher` — host -> device loading of stitched contexts, overlapped with the question-block
+  forward layer by layer (it waits through the cache's opt-in ``layer_ready`` hook).
+* :class:`DeviceKVPool` — a GPU-resident arena of chunk caches; stitching is one fused gather(+RoPE) kernel.
+* :class:`GraphedBlockForward` — a CUDA graph of :func:`forward_block` for one fixed (start, n).
+
+Loading details (LayerPrefetcher):
 
 The copies of a group of layers (every selected chunk, pinned host memory -> a staging buffer -> the
 static stitched buffers) run on a side stream; after them one-word "layer ready" flags are set to the
@@ -16,6 +24,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from blockrag.attention_kv.block_cache import BlockKVCache, _capture, forward_block
 
 try:
     import triton
@@ -143,7 +153,7 @@ class LayerPrefetcher:
         self._meta: dict = {}
         self._armed = None
         self.group = group
-        cache.prefetcher = self
+        cache.layer_ready = self.wait  # the forward waits for layer l's copies right before its attention
 
     def wait(self, layer: int) -> None:
         _spin_kernel[(1,)](self.flags, self.epoch_t, self.err, layer, self.max_iter, num_warps=1)
@@ -309,3 +319,28 @@ class DeviceKVPool:
             cache.kpos[:, start:start + ntot] = cache._arange[start:start + ntot]
         cache.length = start + ntot
         return cache.length
+
+
+# ----------------------------------------------------------------------------- fixed-length question graph
+class GraphedBlockForward:
+    """CUDA-graph capture of :func:`forward_block` for fixed (start, n): removes per-layer launch overhead.
+
+    The context buffers are static, so any stitched context of the same length replays the same graph.
+    ``replay(ids)`` returns (logits[1, V], argmax token) device tensors. (The product's ``GraphedStep``
+    reads positions on the device instead, so one graph serves every context length.)
+    """
+
+    def __init__(self, model, cache: BlockKVCache, start: int, n: int, warmup: int = 2):
+        self.model, self.cache, self.start, self.n = model, cache, start, n
+        dev = cache.device
+        self.ids = torch.zeros(1, n, dtype=torch.long, device=dev)
+        saved = cache.length
+        self.graph, self.logits, self.token = _capture(lambda: forward_block(model, cache, self.ids, start), dev,
+                                                       warmup)
+        cache.length = saved
+
+    def replay(self, ids: torch.Tensor):
+        self.ids.copy_(ids.view(1, -1), non_blocking=True)
+        self.graph.replay()
+        self.cache.length = self.start + self.n
+        return self.logits, self.token

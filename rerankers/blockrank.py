@@ -22,12 +22,11 @@ Relevance: at ``layer`` (0-based; a middle layer), the attention probabilities o
 tokens"), averaged over heads and rows. No decoding; layers above ``layer`` are never run, and at
 ``layer`` itself only the projections needed for the query rows' attention are used.
 
-The forward runs the model's own decoder layers (any Llama/Mistral/Qwen2-style HF model) with an
-attention function registered through transformers' ``AttentionInterface`` ("blockrag_blockrank"),
-which routes each phase (instruction, batched documents, query; or the flat full-causal baseline) to
-:func:`attention_kv.kernels.attend` (``attn="kernel"``; Triton on CUDA, PyTorch reference otherwise) or
-to ``torch.nn.functional.scaled_dot_product_attention`` (``attn="sdpa"``). The block mass is always
-read through ``attend``.
+The forward is the model seam's decoder forward (:class:`attention_kv.model.ModelAdapter`: Llama,
+Mistral, Qwen2) with an attention callback that routes each phase (instruction, batched documents,
+query; or the flat full-causal baseline) to :func:`attention_kv.kernels.attend` (``attn="kernel"``;
+Triton on CUDA, PyTorch reference otherwise) or to ``torch.nn.functional.scaled_dot_product_attention``
+(``attn="sdpa"``). The block mass is always read through ``attend``.
 
 Fine-tuning (optional, not run here): :mod:`rerankers.blockrank_finetune` (LM loss on the answer +
 the paper's contrastive loss on this attention, through this same block-sparse forward)::
@@ -37,7 +36,7 @@ the paper's contrastive loss on this attention, through this same block-sparse f
 """
 from __future__ import annotations
 
-import contextvars
+import functools
 import hashlib
 import warnings
 from collections import OrderedDict
@@ -55,10 +54,6 @@ INSTRUCTION = ("Below are passages, then a query. Find the passage that is most 
 QUESTION = "Which passage is most relevant to the query?"
 ANSWER_PREFIX = "The most relevant passage is:"
 SYSTEM = "You are a careful search engine that ranks passages by relevance."
-ATTN_NAME = "blockrag_blockrank"
-
-_PLAN: contextvars.ContextVar = contextvars.ContextVar("blockrank_plan", default=None)
-
 
 class _Stop(Exception):
     """Raised inside the last needed layer: nothing above it is computed."""
@@ -127,7 +122,7 @@ def _sdpa_causal(q, k, v, q_start: int, scale: float):
 
 @dataclass
 class _Plan:
-    """What the registered attention function does in the current forward pass."""
+    """What the attention callback does in the current forward pass."""
 
     phase: str                      # "prefix" | "docs" | "query" | "flat"
     stop_layer: int                 # layer whose attention yields the mass (nothing above it runs)
@@ -145,15 +140,10 @@ class _Plan:
     run_through: bool = False       # query phase: compute the last layer's output too (fine-tuning LM loss)
 
 
-def _blockrank_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """The attention function registered with transformers: q/k/v arrive after RoPE, [B, H, L, D]."""
+def _blockrank_attention(plan: _Plan, scale: float, layer: int, query, key, value):
+    """The seam's attention callback for one BlockRank phase: q/k/v arrive after RoPE, [B, H, L, D]."""
     import torch
 
-    plan: _Plan = _PLAN.get()
-    if plan is None:
-        raise RuntimeError("blockrag_blockrank attention called outside a BlockRank forward")
-    layer = module.layer_idx
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     attend = _kernel_attend()
     last = layer == plan.stop_layer
 
@@ -213,38 +203,7 @@ def _blockrank_attention(module, query, key, value, attention_mask, dropout=0.0,
             out = out_attn(query, k, v, q_start)
     else:  # pragma: no cover
         raise ValueError(plan.phase)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register():
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTN_NAME, _blockrank_attention)
-    try:  # masks are never built (we call the decoder layers directly), but keep the name valid everywhere
-        from transformers import AttentionMaskInterface
-        from transformers.masking_utils import sdpa_mask
-
-        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-    except Exception:  # noqa: BLE001
-        pass
-
-
-class _use_attention:
-    """Context manager: the model's config points at our attention function for the duration."""
-
-    def __init__(self, model):
-        self.configs = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m, "layer_idx")]
-        self.configs = list({id(c): c for c in self.configs}.values()) or [model.config]
-
-    def __enter__(self):
-        _register()
-        self.saved = [c._attn_implementation for c in self.configs]
-        for c in self.configs:
-            c._attn_implementation = ATTN_NAME
-
-    def __exit__(self, *exc):
-        for c, s in zip(self.configs, self.saved):
-            c._attn_implementation = s
+    return out
 
 
 # -- KV reuse -------------------------------------------------------------------------------------------
@@ -307,8 +266,15 @@ class BlockRankReranker(LazyGenerator):
 
     # -- model ------------------------------------------------------------------------------------
     @property
+    def adapter(self):
+        """The model seam over the loaded model (:class:`attention_kv.model.ModelAdapter`)."""
+        from blockrag.attention_kv.model import ModelAdapter
+
+        return ModelAdapter.of(self.model)
+
+    @property
     def n_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
+        return self.adapter.n_layers
 
     @property
     def layer(self) -> int:
@@ -405,26 +371,15 @@ class BlockRankReranker(LazyGenerator):
 
     # -- forward ------------------------------------------------------------------------------------
     def _run(self, plan: _Plan, ids, positions):
-        """Run decoder layers 0..plan.stop_layer over ``ids`` [B, L] at ``positions`` [L]."""
-        import torch
-
-        model = self.model
-        inner = getattr(model, "model", model)
-        h = inner.embed_tokens(ids)
-        pos = positions.unsqueeze(0).expand(ids.shape[0], -1)
-        cos_sin = inner.rotary_emb(h, pos)
-        token = _PLAN.set(plan)
+        """Run decoder layers 0..plan.stop_layer over ``ids`` [B, L] at ``positions`` [L] through the seam;
+        returns the hidden states, or None when the plan stopped inside its last layer."""
+        ad = self.adapter
+        ad.check_length(int(positions.max()) + 1)
+        attend = functools.partial(_blockrank_attention, plan, ad.scale)
         try:
-            with _use_attention(model):
-                for li in range(plan.stop_layer + 1):
-                    try:
-                        out = inner.layers[li](h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin)
-                    except _Stop:
-                        break
-                    h = out[0] if isinstance(out, tuple) else out
-        finally:
-            _PLAN.reset(token)
-        return h
+            return ad.hidden_states(ids, positions, attend, layers=plan.stop_layer + 1)
+        except _Stop:
+            return None
 
     def mass_ids(self, prompt: BlockPrompt, layer: int, mass_layers: Sequence[int] = (),
                  cache_keys: Sequence[str] | None = None, rows: Sequence[int] | None = None,

@@ -34,14 +34,12 @@ def train_step(br: BlockRankReranker, prompt: BlockPrompt, answer: list[int], po
     import torch
     import torch.nn.functional as F
 
-    model = br.model
-    inner = getattr(model, "model", model)
     n_layers = br.n_layers
     Lq = len(prompt.query)
     full = BlockPrompt(prompt.instruction, prompt.docs, prompt.query + answer, prompt.tail)
     rows = list(range(Lq - prompt.tail, Lq)) if br.query_rows == "tail" else list(range(Lq))
     mass, h = br.mass_ids(full, n_layers - 1, mass_layers=(layer,), rows=rows, return_hidden=True)
-    logits = model.lm_head(inner.norm(h))[0]                        # [Lq + A, vocab]
+    logits = br.adapter.logits(h)[0]                                # [Lq + A, vocab]
     A = len(answer)
     target = torch.tensor(answer, device=logits.device)
     lm = F.cross_entropy(logits[Lq - 1:Lq - 1 + A].float(), target)

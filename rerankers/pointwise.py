@@ -57,8 +57,11 @@ class PointwiseReranker(LazyGenerator):
     def score(self, query: str, doc_texts: Sequence[str]) -> np.ndarray:
         import torch
 
+        from blockrag.attention_kv.model import ModelAdapter
+
         model, tok = self._load()
-        dev = next(model.parameters()).device
+        ad = ModelAdapter.of(model)
+        dev = ad.device
         yes, no = self._answers()
         prompts = [self.prompt_ids(query, d) for d in doc_texts]
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -68,13 +71,13 @@ class PointwiseReranker(LazyGenerator):
                 batch = prompts[b0:b0 + self.batch_size]
                 width = max(len(p) for p in batch)
                 x = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
                 for j, p in enumerate(batch):
                     x[j, :len(p)] = torch.tensor(p)
-                    mask[j, :len(p)] = 1
-                hidden = model.model(input_ids=x.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+                # right padding + causal attention (the seam's default): real tokens never see the pads
+                ad.check_length(width)
+                hidden = ad.hidden_states(x.to(dev), torch.arange(width, device=dev))
                 last = torch.tensor([len(p) - 1 for p in batch], device=dev)
-                logits = model.lm_head(hidden[torch.arange(len(batch), device=dev), last]).float()
+                logits = ad.logits(hidden[torch.arange(len(batch), device=dev), last][:, None])[:, 0].float()
                 logp = torch.log_softmax(logits, -1)
                 s = torch.logsumexp(logp[:, yes], -1) - torch.logsumexp(logp[:, no], -1)
                 out[b0:b0 + len(batch)] = s.cpu().numpy()

@@ -2,11 +2,12 @@
 
 Embeddings
 ----------
-A text is run once through a causal LM (the offline SmolLM2-135M-Instruct by default, any HF decoder
-with ``self_attn.o_proj`` works). Two things are read at the **last token** of the prompt:
+A text is run once through a causal LM (the offline SmolLM2-135M-Instruct by default; any Llama, Mistral
+or Qwen2 decoder, run through the model seam :class:`attention_kv.model.ModelAdapter`). Two things are
+read at the **last token** of the prompt:
 
 * **per-head embeddings**: the input of ``o_proj`` of the chosen layer (``layer=-1``: the last one),
-  captured by a forward pre-hook. That input is the concatenation of the heads' attention outputs,
+  i.e. the attention output the seam's attention callback returns. It is the concatenation of the heads' attention outputs,
   ``[n_heads * head_dim]``; it is split into ``n_heads`` vectors of ``head_dim`` (9 x 64 for SmolLM2);
 * **single embedding**: the model's final hidden state (after the final norm) at the last token
   (``pooling="last"``, the default) or its mean over the prompt tokens (``pooling="mean"``).
@@ -46,6 +47,7 @@ from typing import Sequence
 
 import numpy as np
 
+from blockrag.attention_kv.model import causal_attention
 from blockrag.models import LazyGenerator
 
 from blockrag.retrievers.base import BatchFromSingle, Hit
@@ -106,11 +108,14 @@ class HeadEncoder(LazyGenerator):
 
     # -- lazy model --------------------------------------------------------------------------------
     @property
-    def decoder_layers(self):
-        return _decoder_layers(self.model)
+    def adapter(self):
+        """The model seam over the loaded model."""
+        from blockrag.attention_kv.model import ModelAdapter
+
+        return ModelAdapter.of(self.model)
 
     def layer_index(self, layer: int) -> int:
-        n = len(self.decoder_layers)
+        n = self.adapter.n_layers
         idx = layer + n if layer < 0 else layer
         if not 0 <= idx < n:
             raise ValueError(f"layer {layer} out of range for a model with {n} layers")
@@ -122,16 +127,15 @@ class HeadEncoder(LazyGenerator):
 
     @property
     def n_heads(self) -> int:
-        return int(self.model.config.num_attention_heads)
+        return self.adapter.n_heads
 
     @property
     def head_dim(self) -> int:
-        cfg = self.model.config
-        return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        return self.adapter.head_dim
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.config.hidden_size)
+        return self.adapter.hidden_size
 
     # -- prompts -----------------------------------------------------------------------------------
     def prompt_ids(self, text: str, kind: str = "doc") -> list[int]:
@@ -151,6 +155,7 @@ class HeadEncoder(LazyGenerator):
         from tqdm.auto import tqdm
 
         model, tok = self._load()
+        ad = self.adapter
         layers = self.layers
         ids = [self.prompt_ids(t, kind) for t in texts]
         order = np.argsort([-len(x) for x in ids], kind="stable")   # length-sorted batches: little padding
@@ -158,50 +163,43 @@ class HeadEncoder(LazyGenerator):
         heads = {l: np.zeros((n, H, D), np.float32) for l in layers}
         single = np.zeros((n, self.hidden_size), np.float32)
         captured: dict[int, torch.Tensor] = {}
-        hooks = []
-        for l in layers:
-            def pre_hook(module, args, kwargs, l=l):
-                captured[l] = (args[0] if args else kwargs["input"]).detach()
-            hooks.append(self.decoder_layers[l].self_attn.o_proj.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        device = next(model.parameters()).device
+        wanted = set(layers)
+
+        def attend(layer, q, k, v):  # plain causal attention; keep the per-head outputs (o_proj's input)
+            out = causal_attention(q, k, v, ad.scale)
+            if layer in wanted:
+                captured[layer] = out
+            return out
+
+        device = ad.device
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         show = progress if progress is not None else n > 4 * self.batch_size
-        try:
-            with torch.inference_mode(), tqdm(total=n, desc=f"mrag encode {kind}s", disable=not show) as bar:
-                for start in range(0, n, self.batch_size):
-                    rows = order[start:start + self.batch_size]
-                    lens = [len(ids[r]) for r in rows]
-                    width = max(lens)
-                    x = torch.full((len(rows), width), pad, dtype=torch.long)
-                    mask = torch.zeros((len(rows), width), dtype=torch.long)
-                    for j, r in enumerate(rows):        # right padding: causal rows never see the pads
-                        x[j, :lens[j]] = torch.tensor(ids[r])
-                        mask[j, :lens[j]] = 1
-                    out = model.model(input_ids=x.to(device), attention_mask=mask.to(device))
-                    last = torch.tensor(lens, device=device) - 1
-                    ar = torch.arange(len(rows), device=device)
-                    hidden = out.last_hidden_state.float()
-                    if self.pooling == "last":
-                        s = hidden[ar, last]
-                    else:
-                        m = mask.to(device).unsqueeze(-1).float()
-                        s = (hidden * m).sum(1) / m.sum(1)
-                    single[rows] = s.cpu().numpy()
-                    for l in layers:
-                        heads[l][rows] = captured[l][ar, last].float().reshape(len(rows), H, D).cpu().numpy()
-                    bar.update(len(rows))
-        finally:
-            for h in hooks:
-                h.remove()
+        with torch.inference_mode(), tqdm(total=n, desc=f"mrag encode {kind}s", disable=not show) as bar:
+            for start in range(0, n, self.batch_size):
+                rows = order[start:start + self.batch_size]
+                lens = [len(ids[r]) for r in rows]
+                width = max(lens)
+                x = torch.full((len(rows), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for j, r in enumerate(rows):        # right padding: causal rows never see the pads
+                    x[j, :lens[j]] = torch.tensor(ids[r])
+                    mask[j, :lens[j]] = 1
+                ad.check_length(width)
+                # right padding + causal attention: real tokens never see the pads, no mask needed
+                h = ad.hidden_states(x.to(device), torch.arange(width, device=device), attend)
+                last = torch.tensor(lens, device=device) - 1
+                ar = torch.arange(len(rows), device=device)
+                hidden = ad.final_norm(h).float()
+                if self.pooling == "last":
+                    s = hidden[ar, last]
+                else:
+                    m = mask.to(device).unsqueeze(-1).float()
+                    s = (hidden * m).sum(1) / m.sum(1)
+                single[rows] = s.cpu().numpy()
+                for l in layers:  # [B, H, T, D] at each row's last token -> [B, H, D]
+                    heads[l][rows] = captured[l][ar, :, last].float().cpu().numpy()
+                bar.update(len(rows))
         return heads, single
-
-
-def _decoder_layers(model):
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(model).__name__}: no decoder layers found (expected model.model.layers)")
-    return layers
 
 
 class _Space:

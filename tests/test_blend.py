@@ -14,7 +14,7 @@ TOL = 1e-4
 
 
 def tiny_llama(seed=0, layers=6):
-    return _tiny_llama(seed, layers=layers, attention="blockrag")
+    return _tiny_llama(seed, layers=layers)
 
 
 class _Part:  # the ChunkKV fields BlockKVCache.load uses
@@ -31,11 +31,12 @@ def chunk_part(model, ids):
     """A chunk's cache as the KV store keeps it: encoded alone, keys un-rotated. -> kv[L, n, 2, Hkv, D]."""
     from transformers import DynamicCache
 
-    from blockrag.attention_kv.rope import cos_sin, rope_params, unrotate
+    from blockrag.attention_kv.model import ModelAdapter
+    from blockrag.attention_kv.rope import cos_sin, unrotate
 
     dc = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([ids]), past_key_values=dc, use_cache=True)
-    inv_freq, _ = rope_params(model)
+    inv_freq = ModelAdapter.of(model).inv_freq
     c, s = cos_sin(torch.arange(len(ids)), inv_freq)
     kv = []
     for lay in dc.layers:
@@ -47,7 +48,7 @@ def chunk_part(model, ids):
 @torch.no_grad()
 def run_blend(model, chunks, q, rope="stitch", **kw):
     from blockrag.attention_kv.blend import blend_prefill
-    from blockrag.attention_kv.hf_integration import BlockKVCache
+    from blockrag.attention_kv.block_cache import BlockKVCache
 
     ctx = [t for c in chunks for t in c]
     cache = BlockKVCache(model, len(ctx) + len(q) + 4, rope=rope)
@@ -108,7 +109,7 @@ def test_partial_blend_moves_toward_full(setup):
 def test_carry_writes_only_the_drop_layer(setup):
     """carry=True: a token's K/V differ from the stitched cache only on a contiguous run of layers from
     the first recomputed one (the layers it went through + the one it was dropped at), never after."""
-    from blockrag.attention_kv.hf_integration import BlockKVCache
+    from blockrag.attention_kv.block_cache import BlockKVCache
 
     model, chunks, q = setup
     Lc = sum(len(c) for c in chunks)

@@ -11,12 +11,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def tiny_llama():
-    return _tiny_llama(0, layers=3, hidden=128, head_dim=32, attention="blockrag").to("cuda")
+    return _tiny_llama(0, layers=3, hidden=128, head_dim=32).to("cuda")
 
 
 @torch.no_grad()
 def test_graphed_question_and_decode_match_eager():
-    from blockrag.attention_kv.hf_integration import BlockKVCache, GraphedStep, forward_block
+    from blockrag.attention_kv.block_cache import BlockKVCache, GraphedStep, forward_block
 
     model = tiny_llama()
     cache = BlockKVCache(model, 512, rope="stitch")
@@ -45,7 +45,7 @@ def test_graphed_question_and_decode_match_eager():
 @torch.no_grad()
 def test_compiled_decode_step_matches_eager():
     """torch.compile (inductor) inside the captured decode step: same logits as the eager step."""
-    from blockrag.attention_kv.hf_integration import BlockKVCache, GraphedStep, forward_block
+    from blockrag.attention_kv.block_cache import BlockKVCache, GraphedStep, forward_block
 
     model = tiny_llama()
     cache = BlockKVCache(model, 512, rope="stitch")

@@ -29,9 +29,6 @@ def smol():
         model, tok = load_generator(None, dtype=torch.float32, device="cpu")
     except (ModelNotAvailable, OSError, ImportError) as err:  # pragma: no cover
         pytest.skip(f"SmolLM2 not available: {err}")
-    from blockrag.attention_kv.hf_integration import use_blockrag_attention
-
-    use_blockrag_attention(model)
     yield model, tok
     torch.set_num_threads(threads)
 

@@ -55,6 +55,20 @@ def test_hook_captures_o_proj_input(tiny_encoder):
     # recompute one text alone (no padding) and compare: batching/padding must not change embeddings
     h1, s1 = tiny_encoder.encode([TEXTS[2]])
     assert np.allclose(h1[1][0], heads[1][2], atol=1e-5) and np.allclose(s1[0], single[2], atol=1e-5)
+    # reference: HF's own forward, o_proj's input captured by a forward pre-hook, final hidden state
+    model = tiny_encoder.model
+    ids = torch.tensor([tiny_encoder.prompt_ids(TEXTS[2])])
+    got = {}
+    hook = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, args: got.__setitem__("x", args[0]))
+    try:
+        with torch.no_grad():
+            ref_single = model.model(input_ids=ids).last_hidden_state[0, -1]
+    finally:
+        hook.remove()
+    ref_heads = got["x"][0, -1].reshape(4, 12)
+    assert np.allclose(h1[1][0], ref_heads.numpy(), atol=1e-5)
+    assert np.allclose(s1[0], ref_single.numpy(), atol=1e-5)
 
 
 def test_retriever_modes_updates_save_load(tiny_encoder, tmp_path):

@@ -557,7 +557,18 @@ def _work_plan(cnt: np.ndarray, n_bh: int, n_sm: int, programs_per_sm: float, ch
 
 
 _PLAN_CACHE: dict = {}
-LAST_LAUNCH: dict = {}  # compiled kernels of the last call (registers / spills, for the benchmark)
+class _LaunchRecord(dict):
+    """Opt-in (benchmarks set ``LAST_LAUNCH.enabled = True``): the compiled kernels of the last call, for their
+    registers / spills. Off by default: product calls keep no global state."""
+
+    enabled = False
+
+    def __setitem__(self, key, value):
+        if self.enabled:
+            super().__setitem__(key, value)
+
+
+LAST_LAUNCH = _LaunchRecord()
 _DUMMY: dict = {}
 _PLAN_CACHE_MAX = 64
 

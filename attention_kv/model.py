@@ -1,0 +1,249 @@
+"""The model seam: the only module that knows how a Hugging Face causal LM is put together.
+
+Everything in blockrag that runs a decoder beyond ``from_pretrained`` / config / tokenizer (cache encoding,
+the cached generator, CacheBlend, BlockRank, MRAG, the fine-tuning losses) goes through a
+:class:`ModelAdapter`. It reads the model's dimensions and RoPE parameters, and runs the model's own
+``nn.Module`` pieces (embedding, per-layer norms, q/k/v/o projections, MLP, final norm, ``lm_head``), so
+that weights, dtypes, devices and peft-wrapped ``Linear`` layers are the model's, but it uses none of
+transformers' attention, cache or mask machinery: attention is a callback of the caller's choice.
+
+    ad = ModelAdapter.of(model)
+    logits = ad.forward(ids, positions, attend, logits_rows=1)
+
+``attend(layer, q, k, v) -> out`` receives ``q [B, Hq, L, D]`` and ``k, v [B, Hkv, L, D]`` of the
+current tokens (``q`` and ``k`` rotated to ``positions``; with ``rotate_keys=False`` the keys come
+un-rotated, for callers that store them that way and rotate them in the attention kernel) and returns the
+attention output ``[B, Hq, L, D]``. It may write K/V into a cache, call ``attention_kv.kernels.attend``,
+record attention mass or per-head outputs, or raise to stop the forward early.
+
+Supported families (``config.model_type``): Llama, Mistral, Qwen2 (q/k/v biases). RoPE: the plain,
+linear and Llama-3 variants (they only change ``inv_freq``); variants that rescale cos/sin or depend on
+the sequence length (YaRN, LongRoPE, dynamic NTK) are refused at construction. Mistral / Qwen2
+sliding-window attention is not implemented: :attr:`ModelAdapter.max_context` is the window and callers
+refuse longer sequences. Upgrading transformers is a change to this module only.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable, Optional
+
+import torch
+
+from .rope import rotate
+
+FAMILIES = ("llama", "mistral", "qwen2")
+# RoPE variants whose only effect is a different inv_freq (cos/sin unscaled, independent of the length)
+_ROPE_TYPES = ("default", "linear", "llama3")
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class UnsupportedModel(ValueError):
+    """The model's family or RoPE variant is not one the seam reproduces."""
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     visible: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain attention of ``q`` over ``k, v`` (same tokens, causal), or with an explicit bool ``visible``
+    mask ``[Lq, Lk]`` / ``[B, 1, Lq, Lk]`` (True = may attend). GQA by ``enable_gqa``."""
+    gqa = q.shape[1] != k.shape[1]
+    if visible is None:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale,
+                                                                enable_gqa=gqa)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale,
+                                                            enable_gqa=gqa)
+
+
+class ModelAdapter:
+    """A loaded HF causal LM seen as dims + pieces + one decoder forward with an attention callback.
+
+    Build with :meth:`of` (one adapter per model object). Attributes: ``n_layers``, ``n_heads``,
+    ``n_kv_heads``, ``head_dim``, ``hidden_size``, ``vocab_size``, ``scale`` (softmax scale), ``family``,
+    ``max_context`` (None, or the sliding window beyond which results would differ from the model's).
+    """
+
+    def __init__(self, model):
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+        cfg = lm.config
+        family = getattr(cfg, "model_type", None)
+        if family not in FAMILIES:
+            raise UnsupportedModel(f"model family {family!r} is not supported; supported: {', '.join(FAMILIES)}")
+        inner = getattr(lm, "model", None)
+        if inner is None or not hasattr(inner, "layers") or not hasattr(lm, "lm_head"):
+            raise UnsupportedModel(f"{type(lm).__name__}: expected a causal LM with .model.layers and .lm_head")
+        self.model, self.lm, self.inner = model, lm, inner
+        self.family = family
+        self.layers = inner.layers
+        self.n_layers = len(self.layers)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        self.hidden_size = int(cfg.hidden_size)
+        self.vocab_size = int(cfg.vocab_size)
+        attn0 = self.layers[0].self_attn
+        self.scale = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
+        self._check_rope(inner)
+        self.max_context = self._sliding_window(cfg)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def of(cls, model) -> "ModelAdapter":
+        """The adapter of ``model`` (an adapter passes through; one adapter is kept per model object)."""
+        if isinstance(model, ModelAdapter):
+            return model
+        ad = model.__dict__.get("_blockrag_adapter")
+        if ad is None or ad.model is not model:
+            ad = cls(model)
+            model.__dict__["_blockrag_adapter"] = ad  # plain attribute: not a submodule, not in state_dict
+        return ad
+
+    def _check_rope(self, inner) -> None:
+        rot = getattr(inner, "rotary_emb", None)
+        if rot is None or not hasattr(rot, "inv_freq"):
+            raise UnsupportedModel(f"{type(self.lm).__name__}: no rotary embedding; only RoPE models are supported")
+        kind = getattr(rot, "rope_type", "default")
+        scaling = float(getattr(rot, "attention_scaling", 1.0))
+        if kind not in _ROPE_TYPES or scaling != 1.0:
+            raise UnsupportedModel(f"RoPE variant {kind!r} (attention scaling {scaling}) is not supported; "
+                                   f"supported: {', '.join(_ROPE_TYPES)} (cos/sin unscaled)")
+        self._rot = rot
+
+    @staticmethod
+    def _sliding_window(cfg) -> Optional[int]:
+        window = getattr(cfg, "sliding_window", None)
+        if not window:
+            return None
+        types = getattr(cfg, "layer_types", None)
+        if types is not None and "sliding_attention" not in types:
+            return None  # Qwen2 with use_sliding_window=False: every layer is full attention
+        return int(window)
+
+    # ---------------------------------------------------------------- dims and parameters
+    @property
+    def device(self) -> torch.device:
+        return self.inner.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.embed_tokens.weight.dtype
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """fp32 ``[head_dim / 2]`` RoPE inverse frequencies (on the model's device)."""
+        return self._rot.inv_freq.detach().float()
+
+    def check_length(self, n_positions: int) -> None:
+        """Refuse sequences whose positions reach the sliding window (not implemented)."""
+        if self.max_context is not None and n_positions > self.max_context:
+            raise ValueError(f"{self.family} sliding-window attention (window {self.max_context}) is not "
+                             f"implemented: at most {self.max_context} positions, got {n_positions}")
+
+    # ---------------------------------------------------------------- pieces
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[B, L, hidden]`` of ``ids [B, L]`` (or ``[L]``, batch of one)."""
+        return self.inner.embed_tokens(ids if ids.dim() == 2 else ids.view(1, -1))
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (cos, sin) ``[1 or B, 1, L, D]`` for integer positions ``[L]`` or ``[B, L]`` (no host sync)."""
+        inv = self.inv_freq
+        p = positions if positions.dim() == 2 else positions.view(1, -1)
+        f = p.to(device=inv.device, dtype=torch.float32)[..., None] * inv
+        emb = torch.cat((f, f), dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+    def qkv(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input norm + q/k/v projections (biases, optional q/k norms) of ``h [B, L, hidden]``:
+        un-rotated ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]`` in the model's dtype."""
+        blk = self.layers[layer]
+        attn = blk.self_attn
+        x = blk.input_layernorm(h)
+        B, L, _ = x.shape
+        q = attn.q_proj(x).view(B, L, -1, self.head_dim)
+        k = attn.k_proj(x).view(B, L, -1, self.head_dim)
+        v = attn.v_proj(x).view(B, L, -1, self.head_dim)
+        if getattr(attn, "q_norm", None) is not None:  # per-head norms before RoPE (later families)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE of ``x [B, H, L, D]`` with tables from :meth:`rope` (fp32 math, result in ``x``'s dtype)."""
+        return rotate(x, cos, sin)
+
+    def kv(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated K and V ``[B, Hkv, L, D]`` of ``layer`` for hidden states ``h`` (no attention, no MLP)."""
+        _, k, v = self.qkv(layer, h)
+        return rotate(k, cos, sin), v
+
+    def layer(self, layer: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attend: Attend | None,
+              rotate_keys: bool = True) -> torch.Tensor:
+        """One decoder layer: ``h + o_proj(attend(...))``, then ``+ mlp(post_norm(.))``. ``attend=None``:
+        plain causal self-attention over the given tokens."""
+        blk = self.layers[layer]
+        q, k, v = self.qkv(layer, h)
+        cos, sin = rope
+        q = rotate(q, cos, sin)
+        if rotate_keys:
+            k = rotate(k, cos, sin)
+        out = causal_attention(q, k, v, self.scale) if attend is None else attend(layer, q, k, v)
+        B, _, L, _ = out.shape
+        h = h + blk.self_attn.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+        return h + blk.mlp(blk.post_attention_layernorm(h))
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.inner.norm(h)
+
+    def logits(self, h: torch.Tensor, rows=None) -> torch.Tensor:
+        """``lm_head(norm(h))`` on selected rows: ``None`` all, an int n the last n, or an index tensor."""
+        if isinstance(rows, int):
+            h = h[:, h.shape[1] - rows:]
+        elif rows is not None:
+            h = h[:, rows]
+        return self.lm.lm_head(self.inner.norm(h))
+
+    # ---------------------------------------------------------------- the decoder forward
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend | None = None,
+                      layers: int | None = None, rotate_keys: bool = True) -> torch.Tensor:
+        """Residual stream ``[B, L, hidden]`` after the first ``layers`` decoder layers (default all; before
+        the final norm) for ``ids [B, L]`` at ``positions [L]`` (shared by the batch) or ``[B, L]``."""
+        h = self.embed(ids)
+        rope = self.rope(positions)
+        for l in range(self.n_layers if layers is None else layers):
+            h = self.layer(l, h, rope, attend, rotate_keys)
+        return h
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend | None = None,
+                logits_rows=None, rotate_keys: bool = True) -> torch.Tensor:
+        """Logits ``[B, R, vocab]`` of the whole decoder (``logits_rows`` as in :meth:`logits`)."""
+        return self.logits(self.hidden_states(ids, positions, attend, rotate_keys=rotate_keys), logits_rows)
+
+    # ---------------------------------------------------------------- HF's own (public) forward
+    def new_hf_cache(self):
+        """An empty transformers ``DynamicCache`` for :meth:`hf_forward`."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.lm.config)
+
+    def hf_forward(self, ids: torch.Tensor, cache=None, positions: torch.Tensor | None = None,
+                   logits_rows: int = 1) -> torch.Tensor:
+        """transformers' own forward (its attention implementation, ``cache`` a :meth:`new_hf_cache`):
+        logits ``[B, logits_rows, vocab]``. The reference path (``full`` mode), public API only."""
+        kw = {"logits_to_keep": logits_rows}
+        if positions is not None:
+            kw["position_ids"] = positions if positions.dim() == 2 else positions.view(1, -1)
+        if cache is not None:
+            kw[self._cache_kw] = cache
+            kw["use_cache"] = True
+        return self.model(input_ids=ids, **kw).logits
+
+    @functools.cached_property
+    def _cache_kw(self) -> str:
+        params = inspect.signature(type(self.lm).forward).parameters
+        return "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+
+
+def adapter(model) -> ModelAdapter:
+    """Shorthand for :meth:`ModelAdapter.of`."""
+    return ModelAdapter.of(model)
