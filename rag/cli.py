@@ -19,9 +19,10 @@ def _collection(args, create: bool = False):
 
     store = Path(args.store)
     if not create and not (store / "store.sqlite").exists():
-        raise SystemExit(f"error: no store at {store}; create one with `blockrag index PATH --store {store}`")
-    return Collection(store, tokenizer_name=getattr(args, "tokenizer", None),
-                      chunk_tokens=getattr(args, "chunk_tokens", 256), overlap=getattr(args, "overlap", 32))
+        raise FileNotFoundError(f"no store at {store}; create one with `blockrag index PATH --store {store}`")
+    # chunk settings only when given: they must then match an existing store's (Collection refuses others)
+    given = {k: getattr(args, k) for k in ("chunk_tokens", "overlap") if getattr(args, k, None) is not None}
+    return Collection(store, tokenizer_name=getattr(args, "tokenizer", None), **given)
 
 
 def cmd_index(args) -> int:
@@ -40,7 +41,7 @@ def cmd_index(args) -> int:
             collection.build_index(kind)  # empty now; filled by add_documents below
     start = time.perf_counter()
     # the chunker (a tokenizer load, seconds) only when a document is new or changed: a no-op re-index skips it
-    ingest = collection.add_documents(docs, chunks_for=lambda doc: collection.chunker.split(doc))
+    ingest = collection.add_documents(docs, chunks_for=lambda doc: collection.chunker.iter_split(doc))
     print(f"{ingest.summary()} in {time.perf_counter() - start:.1f}s")
     for note in ingest.notes:
         print(f"note: {note}")
@@ -177,8 +178,9 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blockrag", description="RAG with precomputed per-passage KV caches")
+    p = _Parser(prog="blockrag", description="RAG with precomputed per-passage KV caches")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument("--version", action="version", version=f"blockrag {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -187,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default=DEFAULT_STORE)
     s.add_argument("--index", action="append", choices=registry.index_kinds(),
                    help="indexes to keep (repeatable; default bm25 + dense; kv = passage KV caches)")
-    s.add_argument("--chunk-tokens", type=int, default=256)
-    s.add_argument("--overlap", type=int, default=32)
+    s.add_argument("--chunk-tokens", type=_positive_int, default=None,
+                   help="tokens per chunk for a new store (default 256; an existing store keeps its own)")
+    s.add_argument("--overlap", type=_count, default=None, help="tokens shared by neighbouring chunks (default 32)")
     s.add_argument("--tokenizer", default=None, help="generator whose tokenizer chunks the text")
     s.set_defaults(func=cmd_index)
 
@@ -198,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--retriever", default="hybrid",
                    help=f"{', '.join(registry.retriever_names())} or an index name of the store")
     s.add_argument("--mode", choices=registry.GRAPH_MODES, help="graph RAG mode (needs a graph index)")
-    s.add_argument("-k", type=int, default=5)
+    s.add_argument("-k", type=_positive_int, default=5)
     s.add_argument("--rerank", choices=registry.reranker_names(), help="rerank the retrieved candidates")
-    s.add_argument("--rerank-depth", type=int, default=50, help="candidates passed to the reranker")
+    s.add_argument("--rerank-depth", type=_positive_int, default=50, help="candidates passed to the reranker")
     s.add_argument("--generate", action="store_true", help="answer with the cached generator")
     s.add_argument("--gen-mode", default="turbo", choices=["full", "turbo", "block", "blend"])
     s.add_argument("--generator", default=None)
@@ -224,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a retriever name, or all (bm25, dense, hybrid)")
     b.add_argument("--store", default=None, help="keep the built store here (default: a temp dir)")
     b.add_argument("--report", default=None, help="write a JSON report here")
-    b.add_argument("--max-queries", type=int, default=None)
+    b.add_argument("--max-queries", type=_positive_int, default=None)
     b.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("demo", help="index a bundled corpus and answer questions about it")
@@ -243,16 +246,86 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (exit 2), like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _validate(args) -> None:
+    """Checks argparse cannot express; raise ValueError (one line, exit 2)."""
+    question = getattr(args, "question", None)
+    if args.command == "query" and (not isinstance(question, str) or not question.strip()):
+        raise ValueError("the question is empty")
+    if args.command == "query" and len(question) > 100_000:
+        raise ValueError(f"the question is {len(question)} characters long; at most 100000 are accepted")
+    ct, ov = getattr(args, "chunk_tokens", None), getattr(args, "overlap", None)
+    if ct is not None and ov is not None and ov >= ct:
+        raise ValueError(f"--overlap ({ov}) must be smaller than --chunk-tokens ({ct})")
+    if args.command == "delete" and any(not d for d in args.doc_ids):
+        raise ValueError("a document id is empty")
+
+
+def _user_error(err: BaseException) -> tuple[int, str]:
+    """(exit code, one line): 2 for bad input, a busy or incompatible store; 1 for anything unexpected."""
+    import sqlite3
+
+    from .lock import StoreBusy
+    from .store import IndexMismatch
+
+    text = err.args[0] if isinstance(err, KeyError) and err.args and isinstance(err.args[0], str) else str(err)
+    text = " ".join(text.split())[:600] or type(err).__name__
+    user = (ValueError, LookupError, OSError, IndexMismatch, StoreBusy, sqlite3.DatabaseError)
+    try:
+        from .models import ModelNotAvailable
+
+        user += (ModelNotAvailable,)
+    except ImportError:
+        pass
+    if isinstance(err, user):
+        return 2, text
+    return 1, f"internal error ({type(err).__name__}): {text} (run with --debug for the traceback)"
+
+
 def main(argv=None) -> int:
+    """The ``blockrag`` command: user errors print one line and exit 2 (``--debug`` shows tracebacks)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if getattr(args, "index", None) is None and args.command == "index":
         args.index = ["bm25", "dense"]
     try:
+        _validate(args)
         return args.func(args) or 0
     except KeyboardInterrupt:
         print("interrupted; the store keeps its last committed state", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the one place errors become exit codes
+        if getattr(args, "debug", False):
+            raise
+        code, message = _user_error(err)
+        print(f"error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -57,6 +58,9 @@ class LoadReport:
     loaded: int = 0
     skipped_empty: int = 0
     skipped_undecodable: list[str] = field(default_factory=list)
+    skipped_binary: list[str] = field(default_factory=list)
+    skipped_links: list[str] = field(default_factory=list)  # symlinks leaving the folder (not followed)
+    skipped_unreadable: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [f"{self.loaded} documents"]
@@ -64,6 +68,12 @@ class LoadReport:
             parts.append(f"{self.skipped_empty} empty skipped")
         if self.skipped_undecodable:
             parts.append(f"{len(self.skipped_undecodable)} non-UTF-8 files skipped")
+        if self.skipped_binary:
+            parts.append(f"{len(self.skipped_binary)} binary files skipped")
+        if self.skipped_links:
+            parts.append(f"{len(self.skipped_links)} symlinks leaving the folder not followed")
+        if self.skipped_unreadable:
+            parts.append(f"{len(self.skipped_unreadable)} unreadable files skipped")
         return ", ".join(parts)
 
 
@@ -83,19 +93,82 @@ def _file_document(doc_id: str, file: Path, text: str) -> Document:
     return Document(id=doc_id, text=text, title=file.stem, metadata={"source": str(file)})
 
 
+def walk_files(root: str | Path, suffixes: tuple[str, ...] = (".txt", ".md"), follow_symlinks: bool = False,
+               report: LoadReport | None = None) -> Iterator[Path]:
+    """Files under ``root`` with one of ``suffixes``, in sorted order, walked with an explicit stack (no depth
+    limit). Symlinks are not followed unless ``follow_symlinks``; even then, never to a place outside
+    ``root`` (those are counted in ``report.skipped_links``) and never twice into one folder (cycles)."""
+    root = Path(root)
+    real_root = os.path.realpath(root)
+    report = report if report is not None else LoadReport()
+    seen_dirs = {real_root}
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+        except OSError as err:
+            log.warning("skipping folder %s: %s", folder, err.strerror)
+            report.skipped_unreadable.append(str(folder))
+            continue
+        files = []
+        for e in entries:
+            path = Path(e.path)
+            try:
+                link = e.is_symlink()
+                if link:
+                    real = os.path.realpath(path)
+                    inside = real == real_root or real.startswith(real_root + os.sep)
+                    if not follow_symlinks or not inside:
+                        if e.name.lower().endswith(suffixes) or os.path.isdir(path):
+                            log.warning("not following symlink %s (%s)", path,
+                                        "points outside the folder" if not inside else "symlinks are not followed")
+                            report.skipped_links.append(str(path))
+                        continue
+                if e.is_dir(follow_symlinks=link):
+                    real = os.path.realpath(path)
+                    if real not in seen_dirs:
+                        seen_dirs.add(real)
+                        stack.append(path)
+                elif e.is_file(follow_symlinks=link) and e.name.lower().endswith(suffixes):
+                    files.append(path)
+            except OSError as err:
+                log.warning("skipping %s: %s", path, err.strerror)
+                report.skipped_unreadable.append(str(path))
+        yield from reversed(files)
+
+
+def read_text_file(file: Path, report: LoadReport) -> str | None:
+    """The UTF-8 text of ``file``, or None (counted in ``report``) for binary, non-UTF-8 or unreadable files."""
+    try:
+        data = Path(file).read_bytes()
+    except OSError as err:
+        log.warning("skipping %s: %s", file, err.strerror)
+        report.skipped_unreadable.append(str(file))
+        return None
+    if b"\x00" in data:
+        log.warning("skipping %s: binary (contains NUL bytes)", file)
+        report.skipped_binary.append(str(file))
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        log.warning("skipping %s: not UTF-8 (%s)", file, err.reason)
+        report.skipped_undecodable.append(str(file))
+        return None
+
+
 def load_folder(path: str | Path, report: LoadReport | None = None,
-                suffixes: tuple[str, ...] = (".txt", ".md")) -> Iterator[Document]:
-    """Every .txt/.md file under ``path``; the id is the path relative to the folder."""
+                suffixes: tuple[str, ...] = (".txt", ".md"), follow_symlinks: bool = False) -> Iterator[Document]:
+    """Every .txt/.md file under ``path``; the id is the path relative to the folder. Binary (NUL bytes) and
+    non-UTF-8 files are skipped and counted; symlinks are not followed (see :func:`walk_files`)."""
     root = Path(path)
     report = report if report is not None else LoadReport()
-    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            log.warning("skipping %s: not UTF-8 (%s)", file, err.reason)
-            report.skipped_undecodable.append(str(file))
+    for file in walk_files(root, tuple(s.lower() for s in suffixes), follow_symlinks, report):
+        text = read_text_file(file, report)
+        if text is None:
             continue
-        doc = _file_document(str(file.relative_to(root)), file, text)
+        doc = _file_document(file.relative_to(root).as_posix(), file, text)
         if _keep(doc, report):
             yield doc
         else:
@@ -127,6 +200,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise LoadError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+            except RecursionError:
+                raise LoadError(f"{path}:{lineno}: JSON nested too deeply") from None
             if not isinstance(obj, dict):
                 raise LoadError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
@@ -144,11 +219,23 @@ def load_jsonl(path: str | Path, report: LoadReport | None = None, id_field: str
         doc_id = obj.get(id_field, obj.get("_id"))
         if doc_id is None:
             raise LoadError(f"{path}:{lineno}: missing '{id_field}'")
+        if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+            raise LoadError(f"{path}:{lineno}: '{id_field}' must be a string or an integer, "
+                            f"not {type(doc_id).__name__}")
+        if isinstance(doc_id, str) and not doc_id.strip():
+            raise LoadError(f"{path}:{lineno}: '{id_field}' is empty")
         text = obj.get(text_field)
         if text is not None and not isinstance(text, str):
             raise LoadError(f"{path}:{lineno}: '{text_field}' must be a string")
+        title = obj.get(title_field)
+        if title is None:
+            title = ""
+        elif isinstance(title, (int, float)) and not isinstance(title, bool):
+            title = str(title)  # stored as text, so compare as text: a number must not look changed on every run
+        elif not isinstance(title, str):
+            raise LoadError(f"{path}:{lineno}: '{title_field}' must be a string")
         meta = {k: v for k, v in obj.items() if k not in {id_field, "_id", text_field, title_field}}
-        doc = Document(id=str(doc_id), text=text or "", title=obj.get(title_field) or "", metadata=meta)
+        doc = Document(id=str(doc_id), text=text or "", title=title, metadata=meta)
         if _keep(doc, report):
             yield doc
         else:
@@ -179,11 +266,8 @@ def load_path(path: str | Path, report: LoadReport | None = None) -> Iterator[Do
 def load_folder_files(files: Iterable[Path], report: LoadReport | None = None) -> Iterator[Document]:
     report = report if report is not None else LoadReport()
     for file in files:
-        try:
-            text = Path(file).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            report.skipped_undecodable.append(str(file))
-            log.warning("skipping %s: not UTF-8", file)
+        text = read_text_file(Path(file), report)
+        if text is None:
             continue
         doc = _file_document(Path(file).name, Path(file), text)
         if _keep(doc, report):

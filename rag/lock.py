@@ -42,7 +42,12 @@ class _FileLock:
     @contextlib.contextmanager
     def hold(self, exclusive: bool = True, timeout: float | None = None, what: str = "write to"):
         timeout = DEFAULT_TIMEOUT if timeout is None else timeout
-        with self._thread_lock:
+        deadline = time.monotonic() + timeout
+        # threads of this process first queue on the RLock (the same thread re-enters at once) ...
+        if not self._thread_lock.acquire(timeout=timeout if timeout >= 0 else -1):
+            raise StoreBusy(f"cannot {what} {self.path.parent}: another thread of this process holds its lock "
+                            f"(waited {timeout:.0f}s)")
+        try:
             if self._depth:  # re-entry by the same thread: an exclusive hold covers a shared one
                 if exclusive and self._mode != fcntl.LOCK_EX:
                     raise RuntimeError(f"{self.path}: cannot upgrade a shared lock to an exclusive one")
@@ -52,9 +57,9 @@ class _FileLock:
                 finally:
                     self._depth -= 1
                 return
+            # ... then processes on the flock
             mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            deadline = time.monotonic() + timeout
             delay = 0.005
             try:
                 while True:
@@ -81,6 +86,8 @@ class _FileLock:
                 self._fd = None
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
+        finally:
+            self._thread_lock.release()
 
     @property
     def held(self) -> bool:

@@ -31,10 +31,7 @@ def test_bad_jsonl_is_reported_with_line(tmp_path, capsys):
     assert "bad.jsonl:2" in capsys.readouterr().err
 
 
-def test_query_without_store_is_a_clear_error(tmp_path):
-    try:
-        main(["query", "x", "--store", str(tmp_path / "nope")])
-    except SystemExit as exc:
-        assert "no store" in str(exc)
-    else:
-        raise AssertionError("expected SystemExit")
+def test_query_without_store_is_a_clear_error(tmp_path, capsys):
+    assert main(["query", "x", "--store", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "no store" in err and len(err.strip().splitlines()) == 1
