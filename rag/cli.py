@@ -59,11 +59,12 @@ def _pipeline(args, collection, generate: bool):
     """The one query path for ``query``: retriever, reranker (sharing the generator's LLM) and generator."""
     from .pipeline import Pipeline, collection_generator
 
+    retriever = registry.retriever(collection, _retriever_name(args))  # a bad name fails before any model loads
     generator = collection_generator(collection, args.generator) if generate else None
     opts = {}
     if args.rerank and registry.reranker_spec(args.rerank).llm and generator is None and args.generator:
         opts["model_name"] = args.generator
-    return Pipeline(collection, _retriever_name(args), k=args.k, reranker=args.rerank or None,
+    return Pipeline(collection, retriever, k=args.k, reranker=args.rerank or None,
                     rerank_depth=args.rerank_depth, generator=generator, mode=args.gen_mode, reranker_opts=opts)
 
 

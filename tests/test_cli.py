@@ -35,3 +35,40 @@ def test_query_without_store_is_a_clear_error(tmp_path, capsys):
     assert main(["query", "x", "--store", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "no store" in err and len(err.strip().splitlines()) == 1
+
+
+def _bm25_store(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps(d) for d in [
+        {"id": "a", "title": "Apples", "text": "Apples grow on trees in orchards."},
+        {"id": "b", "title": "Boats", "text": "Boats sail across the harbour at dawn."},
+    ]))
+    store = str(tmp_path / "store")
+    assert main(["index", str(docs), "--store", store, "--index", "bm25"]) == 0
+    return docs, store
+
+
+def test_query_names_are_checked_in_one_line(tmp_path, capsys):
+    _, store = _bm25_store(tmp_path)
+    capsys.readouterr()
+    assert main(["query", "boats", "--store", store, "--retriever", "bm52"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown retriever 'bm52'; choose from bm25, dense, hybrid") and "\n" not in err
+    assert main(["query", "boats", "--store", store, "--mode", "local"]) == 2  # graph mode, no graph index
+    err = capsys.readouterr().err.strip()
+    assert "needs a graph index" in err and "\n" not in err
+    assert main(["query", "boats", "--store", store, "--retriever", "dense"]) == 2
+    assert "needs a dense index" in capsys.readouterr().err
+
+
+def test_unchanged_reindex_loads_no_tokenizer(tmp_path, capsys, monkeypatch):
+    import blockrag.models as models
+
+    docs, store = _bm25_store(tmp_path)
+
+    def refuse(*a, **k):
+        raise AssertionError("a no-op re-index loaded the tokenizer")
+
+    monkeypatch.setattr(models, "load_tokenizer", refuse)
+    assert main(["index", str(docs), "--store", store, "--index", "bm25"]) == 0
+    assert "0 documents added (0 chunks), 2 unchanged" in capsys.readouterr().out
