@@ -230,18 +230,24 @@ class _LRU:
     def remove(self, key: str) -> None:
         self._order.pop(key, None)
 
+    retire = remove
+
     def victim(self) -> str:
         return next(iter(self._order))
 
 
 class _LFU:
-    """Least frequently used first (use counts since the entry came in), ties broken least recently used;
-    O(1) per operation (one insertion-ordered bucket per count)."""
+    """Least frequently used first, ties broken least recently used; O(1) per operation (one insertion-ordered
+    bucket per count). The counts of evicted entries are remembered (the last ``ghosts`` of them), so a popular
+    entry that was pushed out comes back with its history instead of as a newcomer; without that, which
+    entries stick depends on the early requests rather than on popularity."""
 
-    def __init__(self):
+    def __init__(self, ghosts: int = 65536):
         self._count: dict[str, int] = {}
         self._buckets: dict[int, OrderedDict[str, None]] = defaultdict(OrderedDict)
         self._min = 0
+        self._ghosts: OrderedDict[str, int] = OrderedDict()
+        self._max_ghosts = ghosts
 
     def __len__(self):
         return len(self._count)
@@ -249,9 +255,10 @@ class _LFU:
     def insert(self, key: str) -> None:
         if key in self._count:
             return self.hit(key)
-        self._count[key] = 1
-        self._buckets[1][key] = None
-        self._min = 1
+        c = self._ghosts.pop(key, 0) + 1
+        self._count[key] = c
+        self._buckets[c][key] = None
+        self._min = c if len(self._count) == 1 else min(self._min, c)
 
     def hit(self, key: str) -> None:
         c = self._count[key]
@@ -274,6 +281,15 @@ class _LFU:
             del self._buckets[c]
             if self._min == c:
                 self._min = min(self._buckets) if self._buckets else 0
+
+    def retire(self, key: str) -> None:
+        """Evicted (not deleted): keep its count for when it comes back."""
+        c = self._count.get(key)
+        self.remove(key)
+        if c is not None and self._max_ghosts > 0:
+            self._ghosts[key] = c
+            while len(self._ghosts) > self._max_ghosts:
+                self._ghosts.popitem(last=False)
 
     def victim(self) -> str:
         if self._min not in self._buckets:
@@ -342,6 +358,7 @@ class _TierBase:
             victim = self._policy.victim()
             if victim == keep:  # never the entry being written
                 break
+            self._policy.retire(victim)
             self._drop(victim)
             self.evictions += 1
 

@@ -124,6 +124,24 @@ def test_lfu_eviction_order(make, tmp_path):
     assert c not in tier and a in tier and e in tier and f in tier
 
 
+def test_lfu_remembers_evicted_counts():
+    size = _entry(_key(0)).nbytes
+    tier = MemoryTier(2 * size, "lfu")
+    a, b, c, d = (_key(i) for i in range(4))
+    _fill(tier, [a, b])
+    for _ in range(5):
+        tier.get(a)
+    tier.discard(a)  # deleted, not evicted: its count is gone
+    _fill(tier, [a, c])  # b (1) goes; a is back as a newcomer (1)
+    tier.get(c)  # c 2, a 1
+    for _ in range(5):
+        tier.get(a)  # a 6
+    tier.put(d, _entry(d))  # c (2) is evicted, its count kept
+    assert c not in tier and a in tier and d in tier
+    tier.put(c, _entry(c))  # c returns with 2 + 1: d (1) is the victim, not c
+    assert d not in tier and c in tier and a in tier
+
+
 def test_entry_larger_than_budget_is_served_not_stored():
     tier = MemoryTier(10, "lru")
     k = _key(0)
