@@ -107,6 +107,24 @@ def test_retrieve_and_document_add_delete(base):
     assert "notes/ferry.md" not in [h["doc_id"] for h in hits]
 
 
+def test_server_follows_writes_of_another_process(engine, base):
+    from blockrag.collection import Collection
+    from blockrag.documents import Document
+
+    if not hasattr(Collection, "refresh"):
+        pytest.skip("Collection.refresh() not available")
+    other = Collection(engine.config.store, progress=False)  # another writer of the same store
+    try:
+        other.add_documents([Document(id="mill.md", text="The windmill of Ashby grinds kelp flour.")])
+        hit = httpx.post(base + "/v1/retrieve", json={"query": "windmill kelp flour", "k": 1}).json()["data"]
+        assert hit and hit[0]["doc_id"] == "mill.md"
+        other.delete_documents(["mill.md"])
+        hits = httpx.post(base + "/v1/retrieve", json={"query": "windmill kelp flour", "k": 3}).json()["data"]
+        assert "mill.md" not in [h["doc_id"] for h in hits]
+    finally:
+        other.close()
+
+
 def test_every_error_is_json_with_a_message(engine, base):
     cases = [
         httpx.get(base + "/no/such/route"),

@@ -107,6 +107,7 @@ class Engine:
             collection = Collection(config.store, progress=False)
         self.collection = collection
         self.model_id = "blockrag"
+        self._own_generator = generator is None
         if generator is None and config.generate and "kv" in collection.indexes:
             kv = collection.index("kv")
             generator = kv.generator()  # the caches computed at indexing time, and their model
@@ -156,8 +157,13 @@ class Engine:
         if not self._refreshing.acquire(blocking=False):
             return  # another request is reloading; this one reads the state it has
         try:
-            with self._model_lock, self._rw.write():
-                refresh()
+            with self._rw.write():  # not the model lock: loading indexes does not run the model
+                kv_before = self.collection.indexes.get("kv")
+                if refresh():
+                    self._pipelines.clear()  # they hold the previous index objects
+                    kv = self.collection.indexes.get("kv")
+                    if self._own_generator and kv is not None and kv is not kv_before:
+                        self.generator = kv.generator()
                 self._seen_generation = self.collection.generation
         finally:
             self._refreshing.release()
