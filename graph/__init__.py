@@ -16,5 +16,6 @@ __all__ = ["Entity", "Relation", "Extractor", "SpacyExtractor", "RegexExtractor"
 
 
 def retriever_for(collection, mode: str = "ppr", index_name: str = "graph", **kwargs) -> GraphRetriever:
-    """The retriever for ``blockrag query --mode MODE`` on a Collection holding a graph index."""
+    """A graph-mode retriever over a Collection's graph index. Names map to modes in one place,
+    :mod:`blockrag.registry` (``registry.retriever(collection, "local")``, ``--mode local``, ``Pipeline``)."""
     return GraphRetriever(collection.index(index_name), mode=mode, collection=collection, **kwargs)
