@@ -6,7 +6,8 @@
   :meth:`~BlockKVCache.attend` is the seam's attention callback: it writes the current tokens' K/V at the
   declared positions and calls ``attention_kv.kernels.attend`` over the buffer.
 * :func:`forward_block`: one seam forward of a contiguous block of tokens (question, or a decoded token).
-* :class:`GraphedStep`: a CUDA graph of that forward with positions and cache length on the device.
+* :class:`GraphedStep`: a CUDA graph of that forward with positions and cache length on the device
+  (:func:`capture_graph` warms a forward up and captures it).
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from .model import ModelAdapter
 from .rope import cos_sin, rope_rows_
 
 
+DEVICE_POSITIONS = 1024  # most tokens of one device-positioned (graphed) forward
+
+
 class BlockKVCache:
     """Static stitched cache: ``prefix + chunks`` (loaded) followed by question / generated tokens.
 
@@ -29,9 +33,12 @@ class BlockKVCache:
     (a loader that copies layers while the forward runs waits there).
     """
 
-    def __init__(self, model, max_len: int, device=None, dtype=None, backend: str = "auto", rope: str = "kernel"):
+    def __init__(self, model, max_len: int, device=None, dtype=None, backend: str = "auto", rope: str = "kernel",
+                 kv: torch.Tensor | None = None):
         """``rope="kernel"``: context keys stay un-rotated and the attention kernel rotates them as it loads
-        them (no stitching pass); ``rope="stitch"``: keys are rotated once while stitching (one extra pass)."""
+        them (no stitching pass); ``rope="stitch"``: keys are rotated once while stitching (one extra pass).
+        ``kv``: an existing buffer ``[layers, 1, >= max_len, 2, Hkv, D]`` whose first ``max_len`` positions
+        this cache uses (caches of several sizes sharing one allocation)."""
         if rope not in ("kernel", "stitch"):
             raise ValueError("rope must be 'kernel' or 'stitch'")
         ad = ModelAdapter.of(model)
@@ -43,8 +50,14 @@ class BlockKVCache:
         self.max_len = max_len
         self.rope = rope
         # K and V interleaved per token: a chunk's layer slice [n, 2, Hkv, D] is one contiguous copy
-        self.kv = torch.empty(self.n_layers, 1, max_len, 2, self.n_kv, self.head_dim, dtype=self.dtype,
-                              device=self.device)
+        if kv is None:
+            kv = torch.empty(self.n_layers, 1, max_len, 2, self.n_kv, self.head_dim, dtype=self.dtype,
+                             device=self.device)
+        elif (kv.dim() != 6 or tuple(kv.shape[:2]) != (self.n_layers, 1) or kv.shape[2] < max_len
+              or tuple(kv.shape[3:]) != (2, self.n_kv, self.head_dim)):
+            raise ValueError(f"kv buffer of shape {tuple(kv.shape)} does not hold {max_len} positions of "
+                             f"[{self.n_layers}, 1, n, 2, {self.n_kv}, {self.head_dim}]")
+        self.kv = kv[:, :, :max_len]
         self.k = self.kv[:, :, :, 0]  # [layers, 1, max_len, Hkv, D] views
         self.v = self.kv[:, :, :, 1]
         self.inv_freq = ad.inv_freq.to(self.device)
@@ -160,10 +173,13 @@ class BlockKVCache:
         self._span = None
 
     def device_positions(self, n: int) -> torch.Tensor:
-        """The device tensor holding the next ``n`` positions (allocated once, reused: graphs capture it)."""
-        if self.dev_pos is None or self.dev_pos.numel() < n:
-            self.dev_pos = torch.zeros(max(n, 64), dtype=torch.long, device=self.device)
+        """The device tensor holding the next ``n`` positions (allocated once and never replaced: every graph
+        of this cache captured it, so a reallocation would leave the earlier graphs reading stale positions)."""
+        if self.dev_pos is None:
+            self.dev_pos = torch.zeros(max(n, DEVICE_POSITIONS), dtype=torch.long, device=self.device)
             self.dev_len = torch.zeros(1, dtype=torch.int32, device=self.device)
+        if n > self.dev_pos.numel():
+            raise ValueError(f"a device-positioned forward holds at most {self.dev_pos.numel()} tokens, got {n}")
         return self.dev_pos[:n]
 
     def set_device_positions(self, start: int, n: int) -> None:
@@ -247,7 +263,7 @@ def forward_block(model, cache: BlockKVCache, input_ids: torch.Tensor, start: in
     return out
 
 
-def _capture(forward, dev, warmup: int):
+def capture_graph(forward, dev, warmup: int):
     """Warm ``forward`` up on a side stream (first calls compile kernels, allocate), then capture it; returns
     (graph, last-position logits [1, V], argmax token) — the outputs live in the graph's memory."""
     s = torch.cuda.Stream(dev)
@@ -267,14 +283,21 @@ class GraphedStep:
     """CUDA graph of a forward of ``n`` tokens (decode: 1) at positions given on the device, over a
     :class:`BlockKVCache` with ``rope="stitch"``: captured once, replayed for every position of any context
     held in the same cache buffers. ``replay(ids, start)`` returns (logits[1, V], argmax token) device tensors.
-    Warm-up and capture write to the last ``n`` slots of the buffer (never part of a context)."""
+    Warm-up and capture write to the last ``n`` slots of the buffer (never part of a context).
 
-    def __init__(self, model, cache: BlockKVCache, n: int = 1, warmup: int = 2, compile: bool = False):
+    ``select_row=True``: one graph serves every block of up to ``n`` tokens (a padded question):
+    ``replay(ids, start, n_valid)`` pads ``ids`` to ``n`` and returns the logits of row ``n_valid - 1``. The
+    padding sits after the real tokens, so causality keeps it out of their attention; its K/V land at
+    positions the next tokens (decoded ones) overwrite before any later token can see them."""
+
+    def __init__(self, model, cache: BlockKVCache, n: int = 1, warmup: int = 2, compile: bool = False,
+                 select_row: bool = False):
         if cache.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
         self.model, self.cache, self.n = ModelAdapter.of(model), cache, n
         dev = cache.device
         self.ids = torch.zeros(1, n, dtype=torch.long, device=dev)
+        self.row = torch.zeros(1, dtype=torch.long, device=dev) if select_row else None
         self.pos = cache.device_positions(n)
         saved = cache.length
         cache.set_device_positions(cache.max_len - n, n)
@@ -287,25 +310,37 @@ class GraphedStep:
             n_layers = self.model.n_layers
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * n_layers + 8)
             fwd = torch.compile(self._forward, dynamic=False)
-        self.graph, self.logits, self.token = _capture(fwd, dev, warmup + (2 if compile else 0))
+        self.graph, self.logits, self.token = capture_graph(fwd, dev, warmup + (2 if compile else 0))
         cache.length = saved
 
     def _forward(self):
         c = self.cache
         c.begin_device(self.n)
         try:
-            return self.model.forward(self.ids, self.pos, c.attend, logits_rows=1)
+            return self.model.forward(self.ids, self.pos, c.attend, logits_rows=1 if self.row is None else self.row)
         finally:
             c.end_device()
 
-    def replay(self, ids, start: int):
+    def replay(self, ids, start: int, n_valid: int | None = None):
         if start + self.n > self.cache.max_len - self.n:
             raise ValueError("the cache buffer is full")
+        n_valid = self.n if n_valid is None else n_valid
+        if n_valid != self.n and self.row is None:
+            raise ValueError("a block shorter than the graph needs GraphedStep(select_row=True)")
+        if not 0 < n_valid <= self.n:
+            raise ValueError(f"{n_valid} tokens do not fit a graph of {self.n}")
         if isinstance(ids, torch.Tensor):
-            self.ids.copy_(ids.view(1, -1), non_blocking=True)
+            ids = ids.view(1, -1)
+            if ids.shape[1] != n_valid:
+                raise ValueError(f"expected {n_valid} token ids, got {ids.shape[1]}")
+            self.ids[:, :n_valid].copy_(ids, non_blocking=True)
+            if n_valid < self.n:  # padding: the last real token repeated (its rows are never read)
+                self.ids[:, n_valid:].copy_(ids[:, -1:].expand(1, self.n - n_valid), non_blocking=True)
         else:
             self.ids.fill_(int(ids))
+        if self.row is not None:
+            self.row.fill_(n_valid - 1)
         self.cache.set_device_positions(start, self.n)
         self.graph.replay()
-        self.cache.length = start + self.n
+        self.cache.length = start + n_valid
         return self.logits, self.token

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from blockrag.attention_kv.block_cache import BlockKVCache, _capture, forward_block
+from blockrag.attention_kv.block_cache import BlockKVCache, capture_graph, forward_block
 
 try:
     import triton
@@ -335,7 +335,7 @@ class GraphedBlockForward:
         dev = cache.device
         self.ids = torch.zeros(1, n, dtype=torch.long, device=dev)
         saved = cache.length
-        self.graph, self.logits, self.token = _capture(lambda: forward_block(model, cache, self.ids, start), dev,
+        self.graph, self.logits, self.token = capture_graph(lambda: forward_block(model, cache, self.ids, start), dev,
                                                        warmup)
         cache.length = saved
 

@@ -59,6 +59,20 @@ def test_block_sparse_equals_dense_4d_mask(attn):
         assert torch.allclose(flat, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_block_sparse_equals_dense_other_families(family):
+    """The same equality through the seam for Qwen2 (q/k/v biases) and Mistral."""
+    from tiny_models import MODELS
+
+    model = MODELS[family](seed=2)
+    prompt = rand_prompt(random.Random(4))
+    br = BlockRankReranker(model=model, tokenizer=None, layer=1, attn="sdpa", query_rows="all", doc_batch=3)
+    with torch.inference_mode():
+        got = br.mass_ids(prompt, 1)[1]
+    ref = dense_mass(model, prompt, 1, list(range(len(prompt.query))))
+    assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+
+
 def test_kv_reuse_and_permutation_invariance():
     model = tiny_llama(2)
     rng = random.Random(3)

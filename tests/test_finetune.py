@@ -160,3 +160,20 @@ def test_examples_are_formatted_like_inference(tmp_path, tok):
     assert tok.decode(ex.answer_ids[:-1]) == "Paris"
     with pytest.raises(ValueError):
         synthetic_examples(fmt, tok, [1, 10])  # evaluation seeds are held out
+
+
+def test_lora_wrapped_model_trains_through_the_seam():
+    """The seam runs the model's own modules, so a peft (LoRA) model works as is: the loss equals the
+    unwrapped model's before training (LoRA's B starts at zero) and gradients reach only the LoRA weights."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llama(5)
+    ex = rand_example(random.Random(4))
+    with torch.no_grad():
+        base_loss = example_loss(model, ex, True).item()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    loss = example_loss(lora, ex, True)
+    assert abs(loss.item() - base_loss) < 1e-5
+    loss.backward()
+    grads = {n: p.grad for n, p in lora.named_parameters() if p.requires_grad}
+    assert grads and all("lora_" in n for n in grads)
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
