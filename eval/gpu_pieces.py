@@ -335,8 +335,8 @@ class GraphedBlockForward:
         dev = cache.device
         self.ids = torch.zeros(1, n, dtype=torch.long, device=dev)
         saved = cache.length
-        self.graph, self.logits, self.token = capture_graph(lambda: forward_block(model, cache, self.ids, start), dev,
-                                                       warmup)
+        self.graph, self.logits, self.token = capture_graph(
+            lambda: forward_block(model, cache, self.ids, start), dev, warmup)
         cache.length = saved
 
     def replay(self, ids: torch.Tensor):

@@ -7,8 +7,8 @@ or Qwen2 decoder, run through the model seam :class:`attention_kv.model.ModelAda
 read at the **last token** of the prompt:
 
 * **per-head embeddings**: the input of ``o_proj`` of the chosen layer (``layer=-1``: the last one),
-  i.e. the attention output the seam's attention callback returns. It is the concatenation of the heads' attention outputs,
-  ``[n_heads * head_dim]``; it is split into ``n_heads`` vectors of ``head_dim`` (9 x 64 for SmolLM2);
+  i.e. the attention output that the seam's attention callback returns: the concatenation of the heads'
+  attention outputs, ``[n_heads * head_dim]``; it is split into ``n_heads`` vectors of ``head_dim`` (9 x 64 for SmolLM2);
 * **single embedding**: the model's final hidden state (after the final norm) at the last token
   (``pooling="last"``, the default) or its mean over the prompt tokens (``pooling="mean"``).
 
