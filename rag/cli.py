@@ -128,6 +128,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_eval_qa(args) -> int:
+    """Retrieve -> generate in each mode -> score against gold answers (see blockrag.eval.qa)."""
+    from blockrag.eval.qa import format_qa_table, run_qa
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    report = run_qa(args.data, modes, retriever=args.retriever, k=args.k, limit=args.limit, seed=args.seed,
+                    store_dir=args.store, generator_name=args.generator, adapter=args.adapter,
+                    chunk_tokens=args.chunk_tokens, max_new_tokens=args.max_new_tokens,
+                    threads=args.threads, report_path=args.report,
+                    records_path=args.records, command=" ".join(["blockrag"] + sys.argv[1:]))
+    print(format_qa_table(report))
+    for path in (args.report, args.records):
+        if path:
+            print(f"written to {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Index the bundled demo corpus, then answer its questions with the cited chunks."""
     from .demo_corpus import QUESTIONS, write_demo_corpus
@@ -230,6 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--report", default=None, help="write a JSON report here")
     b.add_argument("--max-queries", type=_positive_int, default=None)
     b.set_defaults(func=cmd_eval)
+    q = esub.add_parser("qa", help="answer quality: SQuAD/XQuAD JSON or JSONL (question, answers, context(s))")
+    q.add_argument("--data", required=True)
+    q.add_argument("--modes", default="full,turbo,blend", help="comma-separated generation modes ('' = retrieval only)")
+    q.add_argument("--retriever", default="hybrid", help=f"{', '.join(registry.retriever_names())}")
+    q.add_argument("-k", type=_positive_int, default=5)
+    q.add_argument("--limit", type=_positive_int, default=None, help="N questions in a fixed seeded order")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--store", default=None, help="build (or reuse) the store here (default: a temp dir)")
+    q.add_argument("--generator", default=None)
+    q.add_argument("--adapter", default=None, help="a LoRA adapter folder for the generator")
+    q.add_argument("--chunk-tokens", type=_positive_int, default=None,
+                   help="split contexts into chunks of this many tokens (default: one chunk per context)")
+    q.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    q.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    q.add_argument("--report", default=None, help="write a JSON report here")
+    q.add_argument("--records", default=None, help="write one JSON line per question here")
+    q.set_defaults(func=cmd_eval_qa)
 
     s = sub.add_parser("demo", help="index a bundled corpus and answer questions about it")
     s.add_argument("--workdir", default=".blockrag/demo")
