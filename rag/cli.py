@@ -113,7 +113,10 @@ def cmd_info(args) -> int:
           f"generation {collection.generation}, chunking {collection.chunking}")
     for m in store.manifests():
         print(f"  index {m['name']}: kind={m['kind']} model={m['model']} dim={m['dimension']} "
-              f"format={m['format_version']}")
+              f"format={m['format_version']} applied={m['params'].get('generation')}")
+        refused = getattr(collection.indexes.get(m["name"]), "reason", None)
+        if refused:
+            print(f"    UNUSABLE: {refused}")
     return 0
 
 

@@ -317,6 +317,7 @@ class Collection:
                 self._apply(index, name, adds, dels)
             self._save_in_place(name, index, gen, entry)
         self.store.prune_journal()
+        self._remove_unreferenced()  # folders a writer killed after its commit (or before it) left behind
 
     def _writable(self) -> None:
         bad = [i.reason for i in self.indexes.values() if isinstance(i, RefusedIndex)]

@@ -661,12 +661,20 @@ class BM25Retriever:
         self = cls(name=meta["name"], variant=p["variant"], k1=p["k1"], b=p["b"], delta=p["delta"],
                    epsilon=p["epsilon"], backend=backend or p["backend"], stopwords=tok["stopwords"],
                    stemmer=tok["stemmer"])
-        with np.load(folder / "bm25.npz", allow_pickle=False) as z:
-            self.ids = z["ids"].tolist()
-            self._terms = z["terms"].tolist()
-            self._doc_ptr, self._post_term, self._post_tf = z["doc_ptr"], z["post_term"], z["post_tf"]
-            self._doc_len = z["doc_len"]
-            indptr, indices, data = z["indptr"], z["indices"], z["data"]
+        from blockrag.fileformat import StoreFormatError
+
+        try:  # plain arrays only: object arrays (pickles) are refused by allow_pickle=False
+            with np.load(folder / "bm25.npz", allow_pickle=False) as z:
+                self.ids = z["ids"].tolist()
+                self._terms = z["terms"].tolist()
+                self._doc_ptr, self._post_term, self._post_tf = z["doc_ptr"], z["post_term"], z["post_tf"]
+                self._doc_len = z["doc_len"]
+                indptr, indices, data = z["indptr"], z["indices"], z["data"]
+        except (ValueError, OSError, KeyError, EOFError) as err:
+            kind = "holds pickled objects (refused)" if "pickle" in str(err) else f"is unreadable ({type(err).__name__})"
+            raise StoreFormatError(f"{folder}/bm25.npz {kind}; rebuild the index") from None
+        if not all(isinstance(x, str) for x in self.ids) or not all(isinstance(t, str) for t in self._terms):
+            raise StoreFormatError(f"{folder}/bm25.npz: ids and terms must be strings; rebuild the index")
         self._row = {cid: i for i, cid in enumerate(self.ids)}
         self._vocab = {t: i for i, t in enumerate(self._terms)}
         if len(self.ids) != len(self._doc_len) or len(indptr) != len(self._terms) + 1:

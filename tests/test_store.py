@@ -44,3 +44,47 @@ def test_manifest_mismatch_names_both_models(tmp_path):
     # reopening sees the same manifest
     store.close()
     assert DocStore(tmp_path).manifest("dense")["model"] == "model-A"
+
+
+def test_journal_nets_changes_per_chunk_and_knows_its_floor(tmp_path):
+    from blockrag.store import DocStore
+
+    s = DocStore(tmp_path / "j")
+    with s.transaction():
+        g1 = s.commit_generation(["a", "b"], [])
+    with s.transaction():
+        g2 = s.commit_generation(["c"], ["a"])
+    with s.transaction():
+        s.commit_generation(["a"], ["b"])
+    assert (g1, g2, s.generation) == (1, 2, 3)
+    assert s.changes_since(3) == ([], [])
+    adds, dels = s.changes_since(0)
+    assert sorted(adds) == ["a", "c"] and dels == ["b"]  # a: added, removed, added again -> added
+    adds, dels = s.changes_since(1)
+    assert sorted(adds) == ["a", "c"] and dels == ["b"]
+    s.record_index("x", "bm25", params={"generation": 2})
+    s.prune_journal()  # every index has applied generation 2: older rows go
+    assert s.changes_since(1) is None  # no longer covered: the caller rebuilds
+    assert s.changes_since(2) == (["a"], ["b"])
+    with pytest.raises(RuntimeError):
+        s.commit_generation(["z"], [])  # only inside a transaction (with the rows it describes)
+
+
+def test_rows_and_generation_commit_together(tmp_path):
+    from blockrag.documents import Chunk, Document
+    from blockrag.store import DocStore
+
+    s = DocStore(tmp_path / "t")
+    with pytest.raises(KeyboardInterrupt):
+        with s.transaction():
+            s.replace_document(Document(id="d", text="x"), [Chunk(id="c", doc_id="d", position=0, text="x")])
+            s.commit_generation(["c"], [])
+            raise KeyboardInterrupt
+    assert s.generation == 0 and s.count_documents() == 0 and s.changes_since(0) == ([], [])
+    s.close()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "store.sqlite").write_bytes(b"\x80\x04not a database at all" * 10)
+    from blockrag.fileformat import StoreFormatError
+
+    with pytest.raises(StoreFormatError, match="not a blockrag store"):
+        DocStore(tmp_path / "bad")
