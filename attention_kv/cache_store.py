@@ -209,18 +209,31 @@ class KVCacheStore:
     """Per-chunk KV caches for one (model, tokenizer, prefix).
 
     ``KVCacheStore(folder, model, tokenizer, system_prompt=None, dtype=torch.bfloat16, quant=None,
-    lru_bytes=1<<30, model_name=None, batch_size=8, prefix=None)`` (``prefix`` overrides the chat-template
-    prefix text verbatim); ``add(chunks) -> int`` (chunks newly encoded), ``delete(chunk_ids) -> int``,
-    ``get(chunk) -> ChunkKV``, ``prefix_kv() -> ChunkKV``, ``chunk_token_ids(chunk)``, ``question_ids(q)``.
+    lru_bytes=1<<30, model_name=None, batch_size=8, prefix=None, kv_policy="precompute", tiers=None)``
+    (``prefix`` overrides the chat-template prefix text verbatim); ``add(chunks) -> int`` (chunks newly
+    encoded), ``delete(chunk_ids) -> int``, ``get(chunk) -> ChunkKV``, ``prefix_kv() -> ChunkKV``,
+    ``chunk_token_ids(chunk)``, ``question_ids(q)``.
+
+    ``kv_policy``: ``"precompute"`` encodes chunks when they are added (indexing time); ``"on-demand"`` only
+    records them, and a chunk's KV is computed the first time a question needs it (prefill of that chunk
+    alone after the shared prefix — the same computation as at indexing time), stored and served from then
+    on. ``tiers``: a :class:`~blockrag.attention_kv.tiers.TierStack` (host RAM -> disk -> remote, shared by
+    several processes) that holds the chunk entries instead of this folder's ``chunks/`` and in-memory LRU;
+    its entries are content-addressed and shared, so :meth:`delete` forgets the chunk here and leaves the
+    entry to the tiers' eviction. The prefix cache stays in the folder.
     """
 
     def __init__(self, folder: str | Path, model, tokenizer, *, system_prompt: str | None = None,
                  dtype: torch.dtype = torch.bfloat16, quant: str | None = None, lru_bytes: int = 1 << 30,
-                 model_name: str | None = None, batch_size: int = 8, prefix: str | None = None):
+                 model_name: str | None = None, batch_size: int = 8, prefix: str | None = None,
+                 kv_policy: str = "precompute", tiers=None):
         from blockrag.models import tokenizer_hash
 
         if quant not in (None, "int8"):
             raise ValueError("quant must be None or 'int8'")
+        if kv_policy not in ("precompute", "on-demand"):
+            raise ValueError(f"kv_policy must be 'precompute' or 'on-demand', not {kv_policy!r}")
+        self.kv_policy, self.tiers = kv_policy, tiers
         self.folder = Path(folder)
         (self.folder / "chunks").mkdir(parents=True, exist_ok=True)
         self.model, self.tokenizer = model, tokenizer
@@ -306,27 +319,40 @@ class KVCacheStore:
         return len(self._index)
 
     def __contains__(self, chunk) -> bool:
-        return self._path(self.key(chunk)).exists()
+        return self._has(self.key(chunk))
+
+    def _has(self, key: str) -> bool:
+        return key in self.tiers if self.tiers is not None else self._path(key).exists()
 
     def add(self, chunks: Iterable, progress: bool | None = None) -> int:
-        """Encode and store the chunks not stored yet; returns how many were encoded."""
+        """Record the chunks and (``kv_policy="precompute"``) encode and store those not stored yet; returns
+        how many were encoded."""
         chunks = list(chunks)
-        todo, keys = [], []
         with self._lock:
             for c in chunks:
-                k = self.key(c)
-                self._index[c.id] = k
-                if not self._path(k).exists():
-                    todo.append(c)
-                    keys.append(k)
+                self._index[c.id] = self.key(c)
         self._ensure_prefix_file()
+        n = self._materialize(chunks, progress) if self.kv_policy == "precompute" else 0
+        with self._lock:
+            self._write_index()
+        return n
+
+    def _materialize(self, chunks: Sequence, progress: bool | None = None) -> int:
+        """Encode (in batches) and store the chunks whose entry is missing; returns how many."""
+        todo, keys = [], []
+        for c in chunks:
+            k = self.key(c)
+            if not self._has(k) and k not in keys:
+                todo.append(c)
+                keys.append(k)
         if todo:
             blocks = [self.chunk_token_ids(c) for c in todo]
             _, kvs = encode_blocks(self.model, self.prefix_ids, blocks, self.batch_size, progress)
             for c, k, ids, kv in zip(todo, keys, blocks, kvs):
-                self._save(self._path(k), ids, kv, {"chunk_id": c.id})
-        with self._lock:
-            self._write_index()
+                if self.tiers is not None:
+                    self.tiers.put(k, self._entry(ids, kv))
+                else:
+                    self._save(self._path(k), ids, kv, {"chunk_id": c.id})
         return len(todo)
 
     def delete(self, chunk_ids: Iterable[str]) -> int:
@@ -336,7 +362,7 @@ class KVCacheStore:
                 k = self._index.pop(cid, None)
                 if k is None:
                     continue
-                if k not in self._index.values():
+                if self.tiers is None and k not in self._index.values():
                     self._path(k).unlink(missing_ok=True)
                     ent = self._lru.pop(k, None)
                     if ent is not None:
@@ -345,15 +371,27 @@ class KVCacheStore:
             self._write_index()
         return n
 
-    def _save(self, path: Path, ids: Sequence[int], kv: torch.Tensor, meta: dict) -> None:
-        tensors = {"token_ids": torch.tensor(list(ids), dtype=torch.int32)}
+    def _entry(self, ids: Sequence[int], kv: torch.Tensor) -> ChunkKV:
+        """An encoded chunk in this store's form (dtype, or int8 + scales)."""
+        token_ids = torch.tensor(list(ids), dtype=torch.int32)
         if self.quant == "int8":
             q, scale = quantize_int8(kv)
-            tensors["kv"], tensors["scale"] = q.contiguous(), scale.contiguous()
-        else:
-            tensors["kv"] = kv.to(self.dtype).contiguous()
+            return ChunkKV(token_ids, q.contiguous(), scale.contiguous())
+        return ChunkKV(token_ids, kv.to(self.dtype).contiguous())
+
+    def _save(self, path: Path, ids: Sequence[int], kv: torch.Tensor, meta: dict) -> None:
+        ent = self._entry(ids, kv)
+        tensors = {"token_ids": ent.token_ids, "kv": ent.kv}
+        if ent.scale is not None:
+            tensors["scale"] = ent.scale
         meta = {**{k: str(v) for k, v in self.identity.items()}, **meta}
         _atomic_save(path, tensors, meta)
+
+    def _compute(self, chunk) -> ChunkKV:
+        """A chunk's entry computed now (on a miss): the chunk alone after the shared prefix."""
+        ids = self.chunk_token_ids(chunk)
+        _, (kv,) = encode_blocks(self.model, self.prefix_ids, [ids], self.batch_size, False)
+        return self._entry(ids, kv)
 
     def _ensure_prefix_file(self) -> None:
         path = self.folder / "prefix.safetensors"
@@ -391,8 +429,14 @@ class KVCacheStore:
         return self._prefix
 
     def get(self, chunk) -> ChunkKV:
-        """The chunk's cache (LRU tier first, then the memory-mapped file)."""
+        """The chunk's cache (LRU tier first, then the memory-mapped file; with ``tiers``, the tier stack,
+        which computes a missing entry; with ``kv_policy="on-demand"``, a missing file is computed first)."""
         k = self.key(chunk)
+        if self.tiers is not None:
+            return self.tiers.get(k, compute=lambda: self._compute(chunk))
+        if self.kv_policy == "on-demand" and not self._path(k).exists():
+            self._ensure_prefix_file()
+            self._materialize([chunk])
         with self._lock:
             ent = self._lru.get(k)
             if ent is not None:
@@ -408,10 +452,14 @@ class KVCacheStore:
         return ent
 
     def get_many(self, chunks: Sequence, add_missing: bool = True) -> list[ChunkKV]:
-        if add_missing:
+        if add_missing or self.kv_policy == "on-demand":
             missing = [c for c in chunks if c not in self]
-            if missing:
-                self.add(missing)
+            if missing:  # encoded together (one batched prefill), then served like the others
+                if self.kv_policy == "precompute":
+                    self.add(missing)
+                else:
+                    self._ensure_prefix_file()
+                    self._materialize(missing)
         return [self.get(c) for c in chunks]
 
     def prefetch(self, chunks: Sequence) -> threading.Thread:

@@ -94,6 +94,9 @@ class Backend(Protocol):
     def delete(self, key: str) -> None:
         """Remove the entry if present."""
 
+    def exists(self, key: str) -> bool:
+        """Whether the entry is stored (cheaper than reading it)."""
+
     def entries(self) -> list[tuple[str, int]]:
         """(key, size in bytes) of the stored entries, oldest first where the storage knows the age."""
 
@@ -135,6 +138,9 @@ class LocalDirBackend:
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
 
     def entries(self) -> list[tuple[str, int, float]]:
         out = []
@@ -199,6 +205,9 @@ class FsspecBackend:
             self.fs.rm(self._path(key))
         except FileNotFoundError:
             pass
+
+    def exists(self, key: str) -> bool:
+        return self.fs.exists(self._path(key))
 
     def entries(self) -> list[tuple[str, int]]:
         out = []
@@ -429,6 +438,10 @@ class BlobTier(_TierBase):
             for key, size in backend.entries():
                 self._track(key, size)
             self._evict_for(0)
+
+    def __contains__(self, key: str) -> bool:
+        """Tracked here, or written by another process sharing the storage."""
+        return key in self._sizes or self.backend.exists(key)
 
     def get(self, key: str) -> ChunkKV | None:
         data = self.backend.read(key)

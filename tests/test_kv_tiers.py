@@ -277,3 +277,61 @@ def test_two_processes_share_one_tier(kind, budget, tmp_path):
     for k, _ in backend.entries():
         from_bytes(backend.read(k))  # whatever is left decodes
     assert not [p for p in (tmp_path / "tier").rglob("*.tmp") if p.is_file()]  # no temporaries left
+
+
+# ----------------------------------------------------------------------------- the store over the tiers
+@pytest.fixture(scope="module")
+def tok():
+    pytest.importorskip("transformers")
+    try:
+        from blockrag.models import load_tokenizer
+
+        return load_tokenizer()
+    except Exception as e:  # pragma: no cover - no local SmolLM2 tokenizer
+        pytest.skip(f"SmolLM2 tokenizer not available: {e}")
+
+
+TEXTS = ["Ada Lovelace lives in Paris and writes programs.", "Bob works at Acme in Lyon.",
+         "The Acme factory makes rockets and anvils."]
+QUESTION = "Where does Ada live?"
+
+
+def test_on_demand_answers_like_precompute(tok, tmp_path):
+    """Passages never encoded at indexing time are computed when a question needs them (through a host ->
+    disk -> fsspec-memory stack, or the store's own folder) and give the precomputed path's logits."""
+    from blockrag.attention_kv import Generator, KVCacheStore
+    from blockrag.documents import Chunk
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama(seed=5, layers=3, vocab=len(tok))
+    chunks = [Chunk(id=f"c{i}", doc_id=f"d{i}", position=0, text=t,
+                    token_ids=tok(t, add_special_tokens=False)["input_ids"]) for i, t in enumerate(TEXTS)]
+    pre = KVCacheStore(tmp_path / "pre", model, tok, dtype=torch.float32)
+    assert pre.add(chunks) == 3
+    ref, _ = Generator(model=model, tokenizer=tok, store=pre).prefill(QUESTION, chunks, mode="turbo")
+
+    stack = TierStack.default(tmp_path / "disk", ram_bytes=1 << 20, remote=f"memory://od-{tmp_path.name}")
+    od = KVCacheStore(tmp_path / "od", model, tok, dtype=torch.float32, kv_policy="on-demand", tiers=stack)
+    assert od.add(chunks) == 0 and len(od) == 3 and not any(c in od for c in chunks)  # recorded, not encoded
+    gen = Generator(model=model, tokenizer=tok, store=od)
+    got, _ = gen.prefill(QUESTION, chunks, mode="turbo")
+    assert torch.allclose(got, ref, atol=1e-5, rtol=0), (got - ref).abs().max()
+    assert all(c in od for c in chunks) and stack.tiers[2].bytes_written > 0
+    n = stack.computed
+    again, _ = gen.prefill(QUESTION, chunks, mode="turbo")
+    assert stack.computed == n and torch.equal(again, got)  # served from the tiers now
+    # another replica over the same disk and remote computes nothing
+    stack2 = TierStack.default(tmp_path / "disk", ram_bytes=1 << 20, remote=f"memory://od-{tmp_path.name}")
+    od2 = KVCacheStore(tmp_path / "od2", model, tok, dtype=torch.float32, kv_policy="on-demand", tiers=stack2)
+    for c in chunks:
+        assert torch.equal(od2.get(c).kv, od.get(c).kv)
+    assert stack2.computed == 0
+    # on-demand without tiers: the store's own folder fills on the first question
+    plain = KVCacheStore(tmp_path / "plain", model, tok, dtype=torch.float32, kv_policy="on-demand")
+    assert plain.add(chunks) == 0 and chunks[0] not in plain
+    got2, _ = Generator(model=model, tokenizer=tok, store=plain).prefill(QUESTION, chunks, mode="turbo")
+    assert torch.allclose(got2, ref, atol=1e-5, rtol=0) and all(c in plain for c in chunks)
+    # one entry computed alone equals the batched encoding
+    assert torch.allclose(plain._compute(chunks[1]).kv, pre.get(chunks[1]).kv, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="kv_policy"):
+        KVCacheStore(tmp_path / "bad", model, tok, kv_policy="lazy")
