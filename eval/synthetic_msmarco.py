@@ -100,20 +100,29 @@ class SyntheticMSMarco:
                 yield str(b * _BLOCK + i), " ".join(words[start:end]) + "."
                 start = end
 
-    def passage_ranks(self, pid: int) -> np.ndarray:
-        b, i = divmod(pid, _BLOCK)
-        ranks, lens = self._block(b)
-        s = int(lens[:i].sum())
-        return ranks[s:s + lens[i]]
+    def passage_ranks(self, pids) -> dict[int, np.ndarray]:
+        """Word ranks of the given passages (each block generated once)."""
+        out: dict[int, np.ndarray] = {}
+        by_block: dict[int, list[int]] = {}
+        for pid in pids:
+            by_block.setdefault(int(pid) // _BLOCK, []).append(int(pid))
+        for b, members in by_block.items():
+            ranks, lens = self._block(b)
+            starts = np.concatenate([[0], np.cumsum(lens)])
+            for pid in members:
+                i = pid - b * _BLOCK
+                out[pid] = ranks[starts[i]:starts[i + 1]]
+        return out
 
     def queries(self, n_queries: int) -> list[tuple[str, str, str]]:
         """``(qid, text, relevant pid)``: content words of one random passage (rarer words favoured)."""
         rng = np.random.default_rng([self.seed, 10**9])
         n_stop = len(STOPWORDS_EN)
+        pids = rng.integers(self.n, size=n_queries)
+        ranks = self.passage_ranks(pids.tolist())
         out = []
-        for q in range(n_queries):
-            pid = int(rng.integers(self.n))
-            content = np.unique(self.passage_ranks(pid))
+        for q, pid in enumerate(pids.tolist()):
+            content = np.unique(ranks[pid])
             content = content[content >= n_stop]
             if len(content) == 0:
                 continue
