@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 __all__ = ["RegistryError", "UnknownName", "MissingIndex", "RetrieverSpec", "RerankerSpec", "retriever",
            "reranker", "retriever_names", "reranker_names", "index_kinds", "index_class", "retriever_spec",
-           "reranker_spec", "register_retriever", "register_reranker", "register_index", "graph_mode_name"]
+           "reranker_spec", "register_retriever", "register_reranker", "register_index", "graph_mode_name",
+           "RerankerWarning"]
 
 
 class RegistryError(ValueError):
@@ -205,14 +206,17 @@ class RerankerSpec:
     target: str | Callable
     llm: bool = True
     help: str = ""
+    warning: str = ""  # printed when chosen: a measured loss on the project's benchmark (see eval beir --rerank)
 
 
 _RERANKERS: dict[str, RerankerSpec] = {}
 
 
-def register_reranker(name: str, target: str | Callable, llm: bool = True, help: str = "") -> None:
-    """Add a reranker name; ``target(**opts)`` returns an object with ``rerank(query, chunks, k)``."""
-    _RERANKERS[name] = RerankerSpec(name, target, llm, help)
+def register_reranker(name: str, target: str | Callable, llm: bool = True, help: str = "",
+                      warning: str = "") -> None:
+    """Add a reranker name; ``target(**opts)`` returns an object with ``rerank(query, chunks, k)``;
+    ``warning`` (a measured loss, say) is shown whenever the name is chosen."""
+    _RERANKERS[name] = RerankerSpec(name, target, llm, help, warning)
 
 
 def reranker_names() -> list[str]:
@@ -228,10 +232,21 @@ def reranker_spec(name: str) -> RerankerSpec:
 
 def reranker(name: str, **opts):
     """The reranker called ``name`` (options go to its constructor, e.g. ``model_name``)."""
-    return _load(reranker_spec(name).target)(**opts)
+    spec = reranker_spec(name)
+    if spec.warning:
+        import warnings
+
+        warnings.warn(f"reranker {name!r}: {spec.warning}", RerankerWarning, stacklevel=2)
+    return _load(spec.target)(**opts)
+
+
+class RerankerWarning(UserWarning):
+    """A reranker whose measured gain on the project's benchmark is negative was chosen."""
 
 
 register_reranker("blockrank", "blockrag.rerankers.blockrank:BlockRankReranker",
                   help="relevance read from in-context attention (one forward for all candidates)")
 register_reranker("pointwise", "blockrag.rerankers.pointwise:PointwiseReranker",
                   help="LLM yes/no judgement per candidate")
+register_reranker("cross-encoder", "blockrag.rerankers.cross_encoder:CrossEncoderReranker", llm=False,
+                  help="a sentence-transformers CrossEncoder (model_name or BLOCKRAG_CROSS_ENCODER; none ships)")
