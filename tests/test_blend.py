@@ -29,14 +29,13 @@ class _Part:  # the ChunkKV fields BlockKVCache.load uses
 @torch.no_grad()
 def chunk_part(model, ids):
     """A chunk's cache as the KV store keeps it: encoded alone, keys un-rotated. -> kv[L, n, 2, Hkv, D]."""
-    from transformers import DynamicCache
-
     from blockrag.attention_kv.model import ModelAdapter
     from blockrag.attention_kv.rope import cos_sin, unrotate
 
-    dc = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([ids]), past_key_values=dc, use_cache=True)
-    inv_freq = ModelAdapter.of(model).inv_freq
+    ad = ModelAdapter.of(model)
+    dc = ad.new_hf_cache()
+    ad.hf_forward(torch.tensor([ids]), dc)  # HF's own forward fills its DynamicCache
+    inv_freq = ad.inv_freq
     c, s = cos_sin(torch.arange(len(ids)), inv_freq)
     kv = []
     for lay in dc.layers:

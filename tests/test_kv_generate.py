@@ -76,8 +76,7 @@ def test_turbo_equals_block_masked_full_forward(smol, tmp_path):
 def test_turbo_equals_hf_stitched_cache(smol, tmp_path):
     """With the shared prefix: each chunk encoded by plain HF after the prefix, keys re-rotated in float64 to
     contiguous positions, HF's own DynamicCache + question forward (SDPA) == our turbo path."""
-    from transformers import DynamicCache
-
+    from blockrag.attention_kv.model import ModelAdapter
     from blockrag.attention_kv.rope import cos_sin, rotate_half
 
     model, tok = smol
@@ -85,7 +84,8 @@ def test_turbo_equals_hf_stitched_cache(smol, tmp_path):
     chunks = _chunks(tok)
     logits, _ = gen.prefill(QUESTION, chunks, "turbo")
     P = len(gen.store.prefix_ids)
-    inv = model.model.rotary_emb.inv_freq.double()
+    ad = ModelAdapter.of(model)
+    inv = ad.inv_freq.double()
 
     def rot(x, pos, sign):
         c, s = cos_sin(pos, inv.float())
@@ -98,8 +98,8 @@ def test_turbo_equals_hf_stitched_cache(smol, tmp_path):
     off = P
     for i, c in enumerate(chunks):
         ids = gen.store.prefix_ids + gen.store.chunk_token_ids(c)
-        dc = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([ids]), past_key_values=dc, use_cache=True)
+        dc = ad.new_hf_cache()
+        ad.hf_forward(torch.tensor([ids]), dc)  # HF's own forward fills its DynamicCache
         n = len(ids) - P
         for l, layer in enumerate(dc.layers):
             k, v = layer.keys.double(), layer.values
@@ -110,12 +110,11 @@ def test_turbo_equals_hf_stitched_cache(smol, tmp_path):
             ks[l].append(rot(ku, torch.arange(off, off + n), 1.0))
             vs[l].append(v[:, :, P:])
         off += n
-    cache = DynamicCache(config=model.config)
+    cache = ad.new_hf_cache()
     for l in range(len(ks)):
         cache.update(torch.cat(ks[l], 2).float(), torch.cat(vs[l], 2), l)
     q_ids = gen.store.question_ids(QUESTION)
-    ref = model(input_ids=torch.tensor([q_ids]), past_key_values=cache, use_cache=True,
-                position_ids=torch.arange(off, off + len(q_ids))[None]).logits[0]
+    ref = ad.hf_forward(torch.tensor([q_ids]), cache, torch.arange(off, off + len(q_ids)), len(q_ids))[0]
     assert (logits - ref).abs().max().item() < TOL
     gen.rope = "stitch"  # rotate once while stitching instead of in the kernel
     logits_s, _ = gen.prefill(QUESTION, chunks, "turbo")
@@ -188,7 +187,7 @@ def test_failed_compilation_falls_back_to_the_plain_graph(monkeypatch):
     made = []
 
     class FakeGraph:
-        def __init__(self, model, cache, n=1, compile=False):
+        def __init__(self, model, cache, n=1, compile=False, select_row=False):
             if compile:
                 raise RuntimeError("inductor unavailable")
             made.append(n)
