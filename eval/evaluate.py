@@ -84,7 +84,8 @@ def run_beir(data_dir: str | Path, split: str = "test", retriever_kind: str | Se
              store_dir: str | Path | None = None, k: int = 100, metrics: Sequence[str] = DEFAULT_METRICS,
              report_path: str | Path | None = None, max_queries: int | None = None,
              model_name: str | None = None, bm25_params: dict | None = None, rrf_k: int = 60,
-             ignore_identical_ids: bool = False) -> dict[str, dict[str, float]]:
+             ignore_identical_ids: bool = False, rerank: str | Sequence[str] | None = None,
+             rerank_depth: int = 20, reranker_opts: dict | None = None) -> dict[str, dict[str, float]]:
     """Index a BEIR corpus (one chunk per document) and evaluate one or more retrievers on ``split``.
 
     ``retriever_kind``: a retriever name of :mod:`blockrag.registry` (``bm25``, ``dense``, ``hybrid`` = RRF
@@ -94,6 +95,11 @@ def run_beir(data_dir: str | Path, split: str = "test", retriever_kind: str | Se
     kept in a blockrag store there and reused on the next run (else a temporary one). Returns ``{retriever: {metric: value}}``; each row
     also has ``index_s`` (build time, when built in this run) and ``queries_per_s`` (all queries,
     batched). ``report_path`` receives a JSON report.
+
+    ``rerank``: reranker name(s) of the registry; each first-stage row is followed by a row
+    ``KIND+NAME@DEPTH`` where the top ``rerank_depth`` candidates are reordered by the reranker (through
+    ``Pipeline``) and the first stage's ranking is kept below them, so metrics at cut-offs beyond the depth
+    are comparable with the first stage's row. ``reranker_opts`` go to the reranker's constructor.
     """
     from blockrag import registry
     from blockrag.pipeline import Pipeline
@@ -134,6 +140,10 @@ def run_beir(data_dir: str | Path, split: str = "test", retriever_kind: str | Se
             row["queries_per_s"] = len(queries) / elapsed if elapsed > 0 else float("inf")
             results[kind] = row
             log.info("%s: %s", kind, row)
+            for name in ([rerank] if isinstance(rerank, str) else list(rerank or [])):
+                results[f"{kind}+{name}@{rerank_depth}"] = _reranked_row(
+                    col, kind, opts, name, rerank_depth, reranker_opts, queries, run, qrels, metrics,
+                    ignore_identical_ids)
     finally:
         col.close()
         if tmp is not None:
@@ -142,7 +152,8 @@ def run_beir(data_dir: str | Path, split: str = "test", retriever_kind: str | Se
         report = {"dataset": str(data_dir), "split": split, "n_documents": len(data.corpus),
                   "n_queries": len(queries), "k": k, "metrics": list(metrics), "results": results,
                   "store": str(store_dir) if store_dir else None, "model": model_name,
-                  "bm25_params": bm25_params or {}, "rrf_k": rrf_k, "machine": platform.platform(),
+                  "bm25_params": bm25_params or {}, "rrf_k": rrf_k, "rerank": rerank,
+                  "rerank_depth": rerank_depth if rerank else None, "machine": platform.platform(),
                   "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         path = Path(report_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +161,29 @@ def run_beir(data_dir: str | Path, split: str = "test", retriever_kind: str | Se
         tmp.write_text(json.dumps(report, indent=2))
         tmp.replace(path)
     return results
+
+
+def _reranked_row(col, kind: str, retriever_opts: dict, name: str, depth: int, reranker_opts: dict | None,
+                  queries: Mapping[str, str], first_run: Mapping[str, Mapping[str, float]], qrels, metrics,
+                  ignore_identical_ids: bool) -> dict[str, float]:
+    """Metrics of ``kind`` with its top ``depth`` reordered by reranker ``name``, the rest in first-stage order."""
+    from tqdm.auto import tqdm
+
+    from blockrag.pipeline import Pipeline
+
+    pipe = Pipeline(col, kind, k=depth, reranker=name, rerank_depth=depth, retriever_opts=retriever_opts,
+                    reranker_opts=reranker_opts)
+    run: dict[str, dict[str, float]] = {}
+    t0 = time.perf_counter()
+    for qid in tqdm(list(queries), desc=f"rerank {name}", unit="q"):
+        top = list(hits_to_run({qid: pipe.retrieve_batch([queries[qid]], depth)[0]})[qid])
+        rest = [d for d, _ in sorted(first_run.get(qid, {}).items(), key=lambda x: -x[1]) if d not in top]
+        ranked = top + rest
+        run[qid] = {d: float(len(ranked) - i) for i, d in enumerate(ranked)}  # rank order as scores
+    elapsed = time.perf_counter() - t0
+    row = evaluate_run(run, qrels, metrics, ignore_identical_ids=ignore_identical_ids)
+    row["queries_per_s"] = len(queries) / elapsed if elapsed > 0 else float("inf")
+    return row
 
 
 def format_table(results: Mapping[str, Mapping[str, float]], digits: int = 4) -> str:

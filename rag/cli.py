@@ -123,8 +123,11 @@ def cmd_info(args) -> int:
 def cmd_eval(args) -> int:
     from blockrag.eval.evaluate import format_table, run_beir
 
+    rerank = [r.strip() for r in (args.rerank or "").split(",") if r.strip()]
+    for name in rerank:
+        registry.reranker_spec(name)  # an unknown name fails before any index is built
     results = run_beir(args.data, args.split, args.retriever, store_dir=args.store, report_path=args.report,
-                       max_queries=args.max_queries)
+                       max_queries=args.max_queries, rerank=rerank, rerank_depth=args.rerank_depth)
     print(format_table(results))
     if args.report:
         print(f"report written to {args.report}")
@@ -249,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--store", default=None, help="keep the built store here (default: a temp dir)")
     b.add_argument("--report", default=None, help="write a JSON report here")
     b.add_argument("--max-queries", type=_positive_int, default=None)
+    b.add_argument("--rerank", default=None,
+                   help=f"reranker(s), comma-separated ({', '.join(registry.reranker_names())}): reported beside each "
+                        "first-stage row")
+    b.add_argument("--rerank-depth", type=_positive_int, default=20, help="first-stage candidates reranked")
     b.set_defaults(func=cmd_eval)
     q = esub.add_parser("qa", help="answer quality: SQuAD/XQuAD JSON or JSONL (question, answers, context(s))")
     q.add_argument("--data", required=True)
