@@ -108,3 +108,22 @@ def test_turbo_with_one_passage_equals_full_prefill(family, tokenizer, tmp_path)
     a = gen.generate(question, [chunk], mode="turbo", max_new_tokens=5)
     b = gen.generate(question, [chunk], mode="full", max_new_tokens=5)
     assert a.token_ids == b.token_ids and len(a.token_ids) > 0
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 4.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+@torch.no_grad()
+def test_inv_freq_only_rope_variants_are_reproduced(rope):
+    """Linear and Llama-3 RoPE scaling only change inv_freq: the seam reproduces HF's forward with them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      rope_parameters={"rope_theta": 1e4, **rope})
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(4))
+    ref = model(input_ids=ids).logits
+    assert (ModelAdapter.of(model).forward(ids, torch.arange(200)) - ref).abs().max().item() < TOL
