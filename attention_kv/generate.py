@@ -32,6 +32,43 @@ from .block_cache import BlockKVCache, GraphedStep, forward_block
 from .model import ModelAdapter
 
 MODES = ("full", "turbo", "block", "blend")
+MIN_BUCKET = 4096  # smallest cache size bucket (tokens); the next ones double up to max_cache_len
+# question lengths one graph serves (a question is padded to the next size; see GraphedStep(select_row=True))
+QUESTION_BUCKETS = (16, 32, 48, 64, 80, 96, 128, 160, 192, 256)
+WARMUP_QUESTIONS = (16, 32, 48, 64, 96, 128)
+
+
+def size_buckets(max_len: int, min_bucket: int = MIN_BUCKET) -> list[int]:
+    """Cache buffer sizes: powers of two from ``min_bucket`` below ``max_len``, then ``max_len`` itself."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be positive, got {max_len}")
+    out, b = [], min_bucket
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return out + [max_len]
+
+
+def size_bucket(need: int, max_len: int, min_bucket: int = MIN_BUCKET) -> int | None:
+    """The smallest bucket holding ``need`` positions, or None past ``max_len``."""
+    for b in size_buckets(max_len, min_bucket):
+        if need <= b:
+            return b
+    return None
+
+
+def question_bucket(n: int, sizes: Sequence[int] = QUESTION_BUCKETS) -> int | None:
+    """The padded length of an ``n``-token question block, or None when it is longer than every bucket."""
+    for b in sorted(sizes):
+        if n <= b:
+            return b
+    return None
+
+
+def kv_bytes(adapter: ModelAdapter, n_tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of a stitched cache buffer of ``n_tokens`` positions (all layers, K and V)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return adapter.n_layers * n_tokens * 2 * adapter.n_kv_heads * adapter.head_dim * elem
 
 
 @dataclass
@@ -82,9 +119,12 @@ class Generator:
     Chunks are ``rag.documents.Chunk``-like (``.id``, ``.text``, ``.token_ids``); missing caches are
     built on the fly (and stored).
 
-    On CUDA: ``cuda_graphs`` (cached modes reuse one buffer of ``max_cache_len`` tokens; the decode step and
-    the question forward, per question length, are captured as CUDA graphs after an answer and replayed by
-    later requests); ``device_cache_bytes`` (chunk caches kept on the GPU, default 2 GiB); ``compile_decode``
+    On CUDA: ``cuda_graphs`` (the cached modes reuse one buffer in size buckets — powers of two from 4K
+    tokens up to ``max_cache_len``, default the model's ``max_position_embeddings`` — with the decode step
+    and the question forward captured as CUDA graphs per bucket and per padded question length, so that
+    every context up to ``max_cache_len`` runs graphed; a bucket or question length seen for the first time
+    is captured before its first use: :meth:`warmup` does that ahead; :meth:`cache_memory` reports the
+    buffer); ``device_cache_bytes`` (chunk caches kept on the GPU, default 2 GiB); ``compile_decode``
     (the decode step is compiled with torch.compile before its capture: 1.1-1.9x faster decoding on an
     H100, paid once with 10-20 s of compilation after the first answer); ``compile_question`` (the same
     for the question forward: ~1.2-1.3x lower TTFT, paid once per new question length). One generation at
@@ -122,17 +162,22 @@ class Generator:
         # "stitch": context keys rotated once while stitching (measured faster with the current kernel);
         # "kernel": left un-rotated, the attention kernel rotates them as it loads them
         self.rope = rope
-        # On CUDA the cached modes reuse one static cache buffer of max_cache_len tokens, so that the decode
-        # step is captured once as a CUDA graph and replayed for every token of every answer (no per-layer
-        # launch overhead); longer requests fall back to a fresh buffer and eager decoding.
+        # On CUDA the cached modes reuse one static buffer, grown in size buckets (powers of two from
+        # MIN_BUCKET up to max_cache_len); each bucket is a view of its first positions with its own CUDA
+        # graphs (decode step, question forward per padded length), so that any context up to max_cache_len
+        # replays graphs. Requests past max_cache_len get a fresh buffer and run eagerly.
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and rope == "stitch"
-        mpe = getattr(model.config, "max_position_embeddings", None) or 8192
-        self.max_cache_len = int(max_cache_len or min(mpe, 8192, self.adapter.max_context or 8192))
-        self._cache = None
+        self.share_buffers = self.cuda_graphs  # bucketed shared buffer (tests switch it on for the CPU)
+        self.pad_questions = self.cuda_graphs  # question padded to its bucket (one graph, many lengths)
+        mpe = int(getattr(model.config, "max_position_embeddings", None) or 8192)
+        self.max_cache_len = int(max_cache_len or min(mpe, self.adapter.max_context or mpe))
+        self.min_bucket = MIN_BUCKET
+        self.question_buckets = QUESTION_BUCKETS
+        self._kv_buf: torch.Tensor | None = None  # the shared allocation (largest bucket used so far)
+        self._caches: dict[int, BlockKVCache] = {}  # bucket -> cache over the first positions of _kv_buf
+        self._graphs: dict[tuple[int, int], GraphedStep] = {}  # (bucket, tokens) -> graph; 1 = decode step
         self._epoch = 0  # requests that used the shared buffer (a suspended stream must not resume after another)
-        self._step_graph = None
         self.compile_decode, self.compile_question = compile_decode, compile_question
-        self._q_graphs: dict[int, GraphedStep] = {}  # question length -> graph of the question forward
         # A device tier above the store's host tier: chunk caches kept on the model's device, dequantised (LRU,
         # keyed by the store's content key), so that stitching is one device-side concatenation instead of
         # per-layer host->device copies. Default 2 GiB on CUDA, off on the CPU.
@@ -166,11 +211,13 @@ class Generator:
     @torch.no_grad()
     def prefill(self, question: str, chunks: Sequence, mode: str, blend_ratio: float = 0.15,
                 check_layer: int = 1, extra_ids: Sequence[int] = (), cache_max_len: int | None = None,
-                blend_select: str | None = None, last_only: bool = False):
+                blend_select: str | None = None, last_only: bool = False, room: int = 256):
         """Prefill only; returns (logits [T, V] for the question (+extra) tokens, state dict).
 
         ``extra_ids`` are appended after the question (teacher forcing of an answer). ``last_only``: only the
-        last position's logits are needed (lets a captured question graph serve the turbo/block modes).
+        last position's logits are needed (lets a captured question graph serve the turbo/block modes; the
+        returned rows other than the last are then undefined). ``room``: positions kept free after the
+        question (tokens to decode).
         """
         store = self.store
         q_ids = store.question_ids(question) + list(extra_ids)
@@ -178,7 +225,7 @@ class Generator:
         ctx_ids = list(store.prefix_ids) + [t for b in block_ids for t in b]
         Lc, Lq = len(ctx_ids), len(q_ids)
         dev = self.device
-        info = {"n_context": Lc, "n_question": Lq, "n_recomputed": 0}
+        info = {"n_context": Lc, "n_question": Lq, "n_recomputed": 0, "capture_ms": 0.0}
         if mode == "full":
             cache = self.adapter.new_hf_cache()
             ids = torch.tensor([ctx_ids + q_ids], device=dev)
@@ -186,7 +233,20 @@ class Generator:
             info["cache"] = cache
             info["length"] = Lc + Lq
             return logits[0], info
-        cache = self._cache_for(Lc + Lq + 256, cache_max_len)
+        block = mode in ("turbo", "block")
+        Lq_b = question_bucket(Lq, self.question_buckets) if (block and self.pad_questions) else None
+        n_q = Lq_b or Lq
+        # the question (padded) and the room after it; a graph's capture also writes its last n_q slots
+        cache, bucket = self._cache_for(Lc + n_q + max(room, n_q) + 1, cache_max_len)
+        info["bucket"], info["question_bucket"] = bucket, Lq_b
+        graph = None
+        if bucket is not None and self.cuda_graphs:
+            # captured before the context is loaded: warm-up and capture write the buffer's last slots
+            t = time.perf_counter()
+            if block and Lq_b is not None and last_only:
+                graph = self._graph_for(bucket, Lq_b)
+            self._graph_for(bucket, 1)  # the decode step
+            info["capture_ms"] = (time.perf_counter() - t) * 1e3
         stream = None
         if self.device_cache_bytes:
             cache.load_gathered(self._device_parts(chunks))
@@ -196,14 +256,18 @@ class Generator:
             cache.load(parts, 0, stream=stream)
         info["cache"] = cache
         q = torch.tensor(q_ids, device=dev)
-        graph = self._q_graphs.get(Lq) if (last_only and cache is self._cache) else None
-        if mode in ("turbo", "block") and graph is not None:
+        if graph is not None:
             cache.drop_events()
             if stream is not None:  # the graph does not wait on per-layer events
                 torch.cuda.current_stream(dev).wait_stream(stream)
-            logits = graph.replay(q, Lc)[0]
+            logits = graph.replay(q, Lc, n_valid=Lq)[0]
             info["question_graph"] = True
-        elif mode in ("turbo", "block"):
+        elif block and Lq_b is not None and Lq_b > Lq:
+            # the same padded block, eagerly (CPU / no graphs): real rows exact, padding never seen
+            pad = torch.cat([q, q[-1:].expand(Lq_b - Lq)])
+            logits = forward_block(self.model, cache, pad, Lc, logits_to_keep=Lq_b)[0][:Lq]
+            cache.length = Lc + Lq
+        elif block:
             logits = forward_block(self.model, cache, q, Lc, logits_to_keep=Lq)[0]
         else:
             starts, off = [], len(store.prefix_ids)
@@ -219,6 +283,55 @@ class Generator:
         cache.drop_events()
         info["length"] = cache.length
         return logits, info
+
+    @torch.no_grad()
+    def warmup(self, buckets: Sequence[int] | None = None, question_lengths: Sequence[int] = WARMUP_QUESTIONS,
+               progress: bool | None = None) -> dict:
+        """Compile the kernels and capture the CUDA graphs of the cached modes ahead of requests: for each
+        cache size bucket (default: every bucket up to ``max_cache_len``), the decode step and the question
+        forward of each padded question length in ``question_lengths`` (rounded up to their buckets). A
+        request whose context and question fall in warmed buckets then pays no compilation or capture.
+        Compiled Triton kernels persist across processes in Triton's own cache; graphs do not.
+        Returns {"buckets", "question_buckets", "graphs", "seconds", "cache_bytes"} (no-op without graphs)."""
+        t = time.perf_counter()
+        if not self.cuda_graphs:
+            return {"buckets": [], "question_buckets": [], "graphs": 0, "seconds": 0.0, "cache_bytes": 0}
+        if buckets is None:
+            buckets = size_buckets(self.max_cache_len, self.min_bucket)
+        bs = []
+        for n in buckets:
+            b = size_bucket(int(n), self.max_cache_len, self.min_bucket)
+            if b is None:
+                raise ValueError(f"bucket {n} exceeds max_cache_len {self.max_cache_len}")
+            bs.append(b)
+        bs = sorted(set(bs))
+        qbs = []
+        for n in question_lengths:
+            qb = question_bucket(int(n), self.question_buckets)
+            if qb is None:
+                raise ValueError(f"question length {n} exceeds the largest question bucket "
+                                 f"{max(self.question_buckets)}")
+            qbs.append(qb)
+        qbs = sorted(set(qbs))
+        self._reserve(max(bs))
+        from tqdm.auto import tqdm
+
+        todo = [(b, n) for b in bs for n in [1] + qbs]
+        for b, n in tqdm(todo, desc="capturing graphs", disable=not progress if progress is not None else None,
+                         leave=False):
+            self._graph_for(b, n)
+        _sync(self.device)
+        return {"buckets": bs, "question_buckets": qbs, "graphs": len(self._graphs),
+                "seconds": time.perf_counter() - t, "cache_bytes": self.cache_memory()["buffer_bytes"]}
+
+    def cache_memory(self) -> dict:
+        """The shared cache buffer: {"buffer_tokens", "buffer_bytes", "max_cache_len", "max_bytes", "buckets",
+        "graphs"} (``max_bytes``: the buffer at ``max_cache_len``, the most it grows to)."""
+        n = 0 if self._kv_buf is None else int(self._kv_buf.shape[2])
+        dt = self._cache_dtype()
+        return {"buffer_tokens": n, "buffer_bytes": kv_bytes(self.adapter, n, dt), "max_cache_len": self.max_cache_len,
+                "max_bytes": kv_bytes(self.adapter, self.max_cache_len, dt), "buckets": sorted(self._caches),
+                "graphs": len(self._graphs)}
 
     # ------------------------------------------------------------------ internals
     def _device_parts(self, chunks) -> list[ChunkKV]:
@@ -251,39 +364,63 @@ class Generator:
     def _cache_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def _cache_for(self, need: int, max_len: int | None) -> BlockKVCache:
-        """The shared static buffer when graphs are on and the request fits, else a fresh buffer."""
-        if self.cuda_graphs and max_len is None and need <= self.max_cache_len - 1:
-            if self._cache is None:
-                self._cache = BlockKVCache(self.model, self.max_cache_len, device=self.device, rope=self.rope)
-            return self._cache
-        return BlockKVCache(self.model, max_len or need, device=self.device, rope=self.rope)
+    def _cache_for(self, need: int, max_len: int | None) -> tuple[BlockKVCache, int | None]:
+        """(cache, bucket): the shared buffer's smallest bucket holding ``need`` positions, or (a fresh buffer,
+        None) when buffers are not shared, ``max_len`` is given, or ``need`` exceeds ``max_cache_len``."""
+        bucket = size_bucket(need, self.max_cache_len, self.min_bucket) if self.share_buffers else None
+        if bucket is None or max_len is not None:
+            if self.share_buffers and max_len is None:
+                warnings.warn(f"a request of {need} positions exceeds max_cache_len={self.max_cache_len}: "
+                              f"fresh buffer, eager decoding")
+            return BlockKVCache(self.model, max_len or need, device=self.device, rope=self.rope), None
+        cache = self._caches.get(bucket)
+        if cache is None:
+            self._reserve(bucket)
+            cache = BlockKVCache(self.model, bucket, device=self.device, rope=self.rope, kv=self._kv_buf)
+            self._caches[bucket] = cache
+        return cache, bucket
 
-    def _capture_graphs(self, cache, n_question: int) -> float:
-        """After an answer (never inside TTFT or decode timings): capture the decode step once and the question
-        forward once per question length, so that later requests replay them. Returns the time spent (ms)."""
-        if cache is not self._cache or not self.cuda_graphs:
-            return 0.0
-        t = time.perf_counter()
-        if self._step_graph is None:
-            self._step_graph = self._graph(cache, 1, "compile_decode")
-        if n_question not in self._q_graphs and n_question <= 256:
-            if len(self._q_graphs) >= 64:  # keep the most recent lengths
-                self._q_graphs.pop(next(iter(self._q_graphs)))
-            self._q_graphs[n_question] = self._graph(cache, n_question, "compile_question")
-        _sync(self.device)
-        return (time.perf_counter() - t) * 1e3
+    def _reserve(self, n_tokens: int) -> None:
+        """Make the shared allocation hold ``n_tokens`` positions. Growing replaces it: the caches and graphs
+        over the old one are dropped (captured again when next needed)."""
+        if self._kv_buf is not None and self._kv_buf.shape[2] >= n_tokens:
+            return
+        self._graphs.clear()
+        self._caches.clear()
+        self._kv_buf = None
+        self._epoch += 1  # a suspended stream over the old buffer must not resume
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        ad = self.adapter
+        self._kv_buf = torch.empty(ad.n_layers, 1, n_tokens, 2, ad.n_kv_heads, ad.head_dim,
+                                   dtype=self._cache_dtype(), device=self.device)
+
+    def _shared(self, cache) -> bool:
+        return any(c is cache for c in self._caches.values())
+
+    def _graph_for(self, bucket: int, n: int) -> GraphedStep:
+        """The graph of an ``n``-token forward (1: the decode step; else a question padded to ``n``) over
+        ``bucket``'s cache, captured on first use."""
+        g = self._graphs.get((bucket, n))
+        if g is None:
+            cache = self._caches.get(bucket)
+            if cache is None:
+                cache, _ = self._cache_for(bucket, None)
+            g = self._graph(cache, n, "compile_decode" if n == 1 else "compile_question")
+            self._graphs[(bucket, n)] = g
+        return g
 
     def _graph(self, cache, n: int, flag: str) -> GraphedStep:
         """A graph of an n-token forward, compiled first when the Generator's ``flag`` option is on; if
         compilation fails (an optimisation only) the option is switched off and the plain graph is used."""
+        select = n > 1  # question graphs serve every length up to n
         if getattr(self, flag):
             try:
-                return GraphedStep(self.model, cache, n=n, compile=True)
+                return GraphedStep(self.model, cache, n=n, compile=True, select_row=select)
             except Exception as ex:  # noqa: BLE001
                 warnings.warn(f"{flag}: torch.compile failed ({type(ex).__name__}: {ex}); using the plain graph")
                 setattr(self, flag, False)
-        return GraphedStep(self.model, cache, n=n)
+        return GraphedStep(self.model, cache, n=n, select_row=select)
 
     @torch.no_grad()
     def _step(self, mode: str, cache, token: int, pos: int) -> torch.Tensor:
@@ -295,9 +432,10 @@ class Generator:
     def _run(self, question, chunks, mode, max_new_tokens, blend_ratio, check_layer):
         t0 = time.perf_counter()
         logits, info = self.prefill(question, chunks, mode, blend_ratio, check_layer,
-                                    cache_max_len=None, last_only=True)
+                                    cache_max_len=None, last_only=True, room=max_new_tokens + 1)
         cache = info["cache"]
-        if cache is self._cache:
+        shared = mode != "full" and self._shared(cache)
+        if shared:
             self._epoch += 1
         epoch = self._epoch
         tok = int(logits[-1].argmax())
@@ -310,12 +448,12 @@ class Generator:
             yield piece
             text_so_far = piece
         pos = info["length"]
-        graph = self._step_graph if (mode != "full" and cache is self._cache) else None
+        graph = self._graphs.get((info["bucket"], 1)) if shared else None
         limit = cache.max_len - 1 if graph is not None else (cache.max_len if mode != "full" else None)
         while len(out_ids) < max_new_tokens and tok not in self.eos_ids:
             if limit is not None and pos >= limit:
                 break  # the buffer reserves 256 tokens beyond the prompt
-            if cache is self._cache and self._epoch != epoch:
+            if shared and self._epoch != epoch:
                 raise RuntimeError("another request reused this Generator's cache buffer while this stream was "
                                    "suspended: finish (or close) a stream before starting the next request")
             if graph is not None:
@@ -332,7 +470,6 @@ class Generator:
                 text_so_far = text
         _sync(self.device)
         t_end = time.perf_counter()
-        capture_ms = self._capture_graphs(cache, info["n_question"]) if mode != "full" else 0.0
         n_dec = len(out_ids) - 1
         ids = [t for t in out_ids if t not in self.eos_ids]
         yield GenerationResult(
@@ -343,4 +480,5 @@ class Generator:
             n_recomputed=info["n_recomputed"],
             timings={"prefill_ms": (t_first - t0) * 1e3, "decode_ms": (t_end - t_first) * 1e3,
                      "decode_graph": graph is not None, "question_graph": info.get("question_graph", False),
-                     "graph_capture_ms": capture_ms})
+                     "graph_capture_ms": info.get("capture_ms", 0.0), "cache_bucket": info.get("bucket"),
+                     "question_bucket": info.get("question_bucket")})

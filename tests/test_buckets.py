@@ -1,0 +1,152 @@
+"""Cache size buckets, buffer growth, question padding and warm-up of the Generator.
+
+CPU: the bucket arithmetic, one shared allocation seen by caches of several sizes, growth, and the padded
+question block computed eagerly (same logits and answers as the unpadded, unshared path). GPU (skips
+without CUDA): warmed graphs serve a request with no capture, padded question graphs give the eager
+answers, and an unwarmed bucket is captured before use (never an eager fallback).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import MODELS
+
+pytest.importorskip("transformers")
+
+TOL = 2e-3
+TEXTS = [
+    "The lighthouse of Merrowgate has a copper roof and a red door.",
+    "Its keeper, Ada Flint, rows to the mainland every second Tuesday.",
+    "The lamp was converted to electricity in 1931 and automated in 1987.",
+    "Merrowgate harbour freezes over about one winter in ten.",
+    "Ferries leave for the island of Stroma at nine and at four.",
+    "A museum in the old fog-signal house shows the original lens.",
+]
+QUESTION = "What roof does the lighthouse have?"
+
+
+def test_size_buckets():
+    from blockrag.attention_kv.generate import question_bucket, size_bucket, size_buckets
+
+    assert size_buckets(131072) == [4096, 8192, 16384, 32768, 65536, 131072]
+    assert size_buckets(40000) == [4096, 8192, 16384, 32768, 40000]
+    assert size_buckets(1000) == [1000]
+    assert size_buckets(300, min_bucket=64) == [64, 128, 256, 300]
+    assert size_bucket(4096, 131072) == 4096 and size_bucket(4097, 131072) == 8192
+    assert size_bucket(131072, 131072) == 131072 and size_bucket(131073, 131072) is None
+    assert [question_bucket(n) for n in (1, 16, 17, 50, 256)] == [16, 16, 32, 64, 256]
+    assert question_bucket(257) is None
+    with pytest.raises(ValueError):
+        size_buckets(0)
+
+
+def test_cache_bytes_of_the_8b_shape():
+    from blockrag.attention_kv.generate import kv_bytes
+
+    class Dims:  # Llama-3-8B: 32 layers, 8 KV heads of 128
+        n_layers, n_kv_heads, head_dim = 32, 8, 128
+
+    assert kv_bytes(Dims, 131072, torch.bfloat16) == 16 * 2 ** 30  # 16 GiB at 128K tokens
+    assert kv_bytes(Dims, 32768, torch.bfloat16) == 4 * 2 ** 30
+
+
+@pytest.fixture
+def tiny(tokenizer):
+    return MODELS["llama"](seed=5, vocab=len(tokenizer), attention="sdpa"), tokenizer
+
+
+def _chunks(tok, texts):
+    from blockrag.documents import Chunk
+
+    return [Chunk(id=f"c{i}", doc_id="d", position=i, text=t,
+                  token_ids=tok(t, add_special_tokens=False)["input_ids"]) for i, t in enumerate(texts)]
+
+
+def test_caches_share_one_allocation(tiny):
+    from blockrag.attention_kv.block_cache import BlockKVCache
+
+    model, _ = tiny
+    big = BlockKVCache(model, 256, rope="stitch")
+    small = BlockKVCache(model, 64, rope="stitch", kv=big.kv)
+    assert small.kv.data_ptr() == big.kv.data_ptr() and small.max_len == 64 and small.kv.shape[2] == 64
+    small.kv[:, :, 3].fill_(7.0)
+    assert bool((big.kv[:, :, 3] == 7.0).all())
+    with pytest.raises(ValueError, match="does not hold"):
+        BlockKVCache(model, 512, rope="stitch", kv=big.kv)
+    # device positions are allocated once: graphs captured earlier keep reading the same tensor
+    p1 = small.device_positions(1)
+    p2 = small.device_positions(300)
+    assert p1.data_ptr() == p2.data_ptr()
+    with pytest.raises(ValueError, match="at most"):
+        small.device_positions(10 ** 6)
+
+
+@torch.no_grad()
+def test_buckets_grow_and_padded_questions_match_on_cpu(tiny, tmp_path):
+    """The bucketed shared buffer (switched on for the CPU) with padded question blocks gives the logits and
+    answers of fresh, exact-size buffers; the allocation grows to the largest bucket used and caches of one
+    bucket are reused."""
+    from blockrag.attention_kv import Generator, KVCacheStore
+
+    model, tok = tiny
+    store = KVCacheStore(tmp_path / "kv", model, tok, dtype=torch.float32)
+    plain = Generator(model=model, tokenizer=tok, store=store, cuda_graphs=False)
+    plain.share_buffers = plain.pad_questions = False
+    gen = Generator(model=model, tokenizer=tok, store=store, cuda_graphs=False, max_cache_len=1024)
+    gen.share_buffers = gen.pad_questions = True
+    gen.min_bucket = 64
+    chunks = _chunks(tok, TEXTS)
+    seen = []
+    for n in (1, 6, 2):
+        ref, _ = plain.prefill(QUESTION, chunks[:n], "turbo")
+        got, info = gen.prefill(QUESTION, chunks[:n], "turbo", room=8)
+        assert info["question_bucket"] == 16 and info["n_question"] < 16  # padded
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max().item() < TOL
+        a = gen.generate(QUESTION, chunks[:n], max_new_tokens=6)
+        b = plain.generate(QUESTION, chunks[:n], max_new_tokens=6)
+        assert a.token_ids == b.token_ids and len(a.token_ids) > 0
+        assert a.timings["cache_bucket"] == info["bucket"]  # (room 8 vs 6 new tokens: the same bucket)
+        seen.append((info["bucket"], gen.cache_memory()["buffer_tokens"]))
+    (b1, t1), (b6, t6), (b2, t2) = seen
+    assert b1 < b6 and t1 == b1 and t6 == b6  # grew to the larger bucket
+    assert t2 == t6 and b2 <= b6  # a smaller request afterwards uses a view of the grown allocation
+    mem = gen.cache_memory()
+    assert mem["buffer_bytes"] == mem["max_bytes"] * t6 // 1024 and set(mem["buckets"]) >= {b2, b6}
+    c1, _ = gen._cache_for(b6, None)
+    c2, _ = gen._cache_for(b6, None)
+    assert c1 is c2
+    # past max_cache_len: a fresh buffer (and a warning), never a crash
+    with pytest.warns(UserWarning, match="max_cache_len"):
+        cache, bucket = gen._cache_for(5000, None)
+    assert bucket is None and cache.max_len == 5000
+    assert gen.warmup() == {"buckets": [], "question_buckets": [], "graphs": 0, "seconds": 0.0, "cache_bytes": 0}
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_gpu_warmed_buckets_replay_graphs_with_padded_questions(tokenizer, tmp_path):
+    from blockrag.attention_kv import Generator, KVCacheStore
+
+    model = MODELS["llama"](seed=5, vocab=len(tokenizer), attention="sdpa").cuda()
+    store = KVCacheStore(tmp_path / "kv", model, tokenizer, dtype=torch.float32)
+    eager = Generator(model=model, tokenizer=tokenizer, store=store, cuda_graphs=False)
+    gen = Generator(model=model, tokenizer=tokenizer, store=store, max_cache_len=2048)
+    gen.min_bucket = 128
+    rep = gen.warmup(buckets=[128, 256], question_lengths=[16, 32])
+    assert rep["buckets"] == [128, 256] and rep["question_buckets"] == [16, 32] and rep["graphs"] == 6
+    chunks = _chunks(tokenizer, TEXTS)
+    for question in (QUESTION, "Who keeps the lighthouse and how often does she row to the mainland?"):
+        for n in (1, 3):
+            a = gen.generate(question, chunks[:n], max_new_tokens=8)
+            b = eager.generate(question, chunks[:n], max_new_tokens=8)
+            assert a.timings["question_graph"] and a.timings["decode_graph"]
+            assert a.timings["graph_capture_ms"] == 0.0  # warmed: nothing captured
+            assert a.token_ids == b.token_ids
+    # an unwarmed bucket: captured before its first use, still graphed
+    many = _chunks(tokenizer, TEXTS * 8)
+    a = gen.generate(QUESTION, many, max_new_tokens=8)
+    b = eager.generate(QUESTION, many, max_new_tokens=8)
+    assert a.timings["cache_bucket"] > 256 and a.timings["graph_capture_ms"] > 0
+    assert a.timings["question_graph"] and a.timings["decode_graph"] and a.token_ids == b.token_ids
