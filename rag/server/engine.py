@@ -127,24 +127,21 @@ class Engine:
         self._worker.start()
 
     # ------------------------------------------------------------- retrieval
-    def _pipeline(self, k: int, retriever: str | None = None):
-        """A retrieval-only Pipeline per (retriever, k), built once (``Pipeline.retrieve`` keeps no state)."""
+    def _pipeline(self, retriever: str | None = None):
+        """A retrieval-only Pipeline per retriever name, built once (``Pipeline.retrieve`` keeps no state)."""
         from blockrag.pipeline import Pipeline
 
-        key = (retriever or self.config.retriever, k, self.collection.generation)
-        pipe = self._pipelines.get(key)
+        name = retriever or self.config.retriever
+        pipe = self._pipelines.get(name)
         if pipe is None:
-            pipe = Pipeline(self.collection, key[0], k=k)
-            if len(self._pipelines) > 64:
-                self._pipelines.clear()
-            self._pipelines[key] = pipe
+            pipe = self._pipelines[name] = Pipeline(self.collection, name, k=self.config.k)
         return pipe
 
     def check_retriever(self, name: str) -> None:
         """Raises ValueError (one line) when ``name`` is not a retriever this store can serve."""
         try:
             with self._rw.read():
-                self._pipeline(self.config.k, name)
+                self._pipeline(name)
         except Exception as err:  # noqa: BLE001  (registry errors, KeyError for a missing index, ...)
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise ValueError(f"retriever {name!r} cannot be used here: {message}") from None
@@ -160,13 +157,17 @@ class Engine:
             with self._rw.write():  # not the model lock: loading indexes does not run the model
                 kv_before = self.collection.indexes.get("kv")
                 if refresh():
-                    self._pipelines.clear()  # they hold the previous index objects
-                    kv = self.collection.indexes.get("kv")
-                    if self._own_generator and kv is not None and kv is not kv_before:
-                        self.generator = kv.generator()
+                    self._reobtain(kv_before)
                 self._seen_generation = self.collection.generation
         finally:
             self._refreshing.release()
+
+    def _reobtain(self, kv_before) -> None:
+        """After the indexes changed: pipelines hold the previous index objects, and so may the generator."""
+        self._pipelines.clear()
+        kv = self.collection.indexes.get("kv")
+        if self._own_generator and self.generator is not None and kv is not None and kv is not kv_before:
+            self.generator = kv.generator()
 
     def retrieve(self, question: str, k: int, retriever: str | None = None) -> tuple[list, list[dict], float]:
         """(chunks, citations, retrieve_ms); thread-safe against writes."""
@@ -174,7 +175,7 @@ class Engine:
         with self._rw.read():
             if self.collection.store.count_chunks() == 0:
                 return [], [], 0.0
-            chunks, scores, ms = self._pipeline(k, retriever).retrieve(question)
+            chunks, scores, ms = self._pipeline(retriever).retrieve(question, k)
             titles = {}
             for c in chunks:
                 if c.doc_id not in titles:
@@ -245,25 +246,30 @@ class Engine:
         job.emit("done", result)
 
     def warm_up(self) -> dict:
-        """Load what the first request would otherwise load (embedder, tokenizer, model kernels)."""
+        """Load what the first request would otherwise load (embedder, tokenizer, JIT-compiled scorers, model
+        kernels), with a question made of a stored passage's words so that every scoring path runs."""
         timings = {}
-        t = time.perf_counter()
         ids = self.collection.store.chunk_ids()[:1]
-        if ids:
-            self.retrieve("warm-up", 1)
+        if not ids:
+            return timings
+        chunks = self.collection.get_chunks(ids)
+        question = " ".join(chunks[0].text.split()[:12])
+        t = time.perf_counter()
+        self.retrieve(question, self.config.k)
         timings["retrieve_s"] = time.perf_counter() - t
-        if self.generator is not None and ids:
+        if self.generator is not None:
             t = time.perf_counter()
             with self._model_lock:
-                chunks = self.collection.get_chunks(ids)
-                self.generator.generate("warm-up", chunks, mode=self.config.mode, max_new_tokens=2)
+                self.generator.generate(question, chunks, mode=self.config.mode, max_new_tokens=2)
             timings["generate_s"] = time.perf_counter() - t
         return timings
 
     # ---------------------------------------------------------------- writes
     def add_documents(self, docs) -> dict:
         with self._model_lock, self._rw.write():
+            kv_before = self.collection.indexes.get("kv")
             report = self.collection.add_documents(docs)
+            self._reobtain(kv_before)
             self._seen_generation = self.collection.generation
         return {"documents_added": report.documents_added, "documents_unchanged": report.documents_unchanged,
                 "chunks_added": report.chunks_added, "chunks_removed": report.chunks_removed,
@@ -274,7 +280,9 @@ class Engine:
         with self._model_lock, self._rw.write():
             if not self.collection.store.has_document(doc_id):
                 return None
+            kv_before = self.collection.indexes.get("kv")
             removed = self.collection.delete_documents([doc_id])
+            self._reobtain(kv_before)
             self._seen_generation = self.collection.generation
         return removed
 

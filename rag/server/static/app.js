@@ -179,7 +179,7 @@ async function loadDocuments() {
       li.append(name, del);
       list.append(li);
     }
-    $("docs-status").textContent = body.data.length + " documents";
+    $("docs-count").textContent = body.data.length + " documents";
   } catch (err) {
     showError("could not list documents: " + err.message);
   }
