@@ -314,6 +314,35 @@ def _kernel():
     return _KERNEL
 
 
+def _npz_mmap(path: Path, name: str) -> np.ndarray | None:
+    """Member ``name`` of an uncompressed ``.npz`` (what ``np.savez`` writes) memory-mapped read-only, so a
+    loaded index pages its postings in from the file instead of copying them; None when the member is
+    compressed or not a plain array (the caller then reads it normally)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(name + ".npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the member's local header: fixed part, then its name and extra field
+        if local[:4] != b"PK\x03\x04":
+            return None
+        n_name, n_extra = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + n_name + n_extra)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        return None
+    if int(np.prod(shape)) == 0:
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
 # ------------------------------------------------------------------------------------------ index
 class BM25Retriever:
     """BM25 retriever and index over chunks (``.id``, ``.text``), keyed by chunk id.
@@ -667,9 +696,14 @@ class BM25Retriever:
             with np.load(folder / "bm25.npz", allow_pickle=False) as z:
                 self.ids = z["ids"].tolist()
                 self._terms = z["terms"].tolist()
-                self._doc_ptr, self._post_term, self._post_tf = z["doc_ptr"], z["post_term"], z["post_tf"]
-                self._doc_len = z["doc_len"]
-                indptr, indices, data = z["indptr"], z["indices"], z["data"]
+                # the numeric arrays are memory-mapped (read-only; updates build new arrays)
+                arr = {}
+                for n in ("doc_ptr", "post_term", "post_tf", "doc_len", "indptr", "indices", "data"):
+                    m = _npz_mmap(folder / "bm25.npz", n)
+                    arr[n] = z[n] if m is None else m
+                self._doc_ptr, self._post_term, self._post_tf = arr["doc_ptr"], arr["post_term"], arr["post_tf"]
+                self._doc_len = arr["doc_len"]
+                indptr, indices, data = arr["indptr"], arr["indices"], arr["data"]
         except (ValueError, OSError, KeyError, EOFError) as err:
             kind = "holds pickled objects (refused)" if "pickle" in str(err) else f"is unreadable ({type(err).__name__})"
             raise StoreFormatError(f"{folder}/bm25.npz {kind}; rebuild the index") from None
