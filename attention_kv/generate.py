@@ -38,6 +38,34 @@ QUESTION_BUCKETS = (16, 32, 48, 64, 80, 96, 128, 160, 192, 256)
 WARMUP_QUESTIONS = (16, 32, 48, 64, 96, 128)
 
 
+def apply_stops(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """(``text`` cut before the first stop string, whether one was found). A stop string counts once the
+    answer has begun: matches inside leading whitespace are skipped (a model that opens with a newline is
+    not cut to an empty answer)."""
+    begin = len(text) - len(text.lstrip())
+    cuts = [i for i in (text.find(s, begin) for s in stop if s) if i >= 0]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def held_back(text: str, stop: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could begin a stop string (not streamed until decided)."""
+    n = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), n, -1):
+            if text.endswith(s[:k]):
+                n = k
+                break
+    return n
+
+
+def repeats(ids: Sequence[int], n: int) -> bool:
+    """True when the last ``n`` ids already occurred as a window earlier in ``ids`` (a decoding loop)."""
+    if n <= 0 or len(ids) < 2 * n:
+        return False
+    tail = list(ids[-n:])
+    return any(list(ids[i:i + n]) == tail for i in range(len(ids) - 2 * n + 1))
+
+
 def size_buckets(max_len: int, min_bucket: int = MIN_BUCKET) -> list[int]:
     """Cache buffer sizes: powers of two from ``min_bucket`` below ``max_len``, then ``max_len`` itself."""
     if max_len < 1:
@@ -112,10 +140,19 @@ def _sync(device) -> None:
 class Generator:
     """Entry point. ``Generator(model_name=None, *, cache_dir=None, model=None, tokenizer=None, device=None,
     dtype=None, store=None, system_prompt=None, quant=None, kv_dtype=None, rope="stitch", cuda_graphs=True,
-    max_cache_len=None, device_cache_bytes=None, compile_decode=False, compile_question=False)``.
+    max_cache_len=None, device_cache_bytes=None, compile_decode=False, compile_question=False, stop=(),
+    repetition_guard=0)``.
 
     ``generate(question, chunks, mode="turbo", max_new_tokens=64, stream=False, blend_ratio=0.15,
-    check_layer=1)`` -> :class:`GenerationResult` (or :class:`GenerationStream` with ``stream=True``).
+    check_layer=1, stop=None, repetition_guard=None)`` -> :class:`GenerationResult` (or
+    :class:`GenerationStream` with ``stream=True``).
+
+    Stopping rules, the same in every mode (``generate``'s arguments override the Generator's): the end-of-turn
+    token; ``max_new_tokens`` (the token budget); ``stop`` strings (e.g. ``("\n",)`` for one-line answers:
+    decoding ends at the first one once the answer has begun, and the answer is cut before it; text that
+    could begin a stop string is streamed only once it cannot); ``repetition_guard=n``: decoding ends when
+    the last ``n`` tokens repeat an earlier window of the answer, and that repeat is dropped.
+    ``GenerationResult.timings["stopped_by"]`` says which rule ended the answer.
     Chunks are ``rag.documents.Chunk``-like (``.id``, ``.text``, ``.token_ids``); missing caches are
     built on the fly (and stored).
 
@@ -136,7 +173,7 @@ class Generator:
                  system_prompt: str | None = None, quant: str | None = None, kv_dtype=None,
                  rope: str = "stitch", cuda_graphs: bool = True, max_cache_len: int | None = None,
                  device_cache_bytes: int | None = None, compile_decode: bool = False,
-                 compile_question: bool = False):
+                 compile_question: bool = False, stop: Sequence[str] = (), repetition_guard: int = 0):
         if model is None:
             from blockrag.models import shared_generator as load_generator  # one copy per process
 
@@ -190,6 +227,7 @@ class Generator:
         # CacheBlend options (see blend_prefill); gradual filtering + per-layer question attention measured best
         # on SmolLM2-135M (eval/bench_kv_quality.py); {"gradual": 1.0, "reattend": False} = fixed selection
         self.blend_opts = {"sink_tokens": 0, "gradual": 2.5, "probe": False, "reattend": True, "carry": True}
+        self.stop, self.repetition_guard = tuple(stop), int(repetition_guard)  # stopping rules (class docstring)
         self.eos_ids = set()
         for t in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id:
@@ -197,10 +235,13 @@ class Generator:
 
     # ------------------------------------------------------------------ public API
     def generate(self, question: str, chunks: Sequence, mode: str = "turbo", max_new_tokens: int = 64,
-                 stream: bool = False, blend_ratio: float = 0.15, check_layer: int = 1):
+                 stream: bool = False, blend_ratio: float = 0.15, check_layer: int = 1,
+                 stop: Sequence[str] | None = None, repetition_guard: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        it = self._run(question, list(chunks), mode, max_new_tokens, blend_ratio, check_layer)
+        rules = (tuple(self.stop if stop is None else stop),
+                 int(self.repetition_guard if repetition_guard is None else repetition_guard))
+        it = self._run(question, list(chunks), mode, max_new_tokens, blend_ratio, check_layer, rules)
         s = GenerationStream(it)
         if stream:
             return s
@@ -429,7 +470,7 @@ class Generator:
             return self.adapter.hf_forward(ids, cache, torch.tensor([pos], device=self.device))[0, -1]
         return forward_block(self.model, cache, ids[0], pos)[0, -1]
 
-    def _run(self, question, chunks, mode, max_new_tokens, blend_ratio, check_layer):
+    def _run(self, question, chunks, mode, max_new_tokens, blend_ratio, check_layer, rules=((), 0)):
         t0 = time.perf_counter()
         logits, info = self.prefill(question, chunks, mode, blend_ratio, check_layer,
                                     cache_max_len=None, last_only=True, room=max_new_tokens + 1)
@@ -443,15 +484,32 @@ class Generator:
         t_first = time.perf_counter()
         out_ids = [tok]
         text_so_far = ""
-        piece = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-        if tok not in self.eos_ids:
-            yield piece
-            text_so_far = piece
+        stop, guard = rules
+        decode = self.tokenizer.decode
+
+        def visible(ids_):
+            """(text that may be streamed now, the answer when a stop string ended it)."""
+            text, hit = apply_stops(decode(ids_, skip_special_tokens=True), stop)
+            if hit:
+                return text, text
+            if guard:  # the last `guard` tokens wait: a loop found later is dropped unseen
+                text = decode(ids_[:max(0, len(ids_) - guard)], skip_special_tokens=True)
+            return text[:len(text) - held_back(text, stop)], None
+
+        stopped_by = "eos" if tok in self.eos_ids else None
+        answer = None  # the answer text once a stop rule cut it
+        if stopped_by is None:
+            piece, answer = visible(out_ids)
+            stopped_by = "stop" if answer is not None else None
+            if piece and not piece.endswith("\ufffd"):
+                yield piece
+                text_so_far = piece
         pos = info["length"]
         graph = self._graphs.get((info["bucket"], 1)) if shared else None
         limit = cache.max_len - 1 if graph is not None else (cache.max_len if mode != "full" else None)
-        while len(out_ids) < max_new_tokens and tok not in self.eos_ids:
+        while stopped_by is None and len(out_ids) < max_new_tokens:
             if limit is not None and pos >= limit:
+                stopped_by = "buffer"
                 break  # the buffer reserves 256 tokens beyond the prompt
             if shared and self._epoch != epoch:
                 raise RuntimeError("another request reused this Generator's cache buffer while this stream was "
@@ -463,17 +521,26 @@ class Generator:
             pos += 1
             out_ids.append(tok)
             if tok in self.eos_ids:
+                stopped_by = "eos"
                 break
-            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-            if len(text) > len(text_so_far) and not text.endswith("\ufffd"):
-                yield text[len(text_so_far):]
-                text_so_far = text
+            if guard and repeats(out_ids, guard):  # a loop: drop the repeated window and end
+                answer, stopped_by = decode(out_ids[:-guard], skip_special_tokens=True), "repetition"
+                break
+            safe, answer = visible(out_ids)
+            stopped_by = "stop" if answer is not None else None
+            if len(safe) > len(text_so_far) and not safe.endswith("\ufffd"):
+                yield safe[len(text_so_far):]
+                text_so_far = safe
+        ids = [t for t in out_ids if t not in self.eos_ids]
+        if answer is None:
+            answer = decode(ids, skip_special_tokens=True)
         _sync(self.device)
         t_end = time.perf_counter()
+        if answer.startswith(text_so_far) and len(answer) > len(text_so_far):  # what was held back
+            yield answer[len(text_so_far):]
         n_dec = len(out_ids) - 1
-        ids = [t for t in out_ids if t not in self.eos_ids]
         yield GenerationResult(
-            answer=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), token_ids=ids, mode=mode,
+            answer=answer.strip(), token_ids=ids, mode=mode,
             chunk_ids=[c.id for c in chunks], ttft_ms=(t_first - t0) * 1e3,
             decode_tokens_per_s=(n_dec / (t_end - t_first)) if n_dec and t_end > t_first else 0.0,
             n_context_tokens=info["n_context"], n_question_tokens=info["n_question"],
@@ -481,4 +548,5 @@ class Generator:
             timings={"prefill_ms": (t_first - t0) * 1e3, "decode_ms": (t_end - t_first) * 1e3,
                      "decode_graph": graph is not None, "question_graph": info.get("question_graph", False),
                      "graph_capture_ms": info.get("capture_ms", 0.0), "cache_bucket": info.get("bucket"),
+                     "stopped_by": stopped_by or "budget",
                      "question_bucket": info.get("question_bucket")})
