@@ -126,8 +126,9 @@ def walk_files(root: str | Path, suffixes: tuple[str, ...] = (".txt", ".md"), fo
                             report.skipped_links.append(str(path))
                         continue
                 if e.is_dir(follow_symlinks=link):
-                    real = os.path.realpath(path)
-                    if real not in seen_dirs:
+                    if not link:  # without symlinks a tree has no cycles (and realpath costs O(depth))
+                        stack.append(path)
+                    elif real not in seen_dirs:
                         seen_dirs.add(real)
                         stack.append(path)
                 elif e.is_file(follow_symlinks=link) and e.name.lower().endswith(suffixes):
@@ -275,16 +276,35 @@ def load_folder_files(files: Iterable[Path], report: LoadReport | None = None) -
 
 
 # LangChain interop: both directions, without making langchain a hard dependency.
-def to_langchain(item: Document | Chunk):
+def to_langchain(item, score: float | None = None):
+    """A LangChain Document. Every metadata field is kept; added: ``doc_id`` and ``title`` (documents), or
+    ``doc_id``, ``chunk_id``, ``position`` and ``source`` (chunks; ``source`` = the chunk's own or its
+    document id), and ``score`` / ``rank`` for a retrieved passage (``blockrag.pipeline.Passage``) or when
+    ``score`` is given. ``from_langchain(to_langchain(doc)) == doc``."""
     from langchain_core.documents import Document as LCDocument
 
+    if hasattr(item, "chunk") and hasattr(item, "rank"):  # a retrieved Passage
+        lc = to_langchain(item.chunk, item.score if score is None else score)
+        lc.metadata["rank"] = item.rank
+        return lc
     if isinstance(item, Chunk):
-        return LCDocument(page_content=item.text, id=item.id,
-                          metadata={**item.metadata, "doc_id": item.doc_id, "position": item.position})
-    return LCDocument(page_content=item.text, id=item.id, metadata={**item.metadata, "title": item.title})
+        meta = {**item.metadata, "doc_id": item.doc_id, "chunk_id": item.id, "position": item.position}
+        meta.setdefault("source", item.doc_id)
+        if score is not None:
+            meta["score"] = float(score)
+        return LCDocument(page_content=item.text, id=item.id, metadata=meta)
+    meta = {**item.metadata, "title": item.title, "doc_id": item.id}
+    if score is not None:
+        meta["score"] = float(score)
+    return LCDocument(page_content=item.text, id=item.id, metadata=meta)
 
 
 def from_langchain(lc_doc, default_id: str | None = None) -> Document:
+    """A blockrag Document: id from ``lc_doc.id`` (else metadata ``id`` / ``doc_id``, ``default_id``, or a
+    content hash), ``title`` from metadata; every other metadata field is kept (``doc_id`` only when it
+    differs from the id)."""
     meta = dict(lc_doc.metadata or {})
-    doc_id = lc_doc.id or meta.pop("id", None) or default_id or content_hash(lc_doc.page_content)
-    return Document(id=str(doc_id), text=lc_doc.page_content, title=meta.pop("title", ""), metadata=meta)
+    doc_id = lc_doc.id or meta.pop("id", None) or meta.get("doc_id") or default_id or content_hash(lc_doc.page_content)
+    if str(meta.get("doc_id", "")) == str(doc_id):
+        meta.pop("doc_id")
+    return Document(id=str(doc_id), text=lc_doc.page_content, title=meta.pop("title", "") or "", metadata=meta)
