@@ -173,7 +173,8 @@ def run(args) -> dict:
     rows = {}
     for system in args.systems:
         idx = Path(args.work) / f"index-{system}-{int(args.passages)}"
-        rows[system] = _run_child(system, args, data, idx)
+        if not args.load_only:
+            rows[system] = _run_child(system, args, data, idx)
         rows[system + "-load"] = _run_child(system + "-load", args, data, idx)
     for name, r in rows.items():
         r["mrr@10"] = _mrr(r["top10"], r["qids"], qrels)
@@ -202,9 +203,11 @@ def format_report(rep: dict) -> str:
              "index on disk GiB | load s | RSS added by load GiB | q/s after load |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("ours", "bm25s"):
-        if name not in s:
+        if name + "-load" not in s:
             continue
-        r, l = s[name], s[name + "-load"]
+        na = {"index_s": float("nan"), "peak_rss": float("nan"), "rss_after_read": float("nan"),
+              "qps_one": float("nan"), "qps_batch": float("nan"), "mrr@10": float("nan"), "disk_bytes": float("nan")}
+        r, l = s.get(name, na), s[name + "-load"]
         lines.append(f"| {name} | {r['index_s']:.1f} | {r['peak_rss'] / G:.2f} ({r['rss_after_read'] / G:.2f}) | "
                      f"{r['qps_one']:,.0f} | {r['qps_batch']:,.0f} | {r['mrr@10']:.3f} | {r['disk_bytes'] / G:.2f} | "
                      f"{l['load_s']:.2f} | {l['rss_added_by_load'] / G:.2f} | {l['qps_one']:,.0f} |")
@@ -224,6 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", nargs="+", default=["ours", "bm25s"], choices=["ours", "bm25s"])
     ap.add_argument("--work", type=Path, required=True, help="folder for the corpus and the saved indexes")
     ap.add_argument("--out", type=Path, help="write the JSON report here")
+    ap.add_argument("--load-only", action="store_true", help="only the load children, on indexes saved by an earlier run")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--index-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)

@@ -1,7 +1,10 @@
 """A faiss vector index keyed by string ids, with deletes and atomic saves.
 
 Vectors are L2-normalised and compared by inner product (cosine). ``kind="flat"`` is exact;
-``kind="hnsw"`` trades a little recall for sub-linear search on large collections.
+``kind="hnsw"`` trades a little recall for sub-linear search on large collections; ``kind="ivfpq"``
+(inverted lists over product-quantised codes, ``pq_m`` bytes a vector instead of 4 x dim) fits millions of
+vectors in little memory, trained on its first ``add`` (at least 1,000 vectors), searched over ``nprobe``
+lists. ``python -m blockrag.eval.bench_dense_scale`` measures their recall and speed against exact search.
 """
 from __future__ import annotations
 
@@ -71,15 +74,25 @@ def remove_leftovers(parent: Path) -> int:
     return n
 
 
+IVFPQ_MIN_TRAIN = 1000
+
+
 class VectorIndex:
-    def __init__(self, dim: int, kind: str = "flat", hnsw_m: int = 32, ef_search: int = 128):
+    def __init__(self, dim: int, kind: str = "flat", hnsw_m: int = 32, ef_search: int = 128,
+                 nlist: int | None = None, pq_m: int | None = None, nprobe: int = 16):
         import faiss
 
-        if kind not in {"flat", "hnsw"}:
-            raise ValueError(f"unknown index kind {kind!r}; use 'flat' or 'hnsw'")
+        if kind not in {"flat", "hnsw", "ivfpq"}:
+            raise ValueError(f"unknown index kind {kind!r}; use 'flat', 'hnsw' or 'ivfpq'")
         self.dim, self.kind, self.hnsw_m, self.ef_search = dim, kind, hnsw_m, ef_search
+        self.nlist, self.nprobe = nlist, nprobe
+        self.pq_m = pq_m or max(d for d in range(1, min(dim, 64) + 1) if dim % d == 0 and d <= max(1, dim // 4))
+        if dim % self.pq_m:
+            raise ValueError(f"pq_m={self.pq_m} must divide the dimension {dim}")
         if kind == "flat":
             base = faiss.IndexFlatIP(dim)
+        elif kind == "ivfpq":  # built on the first add, when the training vectors are known
+            base = None
         else:
             base = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
             base.hnsw.efSearch = ef_search
@@ -87,6 +100,29 @@ class VectorIndex:
         self.index = faiss.IndexIDMap2(base) if kind == "flat" else base
         self.ids: list[str | None] = []      # faiss row / label -> string id (None = deleted)
         self.rows: dict[str, int] = {}
+
+    def _train_ivfpq(self, vectors: np.ndarray) -> None:
+        import faiss
+
+        n = len(vectors)
+        if n < IVFPQ_MIN_TRAIN:
+            raise ValueError(f"an 'ivfpq' index is trained on its first add, which needs at least "
+                             f"{IVFPQ_MIN_TRAIN} vectors (got {n}); use kind='flat' for small collections")
+        # ~4 sqrt(n) lists, each with >= 39 training points (faiss' k-means minimum)
+        nlist = self.nlist or max(1, min(int(4 * np.sqrt(n)), n // 39))
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(self.dim), self.dim, nlist, self.pq_m, 8,
+                                 faiss.METRIC_INNER_PRODUCT)
+        m = min(n, max(39 * nlist, 50_000))  # k-means cost grows with the sample: faiss' minimum, or 50K
+        sample = vectors if m == n else vectors[np.sort(np.random.default_rng(0).choice(n, m, replace=False))]
+        index.train(sample)
+        index.nprobe = self.nprobe
+        self.index, self.nlist = index, nlist
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """IVF-PQ: inverted lists visited per query (more: higher recall, slower)."""
+        self.nprobe = int(nprobe)
+        if self.index is not None and self.kind == "ivfpq":
+            self.index.nprobe = self.nprobe
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -101,7 +137,9 @@ class VectorIndex:
         if replaced:
             self.delete(replaced)
         labels = np.arange(len(self.ids), len(self.ids) + len(ids), dtype=np.int64)
-        if self.kind == "flat":
+        if self.kind == "ivfpq" and (self.index is None or not self.index.is_trained):
+            self._train_ivfpq(vectors)
+        if self.kind in ("flat", "ivfpq"):
             self.index.add_with_ids(vectors, labels)
         else:
             self.index.add(vectors)
@@ -115,7 +153,7 @@ class VectorIndex:
             return
         for label in labels:
             self.ids[label] = None
-        if self.kind == "flat":
+        if self.kind in ("flat", "ivfpq"):
             self.index.remove_ids(np.asarray(labels, dtype=np.int64))
 
     def search(self, vectors: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
@@ -123,7 +161,7 @@ class VectorIndex:
             return [[] for _ in range(len(vectors))]
         vectors = normalise(np.atleast_2d(vectors))
         # HNSW keeps deleted rows, so over-fetch to still return k live ones.
-        fetch = min(self.index.ntotal, k if self.kind == "flat" else k + (len(self.ids) - len(self.rows)))
+        fetch = min(self.index.ntotal, k if self.kind != "hnsw" else k + (len(self.ids) - len(self.rows)))
         scores, labels = self.index.search(vectors, fetch)
         out = []
         for row_scores, row_labels in zip(scores, labels):
@@ -143,11 +181,16 @@ class VectorIndex:
         import faiss
 
         def write(tmp: Path):
-            faiss.write_index(self.index, str(tmp / "index.faiss"))
+            index = self.index
+            if index is None:  # an ivfpq index never added to: an untrained one stands for it
+                index = faiss.IndexIVFPQ(faiss.IndexFlatIP(self.dim), self.dim, 1, self.pq_m, 8,
+                                         faiss.METRIC_INNER_PRODUCT)
+            faiss.write_index(index, str(tmp / "index.faiss"))
             (tmp / "ids.json").write_text(json.dumps(self.ids))
             (tmp / "meta.json").write_text(json.dumps({
                 "format_version": FORMAT_VERSION, "dim": self.dim, "kind": self.kind,
-                "hnsw_m": self.hnsw_m, "ef_search": self.ef_search}))
+                "hnsw_m": self.hnsw_m, "ef_search": self.ef_search, "nlist": self.nlist, "pq_m": self.pq_m,
+                "nprobe": self.nprobe}))
 
         atomic_folder_write(Path(folder), write)
 
@@ -161,7 +204,8 @@ class VectorIndex:
         meta = read_json(folder / "meta.json", what="vector index metadata")
         require_format(meta, FORMAT_VERSION, folder, "vector index")
         try:
-            self = cls(int(meta["dim"]), meta["kind"], int(meta["hnsw_m"]), int(meta["ef_search"]))
+            self = cls(int(meta["dim"]), meta["kind"], int(meta["hnsw_m"]), int(meta["ef_search"]),
+                       meta.get("nlist"), meta.get("pq_m"), int(meta.get("nprobe", 16)))
         except (KeyError, TypeError, ValueError) as err:
             raise StoreFormatError(f"{folder}: bad vector index metadata ({err})") from None
         ids = read_json(folder / "ids.json", list, "vector index ids")
@@ -169,7 +213,7 @@ class VectorIndex:
             raise StoreFormatError(f"{folder}: vector index ids must be strings")
         with open(folder / "index.faiss", "rb") as fh:  # faiss' own binary format: data, no code
             magic = fh.read(4)
-        if magic not in (b"IxM2", b"IHNf"):  # IndexIDMap2 (flat) / IndexHNSWFlat, the two kinds written
+        if magic not in (b"IxM2", b"IHNf", b"IwPQ"):  # IndexIDMap2 (flat) / IndexHNSWFlat / IndexIVFPQ, the kinds written
             raise StoreFormatError(f"{folder}/index.faiss: not a faiss index of a kind blockrag writes")
         try:
             self.index = faiss.read_index(str(folder / "index.faiss"))
@@ -179,6 +223,11 @@ class VectorIndex:
             raise StoreFormatError(f"{folder}: faiss index has dimension {self.index.d}, its metadata says {self.dim}")
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = self.ef_search
+        if self.kind == "ivfpq":
+            if self.index.is_trained:
+                self.index.nprobe = self.nprobe
+            else:
+                self.index = None
         self.ids = ids
         self.rows = {id_: label for label, id_ in enumerate(self.ids) if id_ is not None}
         return self
