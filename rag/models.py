@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -186,6 +187,20 @@ def _tokenizer_at(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+@contextmanager
+def quiet_loading():
+    """Without transformers' "Loading weights" bar: it is printed on every command, for a load of < 1 s."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _resolve_placement(dtype, device: str | None):
     import torch
 
@@ -205,7 +220,8 @@ def load_generator(name: str | None = None, dtype=None, device: str | None = Non
 
     path = resolve_generator(name)
     dtype, device = _resolve_placement(dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, _tokenizer_at(path)
 
 
@@ -246,7 +262,8 @@ def load_embedder(name: str | None = None, device: str | None = None):
     """A sentence-transformers model, resolved offline where possible."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(resolve_embedder(name), device=device)
+    with quiet_loading():
+        return SentenceTransformer(resolve_embedder(name), device=device)
 
 
 class LazyGenerator:
