@@ -42,21 +42,26 @@ try:  # in-place RoPE over a token range of stitched K buffers (one pass; used w
     import triton.language as tl
 
     @triton.jit
-    def _rope_rows_kernel(k_ptr, cos_ptr, sin_ptr, layer_stride, tok_stride, head_stride, start,
-                          HALF: tl.constexpr, HKV: tl.constexpr, HKV_P2: tl.constexpr):
-        t = (start + tl.program_id(0)).to(tl.int64)
+    def _rope_rows_kernel(k_ptr, cos_ptr, sin_ptr, layer_stride, tok_stride, head_stride, start, end,
+                          HALF: tl.constexpr, HKV: tl.constexpr, HKV_P2: tl.constexpr, BT: tl.constexpr):
+        # BT tokens x all KV heads of one layer per program (one token per program was launch-bound: ~1M
+        # programs for a 32K-token context of an 8B model)
+        t = start + tl.program_id(0) * BT + tl.arange(0, BT)
         layer = tl.program_id(1).to(tl.int64)
-        h = tl.arange(0, HKV_P2)[:, None]
-        d = tl.arange(0, HALF)[None, :]
-        m = (h < HKV) & (d < HALF)
+        h = tl.arange(0, HKV_P2)
+        d = tl.arange(0, HALF)
+        m = (t < end)[:, None, None] & (h < HKV)[None, :, None]
         # int64: layer * layer_stride passes 2^31 elements for an 8B model's cache past ~33K tokens
-        base = k_ptr + layer * layer_stride + t * tok_stride + h * head_stride
-        x1 = tl.load(base + d, mask=m).to(tl.float32)
-        x2 = tl.load(base + HALF + d, mask=m).to(tl.float32)
-        c = tl.load(cos_ptr + t * HALF + d)
-        s = tl.load(sin_ptr + t * HALF + d)
-        tl.store(base + d, (x1 * c - x2 * s).to(k_ptr.dtype.element_ty), mask=m)
-        tl.store(base + HALF + d, (x2 * c + x1 * s).to(k_ptr.dtype.element_ty), mask=m)
+        t64 = t.to(tl.int64)
+        base = (k_ptr + layer * layer_stride + t64[:, None, None] * tok_stride + h[None, :, None] * head_stride
+                + d[None, None, :])
+        x1 = tl.load(base, mask=m).to(tl.float32)
+        x2 = tl.load(base + HALF, mask=m).to(tl.float32)
+        cs = t64[:, None, None] * HALF + d[None, None, :]
+        c = tl.load(cos_ptr + cs, mask=m, other=1.0)
+        s = tl.load(sin_ptr + cs, mask=m, other=0.0)
+        tl.store(base, (x1 * c - x2 * s).to(k_ptr.dtype.element_ty), mask=m)
+        tl.store(base + HALF, (x2 * c + x1 * s).to(k_ptr.dtype.element_ty), mask=m)
 
     _HAS_TRITON = True
 except Exception:  # pragma: no cover
@@ -82,5 +87,7 @@ def _rope_rows_triton(k: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.T
     nl, _, _, hkv, d = k.shape
     if k.stride(-1) != 1:
         raise ValueError("rope_rows_ needs a contiguous last (head) dimension")
-    _rope_rows_kernel[(end - start, nl)](k, cos_half, sin_half, k.stride(0), k.stride(2), k.stride(3), start,
-                                        HALF=d // 2, HKV=hkv, HKV_P2=triton.next_power_of_2(hkv), num_warps=2)
+    bt = 16
+    _rope_rows_kernel[(triton.cdiv(end - start, bt), nl)](
+        k, cos_half, sin_half, k.stride(0), k.stride(2), k.stride(3), start, end,
+        HALF=d // 2, HKV=hkv, HKV_P2=triton.next_power_of_2(hkv), BT=bt, num_warps=4)
