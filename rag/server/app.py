@@ -346,15 +346,32 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                 raise asyncio.TimeoutError
             return await asyncio.wait_for(job.out.get(), timeout=remaining + 1.0)
 
+        async def next_event_or_disconnect():
+            """Like next_event, but a client that went away (non-streamed: nothing is sent until the end,
+            so only polling notices) cancels the job."""
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                try:
+                    return await asyncio.wait_for(job.out.get(), timeout=min(remaining, 0.5))
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancel_reason = "disconnect"
+                        job.cancel.set()
+                        return "gone", None
+
         if not body.stream:
             pieces, started = [], {}
             try:
                 while True:
                     try:
-                        kind, payload = await next_event()
+                        kind, payload = await next_event_or_disconnect()
                     except asyncio.TimeoutError:
                         job.cancel_reason = "timeout"
                         raise ApiError(504, f"the request took longer than {timeout:.0f} s", "server_error") from None
+                    if kind == "gone":
+                        return Response(status_code=499)  # nobody reads it; recorded in the metrics
                     if kind == "start":
                         started = payload
                     elif kind == "token":
