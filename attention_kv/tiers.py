@@ -471,14 +471,15 @@ class BlobTier(_TierBase):
         ent = _as_quant(kv, self.quant)
         data = to_bytes(ent)
         with self._lock:
-            if key in self._sizes:
-                return ent
-            if not self._fits(len(data)):
+            if key in self._sizes or not self._fits(len(data)):
                 return ent
             self._evict_for(len(data))
-            self._track(key, len(data))
-        self.backend.write(key, data)
-        self.bytes_written += len(data)
+        self.backend.write(key, data)  # tracked only once readable, so a reader never forgets it early
+        with self._lock:
+            if key not in self._sizes:
+                self._track(key, len(data))
+                self._evict_for(0, keep=key)  # concurrent puts may have overfilled the budget meanwhile
+            self.bytes_written += len(data)
         return ent
 
     def discard(self, key: str) -> None:
