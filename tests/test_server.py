@@ -314,6 +314,14 @@ def test_health_metrics_and_page(engine, base):
     assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "app.js" in page.text
 
 
+def test_cli_serve_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from blockrag.cli import main
+
+    assert main(["serve", "--store", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no store at") and "\n" not in err
+
+
 def test_cli_parses_serve_flags():
     from blockrag.cli import build_parser
     from blockrag.server import from_args

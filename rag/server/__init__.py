@@ -50,12 +50,23 @@ def serve(config: ServerConfig, engine=None) -> None:
 
 
 def run(args) -> int:
-    """The ``blockrag serve`` subcommand."""
+    """The ``blockrag serve`` subcommand; bad flags or a missing store: one line on stderr, exit 2."""
+    import sys
     from pathlib import Path
 
     config = from_args(args)
-    if not (Path(config.store) / "store.sqlite").exists():
-        raise SystemExit(f"error: no store at {config.store}; create one with "
-                         f"`blockrag index PATH --store {config.store} --index kv`")
+    problems = [msg for bad, msg in [
+        (not (Path(config.store) / "store.sqlite").exists(),
+         f"no store at {config.store}; create one with `blockrag index PATH --store {config.store} --index kv`"),
+        (not 0 <= config.port <= 65535, f"--port must be 0-65535, got {config.port}"),
+        (config.k < 1, f"-k must be at least 1, got {config.k}"),
+        (config.max_new_tokens < 1, f"--max-new-tokens must be at least 1, got {config.max_new_tokens}"),
+        (config.queue_size < 1, f"--queue-size must be at least 1, got {config.queue_size}"),
+        (config.request_timeout_s <= 0, f"--timeout must be positive, got {config.request_timeout_s}"),
+        (config.max_body_bytes < 1024, "--max-body-mb must be at least 0.001 (1 KiB)"),
+    ] if bad]
+    if problems:
+        print(f"error: {problems[0]}", file=sys.stderr)
+        return 2
     serve(config)
     return 0
