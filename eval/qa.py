@@ -11,6 +11,10 @@ state). Per mode it reports exact match and token F1 (SQuAD normalisation, best 
 and decode tokens/s, each with a bootstrap 90% interval over questions; and once, the retrieval recall@k
 of the gold context (the same passages feed every mode). ``ratio_to_full`` is mean F1(mode) / mean F1(full)
 with a paired bootstrap interval.
+
+Answers are decoded greedily with the same rules in every mode (:data:`QA_STOP`, :data:`QA_REPETITION_GUARD`,
+``max_new_tokens``; Generator options), and :func:`extract_answer` takes the first line without an "Answer:"
+prefix. The prompt is the generator's (``attention_kv.cache_store.prompt_parts``); the report records it.
 """
 from __future__ import annotations
 
@@ -35,6 +39,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODES = ("full", "turbo", "blend")
 N_BOOTSTRAP = 1000
+# Decoding for short answers, the same in every mode (chosen on train.json; see the README): one line, a
+# 32-token budget, and a guard that ends a loop of 4 repeated tokens.
+QA_STOP = ("\n",)
+QA_REPETITION_GUARD = 4
+QA_MAX_NEW_TOKENS = 32
 
 
 # --------------------------------------------------------------------------------------- data
@@ -334,7 +343,7 @@ def summarize(records: Sequence[dict], modes: Sequence[str], k: int) -> dict:
 def run_qa(data_path: str | Path, modes: Sequence[str] = DEFAULT_MODES, retriever: str = "hybrid", k: int = 5,
            limit: int | None = None, seed: int = 0, store_dir: str | Path | None = None,
            generator_name: str | None = None, adapter: str | None = None, chunk_tokens: int | None = None,
-           max_new_tokens: int = 32, threads: int | None = None,
+           max_new_tokens: int = QA_MAX_NEW_TOKENS, threads: int | None = None,
            report_path: str | Path | None = None, records_path: str | Path | None = None,
            progress: bool = True, command: str | None = None) -> dict:
     """Evaluate retrieval + generation on a QA file; returns the report dict (see the module docstring).
@@ -368,9 +377,15 @@ def run_qa(data_path: str | Path, modes: Sequence[str] = DEFAULT_MODES, retrieve
     t_index = time.perf_counter()
     col = _open_collection(Path(store_dir), dataset, generator_name, chunk_tokens, modes, progress)
     index_s = time.perf_counter() - t_index
-    generator = collection_generator(col, generator_name) if modes else None
+    generator = (collection_generator(col, generator_name, stop=QA_STOP, repetition_guard=QA_REPETITION_GUARD)
+                 if modes else None)
     pipe = Pipeline(col, retriever, k=k, generator=generator, mode=modes[0] if modes else "full",
                     max_new_tokens=max_new_tokens)
+    prompt = None
+    if generator is not None:
+        st = generator.store
+        prompt = {"prefix": st.prefix_text, "passage_separator": st.tokenizer.decode(st.sep_ids),
+                  "question": st.question_template}
     records: list[dict] = []
     try:
         if examples:  # warm-up outside the measurement (embedder, model and first-call loads)
@@ -411,7 +426,8 @@ def run_qa(data_path: str | Path, modes: Sequence[str] = DEFAULT_MODES, retrieve
     report = {"dataset": str(data_path), "n_questions_in_file": len(dataset.examples),
               "n_contexts": len(dataset.documents), "limit": limit, "seed": seed, "modes": modes,
               "retriever": retriever, "k": k, "generator": generator_name or "default",
-              "chunk_tokens": chunk_tokens, "max_new_tokens": max_new_tokens,
+              "chunk_tokens": chunk_tokens, "max_new_tokens": max_new_tokens, "stop": list(QA_STOP),
+              "repetition_guard": QA_REPETITION_GUARD, "prompt": prompt,
               "threads": threads, "index_s": index_s, "command": command, "machine": platform.platform(),
               "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               **summarize(records, modes, k)}
