@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--store", default=None, help="build (or reuse) the store here (default: a temp dir)")
     q.add_argument("--generator", default=None)
-    q.add_argument("--adapter", default=None, help="a LoRA adapter folder for the generator")
+    q.add_argument("--adapter", default=None, help="a LoRA adapter folder (not supported yet: refused)")
     q.add_argument("--chunk-tokens", type=_positive_int, default=None,
                    help="split contexts into chunks of this many tokens (default: one chunk per context)")
     q.add_argument("--max-new-tokens", type=_positive_int, default=32)
