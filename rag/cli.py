@@ -28,6 +28,14 @@ def _collection(args, create: bool = False):
 def cmd_index(args) -> int:
     from .documents import LoadError, LoadReport, load_path
 
+    if getattr(args, "ray", None) is not None:
+        from .distributed import RayNotInstalled, require_ray
+
+        try:
+            require_ray()  # before anything is loaded or created
+        except RayNotInstalled as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     collection = _collection(args, create=True)
     report = LoadReport()
     try:
@@ -41,7 +49,13 @@ def cmd_index(args) -> int:
             collection.build_index(kind)  # empty now; filled by add_documents below
     start = time.perf_counter()
     # the chunker (a tokenizer load, seconds) only when a document is new or changed: a no-op re-index skips it
-    ingest = collection.add_documents(docs, chunks_for=lambda doc: collection.chunker.iter_split(doc))
+    if getattr(args, "ray", None) is not None:  # chunk + encode on a Ray cluster, commit here as below
+        from .distributed import ray_index
+
+        ingest = ray_index(collection, docs, address=args.ray or None, workers=args.ray_workers,
+                           shard_docs=args.ray_shard_docs)
+    else:
+        ingest = collection.add_documents(docs, chunks_for=lambda doc: collection.chunker.iter_split(doc))
     print(f"{ingest.summary()} in {time.perf_counter() - start:.1f}s")
     for note in ingest.notes:
         print(f"note: {note}")
@@ -217,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per chunk for a new store (default 256; an existing store keeps its own)")
     s.add_argument("--overlap", type=_count, default=None, help="tokens shared by neighbouring chunks (default 32)")
     s.add_argument("--tokenizer", default=None, help="generator whose tokenizer chunks the text")
+    s.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="chunk and encode on a Ray cluster (ADDRESS, else RAY_ADDRESS or a new local one); "
+                        "needs the ray extra")
+    s.add_argument("--ray-workers", type=_positive_int, default=None,
+                   help="encoder actors on Ray (default: one per GPU, else 1)")
+    s.add_argument("--ray-shard-docs", type=_positive_int, default=64,
+                   help="documents per Ray shard (the unit of work, of staging and of resuming)")
     s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("query", help="retrieve (and optionally answer) a question")
@@ -295,7 +316,12 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (exit 2), like every other user error."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, _printable(f"{self.prog}: error: {message} (see {self.prog} --help)") + "\n")
+
+
+def _printable(text: str) -> str:
+    """Arguments that were not valid UTF-8 arrive as lone surrogates: shown escaped, never a crash."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _positive_int(text: str) -> int:
@@ -369,7 +395,7 @@ def main(argv=None) -> int:
         if getattr(args, "debug", False):
             raise
         code, message = _user_error(err)
-        print(f"error: {message}", file=sys.stderr)
+        print(_printable(f"error: {message}"), file=sys.stderr)
         return code
 
 

@@ -427,7 +427,8 @@ class Collection:
     def _ingest(self, docs, chunks_for, report: IngestReport) -> int | None:
         store = self.store
         old_ids: dict[str, list[str]] = {}  # touched document -> its committed chunk ids
-        bar = tqdm(desc="ingesting", unit="doc", disable=not self.progress)
+        bar = tqdm(desc="chunking", unit="chunk", disable=not self.progress)  # chunks: one huge document moves it too
+        n_docs = 0
         n_chunks = 0
         with store.transaction():
             for doc in docs:
@@ -437,7 +438,8 @@ class Collection:
                     report.documents_skipped += 1
                     report.notes.append(f"skipped document {doc.id.encode('utf-8', 'replace').decode()!r}: {reason}")
                     continue
-                bar.update(1)
+                n_docs += 1
+                bar.set_postfix(docs=n_docs, refresh=False)
                 fresh = doc.id not in old_ids
                 if fresh:
                     old = store.document(doc.id)
@@ -449,19 +451,20 @@ class Collection:
                     report.notes.append(f"duplicate document id {doc.id!r} in input: kept the last one")
                     report.documents_added -= 1
                 store.db.execute("SAVEPOINT document")
+                n = 0
                 try:
                     chunks = iter((chunks_for or self.chunker.iter_split)(doc))
-                    n = 0
                     part = list(_take(chunks, 1024))
                     store.replace_document(doc, part)
                     while part:
                         n += len(part)
-                        bar.set_postfix(chunks=n_chunks + n, refresh=False)
+                        bar.update(len(part))
                         part = list(_take(chunks, 1024))
                         store.add_chunks(part)
                 except Exception as err:  # noqa: BLE001 - the tokenizer refused this text: skip it, keep the batch
                     store.db.execute("ROLLBACK TO document")
                     store.db.execute("RELEASE document")
+                    bar.update(-n)
                     if fresh:
                         old_ids.pop(doc.id)
                     else:
@@ -475,7 +478,6 @@ class Collection:
                     report.documents_without_chunks += 1
                 n_chunks += n
                 report.documents_added += 1
-                bar.set_postfix(chunks=n_chunks, refresh=False)
             bar.close()
             if not old_ids:
                 return None
