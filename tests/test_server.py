@@ -88,6 +88,21 @@ def test_openai_client_plain_and_streamed_with_citations(engine, base):
     assert _metric(base, "blockrag_kv_cache_misses_total") == 0
 
 
+def test_usage_per_mode(engine, base):
+    rows = {}
+    for mode in ("full", "blend"):
+        r = _chat(base, engine, max_tokens=2, mode=mode)
+        assert r.status_code == 200, r.text
+        rows[mode] = r.json()
+    full, blend = rows["full"], rows["blend"]
+    assert full["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # a plain prefill reuses nothing
+    assert full["timings"]["prefilled_tokens"] == full["usage"]["prompt_tokens"]
+    t = blend["timings"]
+    assert t["mode"] == "blend" and t["recomputed_tokens"] > 0
+    assert blend["usage"]["prompt_tokens_details"]["cached_tokens"] == t["cached_tokens"] > 0
+    assert t["cached_tokens"] + t["prefilled_tokens"] == blend["usage"]["prompt_tokens"] == full["usage"]["prompt_tokens"]
+
+
 def test_retrieve_and_document_add_delete(base):
     r = httpx.post(base + "/v1/retrieve", json={"query": "steam engine Grey Heron", "k": 2})
     assert r.status_code == 200 and r.json()["data"][0]["doc_id"] == "railway.md"
