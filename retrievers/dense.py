@@ -28,6 +28,8 @@ class DenseRetriever:
         self._model = None
         self.index: VectorIndex | None = None
         self._gpu_matrix = None
+        # chunk id -> vector encoded elsewhere (distributed indexing): add() takes these instead of encoding
+        self.precomputed: dict[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------- encoding
     @property
@@ -67,8 +69,14 @@ class DenseRetriever:
             self.index = VectorIndex(self.dim, self.index_kind)
         chunks = list(chunks)
         if chunks:
-            self.index.add([c.id for c in chunks], self.encode([c.text for c in chunks]))
+            self.index.add([c.id for c in chunks], self._vectors(chunks))
         self._gpu_matrix = None
+
+    def _vectors(self, chunks: list) -> np.ndarray:
+        pre = self.precomputed or {}
+        todo = [c.text for c in chunks if c.id not in pre]
+        fresh = iter(self.encode(todo)) if todo else iter(())
+        return np.stack([pre[c.id] if c.id in pre else next(fresh) for c in chunks]).astype(np.float32)
 
     def delete(self, chunk_ids: Sequence[str]) -> None:
         if self.index is not None:
