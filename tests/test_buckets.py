@@ -169,3 +169,23 @@ def test_gpu_warmed_buckets_replay_graphs_with_padded_questions(tokenizer, tmp_p
     b = eager.generate(QUESTION, many, max_new_tokens=8)
     assert a.timings["cache_bucket"] > 256 and a.timings["graph_capture_ms"] > 0
     assert a.timings["question_graph"] and a.timings["decode_graph"] and a.token_ids == b.token_ids
+
+
+def test_store_keys_are_memoised_per_content(tiny, tmp_path):
+    """The per-request store keys come from a memo keyed on the chunk's id and token ids: equal to the
+    store's own keys, and a chunk whose ids change (or another store) gets its own key."""
+    from dataclasses import replace
+
+    from blockrag.attention_kv import Generator, KVCacheStore
+
+    model, tok = tiny
+    store = KVCacheStore(tmp_path / "kv", model, tok, dtype=torch.float32)
+    gen = Generator(model=model, tokenizer=tok, store=store, cuda_graphs=False)
+    chunks = _chunks(tok, TEXTS[:3])
+    assert [gen._store_key(c) for c in chunks] == [store.key(c) for c in chunks]
+    assert [gen._store_key(c) for c in chunks] == [store.key(c) for c in chunks]  # from the memo
+    edited = replace(chunks[0], token_ids=chunks[0].token_ids[:-1])
+    assert gen._store_key(edited) == store.key(edited) != store.key(chunks[0])
+    other = KVCacheStore(tmp_path / "kv2", model, tok, dtype=torch.float32, prefix="Another prefix.")
+    gen.store = other
+    assert gen._store_key(chunks[1]) == other.key(chunks[1]) != store.key(chunks[1])
