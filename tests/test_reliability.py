@@ -65,6 +65,7 @@ def test_concurrent_writers_every_document_in_every_index(tmp_path, writers):
         assert res["exit_codes"] == [0] * writers
         assert res["ok"], res
         assert res["documents"] == 5 * writers
+        assert res["unreferenced_folders"] == []  # no superseded or half-written index folder left behind
 
 
 def test_busy_store_fails_after_timeout_with_one_line(tmp_path):
@@ -322,3 +323,39 @@ def test_index_files_changed_behind_the_manifest_are_refused(tmp_path):
         c2.retriever("bm25").retrieve("x", 1)
     with pytest.raises(IndexMismatch, match="tokenizer_hash"):
         c2.retriever("hybrid").retrieve("x", 1)  # never a silent fall-back to the other indexes
+
+
+@pytest.mark.slow
+def test_kv_cache_files_go_only_after_the_commit(tmp_path, monkeypatch):
+    # the kv cache is saved in place: the files of deleted chunks may only go once the delete is committed,
+    # and a kill between that commit and the kv save is repaired (journal replay) on the next open
+    from blockrag.attention_kv.index import KVIndex
+    from blockrag.collection import Collection
+    from blockrag.documents import Document
+
+    c = Collection(tmp_path / "s", chunk_tokens=64, overlap=0, progress=False)
+    c.build_index("bm25")
+    c.build_index("kv")
+    c.add_documents([Document(id="a", text="The lighthouse of Merrowgate has a copper roof."),
+                     Document(id="b", text="Kelp bread is the national dish of Veloria.")])
+    folder = tmp_path / "s" / "indexes" / "kv" / "cache" / "chunks"
+    assert len(list(folder.glob("*.safetensors"))) == 2
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(c.store, "commit_generation", boom)  # fails before the commit
+    with pytest.raises(KeyboardInterrupt):
+        c.delete_documents(["b"])
+    monkeypatch.undo()
+    assert c.store.has_document("b") and len(list(folder.glob("*.safetensors"))) == 2
+    monkeypatch.setattr(KVIndex, "save", boom)  # dies after the commit, before the kv index is saved
+    with pytest.raises(KeyboardInterrupt):
+        c.delete_documents(["b"])
+    monkeypatch.undo()
+    assert not c.store.has_document("b") and len(list(folder.glob("*.safetensors"))) == 2
+    c.close()
+    reopened = Collection(tmp_path / "s", progress=False)  # lag detected, journal replayed, file removed
+    assert len(list(folder.glob("*.safetensors"))) == 1
+    assert reopened.store.manifest("kv")["params"]["generation"] == reopened.generation
+    assert set(reopened.indexes["kv"].store._index) == set(reopened.store.chunk_ids())
