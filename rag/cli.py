@@ -45,7 +45,10 @@ def cmd_index(args) -> int:
         return 2
     print(f"loaded {report.summary()}")
     for kind in args.index:
-        if kind not in collection.indexes:
+        refused = getattr(collection.indexes.get(kind), "reason", None)
+        if refused:  # an index that cannot be opened (other model, corrupt files): rebuilt from the store
+            print(f"note: rebuilding index {kind}: {refused}")
+        if kind not in collection.indexes or refused:
             collection.build_index(kind)  # empty now; filled by add_documents below
     start = time.perf_counter()
     # the chunker (a tokenizer load, seconds) only when a document is new or changed: a no-op re-index skips it

@@ -177,3 +177,14 @@ def test_jsonl_field_types(tmp_path):
         p.write_text(line + "\n")
         with pytest.raises(LoadError, match=needle):
             list(load_jsonl(p))
+
+
+def test_index_command_rebuilds_an_unusable_index_it_names(store, tmp_path, capsys):
+    folder = store / "indexes" / next(p.name for p in (store / "indexes").iterdir() if p.name.startswith("bm25@"))
+    (folder / "bm25.json").write_text("[]")
+    code, out, err = _run(["query", "cats", "--store", str(store), "--retriever", "bm25"], capsys)
+    assert code == 2 and "bm25" in err
+    code, out, err = _run(["index", str(tmp_path / "docs"), "--store", str(store), "--index", "bm25"], capsys)
+    assert code == 0 and "rebuilding index bm25" in out, err
+    code, out, err = _run(["query", "cats purr", "--store", str(store), "--retriever", "bm25"], capsys)
+    assert code == 0 and "a.txt" in out
