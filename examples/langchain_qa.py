@@ -19,6 +19,7 @@ def main(argv=None) -> int:
     p.add_argument("--retriever", default="hybrid")
     p.add_argument("-k", type=int, default=4)
     p.add_argument("--mode", default="turbo", choices=["full", "turbo", "block", "blend"])
+    p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args(argv)
 
     from langchain_core.runnables import RunnablePassthrough
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     collection = Collection(args.store)
     retriever = BlockragRetriever(collection=collection, retriever=args.retriever, k=args.k)
     chain = ({"documents": retriever, "question": RunnablePassthrough()} | CachedPrompt()
-             | CachedGenerator(collection, mode=args.mode))
+             | CachedGenerator(collection, mode=args.mode, max_new_tokens=args.max_new_tokens))
     for piece in chain.stream(args.question):
         print(piece, end="", flush=True)
     print()

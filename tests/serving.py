@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,20 +24,32 @@ CORPUS = [
 ]
 
 
+_template: list = []  # the folder of the first store built in this test run
+
+
 def build_store(folder):
-    """bm25 + kv over the tiny corpus (the kv index encodes every chunk with SmolLM2 once)."""
+    """bm25 + kv over the tiny corpus, opened at ``folder``. The kv index encodes every chunk with SmolLM2
+    once per test run: later calls copy the first store (each test module then writes to its own copy)."""
+    import shutil
+
     from blockrag.collection import Collection
     from blockrag.documents import Document
     from blockrag.models import ModelNotAvailable
 
-    collection = Collection(folder, chunk_tokens=64, overlap=0, progress=False)
-    collection.build_index("bm25")
-    try:
-        collection.build_index("kv")
-    except ModelNotAvailable as err:
-        pytest.skip(str(err))
-    collection.add_documents([Document(id=i, title=t, text=x) for i, t, x in CORPUS])
-    return collection
+    folder = Path(folder)
+    if not _template:
+        template = folder.parent / (folder.name + "-template")
+        collection = Collection(template, chunk_tokens=64, overlap=0, progress=False)
+        collection.build_index("bm25")
+        try:
+            collection.build_index("kv")
+        except ModelNotAvailable as err:
+            pytest.skip(str(err))
+        collection.add_documents([Document(id=i, title=t, text=x) for i, t, x in CORPUS])
+        collection.close()
+        _template.append(template)
+    shutil.copytree(_template[0], folder)
+    return Collection(folder, progress=False)
 
 
 class GatedGenerator:

@@ -48,12 +48,12 @@ def test_langchain_chain_answers_from_the_stored_caches(collection):
     from blockrag.integrations.langchain import BlockragRetriever, CachedGenerator, CachedPrompt
 
     retriever = BlockragRetriever(collection=collection, retriever="bm25", k=2)
-    generator = CachedGenerator(collection, mode="turbo", max_new_tokens=6)
+    generator = CachedGenerator(collection, mode="turbo", max_new_tokens=4)
     chain = {"documents": retriever, "question": RunnablePassthrough()} | CachedPrompt() | generator
     answer = chain.invoke(QUESTION)
     # the same as the Generator over the same stored chunks (the chain found them by chunk_id)
     chunks = collection.get_chunks([d.metadata["chunk_id"] for d in retriever.invoke(QUESTION)])
-    direct = generator.generator.generate(QUESTION, chunks, mode="turbo", max_new_tokens=6)
+    direct = generator.generator.generate(QUESTION, chunks, mode="turbo", max_new_tokens=4)
     assert answer == direct.answer.strip() and answer
     pieces = list(chain.stream(QUESTION))
     assert len(pieces) >= 2 and "".join(pieces).strip() == answer
@@ -109,7 +109,8 @@ def test_examples_run(collection, capsys):
     from examples import langchain_qa, llamaindex_qa
 
     store = str(collection.store.folder)
-    assert langchain_qa.main(["--store", store, "--retriever", "bm25", "-k", "1", QUESTION]) == 0
+    assert langchain_qa.main(["--store", store, "--retriever", "bm25", "-k", "1", "--max-new-tokens", "4",
+                              QUESTION]) == 0
     out = capsys.readouterr().out
     assert out.strip().splitlines()[0] and "[1] Veloria Savings Bank (bank.md, chunk" in out
     pytest.importorskip("llama_index.core")

@@ -252,7 +252,12 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                 engine.check_retriever(retriever)
             except ValueError as err:
                 raise ApiError(400, str(err)) from None
-        return await run_in_threadpool(engine.retrieve, question, k or config.k, retriever)
+        try:
+            return await asyncio.wait_for(run_in_threadpool(engine.retrieve, question, k or config.k, retriever),
+                                          config.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"retrieval took longer than {config.request_timeout_s:.0f} s",
+                           "server_error") from None
 
     @app.post("/v1/retrieve")
     async def retrieve(body: RetrieveRequest):
