@@ -4,7 +4,8 @@ Vectors are L2-normalised and compared by inner product (cosine). ``kind="flat"`
 ``kind="hnsw"`` trades a little recall for sub-linear search on large collections; ``kind="ivfpq"``
 (inverted lists over product-quantised codes, ``pq_m`` bytes a vector instead of 4 x dim) fits millions of
 vectors in little memory, trained on its first ``add`` (at least 1,000 vectors), searched over ``nprobe``
-lists. ``python -m blockrag.eval.bench_dense_scale`` measures their recall and speed against exact search.
+lists; with ``refine=R`` it fetches ``R * k`` candidates and re-scores them exactly against the full vectors,
+kept in ``vectors.npy`` and memory-mapped after a load (only the candidates' rows are read). ``python -m blockrag.eval.bench_dense_scale`` measures their recall and speed against exact search.
 """
 from __future__ import annotations
 
@@ -79,13 +80,16 @@ IVFPQ_MIN_TRAIN = 1000
 
 class VectorIndex:
     def __init__(self, dim: int, kind: str = "flat", hnsw_m: int = 32, ef_search: int = 128,
-                 nlist: int | None = None, pq_m: int | None = None, nprobe: int = 16):
+                 nlist: int | None = None, pq_m: int | None = None, nprobe: int = 16, refine: int = 0):
         import faiss
 
         if kind not in {"flat", "hnsw", "ivfpq"}:
             raise ValueError(f"unknown index kind {kind!r}; use 'flat', 'hnsw' or 'ivfpq'")
         self.dim, self.kind, self.hnsw_m, self.ef_search = dim, kind, hnsw_m, ef_search
-        self.nlist, self.nprobe = nlist, nprobe
+        self.nlist, self.nprobe, self.refine = nlist, nprobe, int(refine)
+        if self.refine and kind != "ivfpq":
+            raise ValueError("refine applies to kind='ivfpq' only")
+        self._full = np.zeros((0, dim), np.float32)  # ivfpq + refine: normalised vectors by label
         self.pq_m = pq_m or max(d for d in range(1, min(dim, 64) + 1) if dim % d == 0 and d <= max(1, dim // 4))
         if dim % self.pq_m:
             raise ValueError(f"pq_m={self.pq_m} must divide the dimension {dim}")
@@ -143,6 +147,8 @@ class VectorIndex:
             self.index.add_with_ids(vectors, labels)
         else:
             self.index.add(vectors)
+        if self.refine:
+            self._full = np.concatenate([self._full, vectors])
         for label, id_ in zip(labels.tolist(), ids):
             self.ids.append(id_)
             self.rows[id_] = label
@@ -162,7 +168,15 @@ class VectorIndex:
         vectors = normalise(np.atleast_2d(vectors))
         # HNSW keeps deleted rows, so over-fetch to still return k live ones.
         fetch = min(self.index.ntotal, k if self.kind != "hnsw" else k + (len(self.ids) - len(self.rows)))
+        if self.refine:
+            fetch = min(self.index.ntotal, k * self.refine)
         scores, labels = self.index.search(vectors, fetch)
+        if self.refine:  # exact inner products of the candidates, best first
+            safe = np.maximum(labels, 0)
+            exact = np.einsum("qcd,qd->qc", self._full[safe.reshape(-1)].reshape(*safe.shape, self.dim), vectors)
+            exact = np.where(labels >= 0, exact, -np.inf)
+            order = np.argsort(-exact, axis=1, kind="stable")
+            scores, labels = np.take_along_axis(exact, order, 1), np.take_along_axis(labels, order, 1)
         out = []
         for row_scores, row_labels in zip(scores, labels):
             hits = [(self.ids[l], float(s)) for s, l in zip(row_scores, row_labels)
@@ -186,11 +200,13 @@ class VectorIndex:
                 index = faiss.IndexIVFPQ(faiss.IndexFlatIP(self.dim), self.dim, 1, self.pq_m, 8,
                                          faiss.METRIC_INNER_PRODUCT)
             faiss.write_index(index, str(tmp / "index.faiss"))
+            if self.refine:
+                np.save(tmp / "vectors.npy", np.ascontiguousarray(self._full))
             (tmp / "ids.json").write_text(json.dumps(self.ids))
             (tmp / "meta.json").write_text(json.dumps({
                 "format_version": FORMAT_VERSION, "dim": self.dim, "kind": self.kind,
                 "hnsw_m": self.hnsw_m, "ef_search": self.ef_search, "nlist": self.nlist, "pq_m": self.pq_m,
-                "nprobe": self.nprobe}))
+                "nprobe": self.nprobe, "refine": self.refine}))
 
         atomic_folder_write(Path(folder), write)
 
@@ -205,7 +221,7 @@ class VectorIndex:
         require_format(meta, FORMAT_VERSION, folder, "vector index")
         try:
             self = cls(int(meta["dim"]), meta["kind"], int(meta["hnsw_m"]), int(meta["ef_search"]),
-                       meta.get("nlist"), meta.get("pq_m"), int(meta.get("nprobe", 16)))
+                       meta.get("nlist"), meta.get("pq_m"), int(meta.get("nprobe", 16)), int(meta.get("refine", 0)))
         except (KeyError, TypeError, ValueError) as err:
             raise StoreFormatError(f"{folder}: bad vector index metadata ({err})") from None
         ids = read_json(folder / "ids.json", list, "vector index ids")
@@ -228,6 +244,14 @@ class VectorIndex:
                 self.index.nprobe = self.nprobe
             else:
                 self.index = None
+        if self.refine:
+            try:  # memory-mapped: a query reads only its candidates' rows
+                self._full = np.load(folder / "vectors.npy", mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as err:
+                raise StoreFormatError(f"{folder}/vectors.npy: unreadable ({type(err).__name__})") from None
+            if self._full.shape != (len(ids), self.dim):
+                raise StoreFormatError(f"{folder}/vectors.npy has shape {self._full.shape}, expected "
+                                       f"({len(ids)}, {self.dim})")
         self.ids = ids
         self.rows = {id_: label for label, id_ in enumerate(self.ids) if id_ is not None}
         return self
