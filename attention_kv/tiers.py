@@ -337,6 +337,11 @@ class _TierBase:
     def __len__(self) -> int:
         return len(self._sizes)
 
+    def keys(self) -> list[str]:
+        """The keys this tier holds (this process's view), e.g. for a router that sends work to the holder."""
+        with self._lock:
+            return list(self._sizes)
+
     def stats(self) -> dict:
         n = self.hits + self.misses
         return {"tier": self.name, "entries": len(self._sizes), "used_bytes": self.used_bytes,

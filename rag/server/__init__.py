@@ -37,6 +37,13 @@ def serve(config: ServerConfig, engine=None) -> None:
         logging.getLogger(__name__).warning(
             "bound to %s without --api-key: the write endpoints are disabled", config.host)
     t = time.perf_counter()
+    if engine is None and config.ray is not None and config.generate:
+        from blockrag.distributed.serving import ReplicaPool
+
+        pool = ReplicaPool(config.store, replicas=config.replicas, routing=config.routing,
+                           tier_bytes=int(config.tier_mb * (1 << 20)), address=config.ray or None)
+        print(f"{config.replicas} generator replicas on Ray ({config.routing} routing)", flush=True)
+        engine = Engine(config, generator=pool)
     engine = engine or Engine(config)
     print(f"loaded store {config.store} ({engine.stats()['chunks']} chunks), model {engine.model_id} "
           f"in {time.perf_counter() - t:.1f}s", flush=True)
@@ -64,9 +71,18 @@ def run(args) -> int:
         (config.queue_size < 1, f"--queue-size must be at least 1, got {config.queue_size}"),
         (config.request_timeout_s <= 0, f"--timeout must be positive, got {config.request_timeout_s}"),
         (config.max_body_bytes < 1024, "--max-body-mb must be at least 0.001 (1 KiB)"),
+        (config.ray is not None and config.replicas < 1, f"--replicas must be at least 1, got {config.replicas}"),
     ] if bad]
     if problems:
         print(f"error: {problems[0]}", file=sys.stderr)
         return 2
+    if config.ray is not None:
+        from blockrag.distributed import RayNotInstalled, require_ray
+
+        try:
+            require_ray()
+        except RayNotInstalled as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     serve(config)
     return 0

@@ -39,6 +39,10 @@ class ServerConfig:
     max_body_bytes: int = 8 << 20
     allowed_hosts: list[str] = field(default_factory=list)
     warmup: bool = True
+    ray: str | None = None  # generator replicas on Ray: "" = RAY_ADDRESS or a new local cluster
+    replicas: int = 2
+    routing: str = "cache-aware"
+    tier_mb: float = 1024.0  # each replica's fast KV tier (GPU memory, else host RAM)
 
     @property
     def loopback(self) -> bool:
@@ -79,6 +83,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (then 413)")
     p.add_argument("--allow-host", action="append", default=[],
                    help="extra Host header value to accept (repeatable; '*' accepts any)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="generate on replicas on a Ray cluster (ADDRESS, else RAY_ADDRESS or a new local one); "
+                        "needs the ray extra")
+    p.add_argument("--replicas", type=int, default=2, help="generator replicas with --ray")
+    p.add_argument("--routing", default="cache-aware", choices=("cache-aware", "round-robin"),
+                   help="with --ray: to the replica holding most of the passages, or in turn")
+    p.add_argument("--tier-mb", type=float, default=1024.0, help="with --ray: each replica's fast KV tier")
 
 
 def from_args(args) -> ServerConfig:
@@ -86,4 +97,6 @@ def from_args(args) -> ServerConfig:
                         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                         retriever=args.retriever, k=args.k, mode=args.mode, max_new_tokens=args.max_new_tokens,
                         generate=not args.no_generate, queue_size=args.queue_size, request_timeout_s=args.timeout,
-                        max_body_bytes=int(args.max_body_mb * (1 << 20)), allowed_hosts=list(args.allow_host))
+                        max_body_bytes=int(args.max_body_mb * (1 << 20)), allowed_hosts=list(args.allow_host),
+                        ray=getattr(args, "ray", None), replicas=getattr(args, "replicas", 2),
+                        routing=getattr(args, "routing", "cache-aware"), tier_mb=getattr(args, "tier_mb", 1024.0))

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,8 +123,12 @@ class Engine:
         self._seen_generation = collection.generation
         self._pipelines: dict = {}
         self.metrics.queue_depth.set_function(self._jobs.qsize)
-        self._worker = threading.Thread(target=self._work, name="blockrag-generation", daemon=True)
-        self._worker.start()
+        # a replica pool (blockrag.distributed.serving) runs one generation per replica at once
+        self._workers = [threading.Thread(target=self._work, name=f"blockrag-generation-{i}", daemon=True)
+                         for i in range(max(1, int(getattr(self.generator, "concurrency", 1))))]
+        for worker in self._workers:
+            worker.start()
+        self._worker = self._workers[0]
 
     # ------------------------------------------------------------- retrieval
     def _pipeline(self, retriever: str | None = None):
@@ -209,7 +213,7 @@ class Engine:
                 self.metrics.cancelled.labels("timeout").inc()
                 job.emit("error", (504, "the request timed out while waiting for the generator"))
                 continue
-            with self._model_lock:
+            with self._model_lock if not getattr(self.generator, "concurrent", False) else nullcontext():
                 self.metrics.in_flight.inc()
                 try:
                     self._generate(job)
@@ -301,7 +305,8 @@ class Engine:
                     "generation": self.collection.generation, "indexes": sorted(self.collection.indexes)}
 
     def close(self) -> None:
-        try:
-            self._jobs.put_nowait(None)
-        except queue.Full:
-            pass
+        for _ in self._workers:
+            try:
+                self._jobs.put_nowait(None)
+            except queue.Full:
+                pass
