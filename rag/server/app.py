@@ -272,7 +272,11 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     @app.post("/v1/documents", dependencies=[Depends(require_token)])
     async def add_documents(body: DocumentsRequest):
         docs = [_document(d) for d in body.documents]
-        return {"object": "ingest", **await run_in_threadpool(engine.add_documents, docs)}
+        try:
+            report = await run_in_threadpool(engine.add_documents, docs)
+        except ValueError as err:  # bad input the collection refused (one line)
+            raise ApiError(400, f"documents refused: {err}") from None
+        return {"object": "ingest", **report}
 
     @app.delete("/v1/documents/{doc_id:path}", dependencies=[Depends(require_token)])
     async def delete_document(doc_id: str):
