@@ -198,4 +198,5 @@ def test_run_beir_with_store_reuses_it(tmp_path):
     second = run_beir(root, "test", "bm25", store_dir=store)
     assert second["bm25"]["ndcg@10"] == first["bm25"]["ndcg@10"]
     assert "index_s" not in second["bm25"]  # index reused, not rebuilt
-    assert (store / "indexes" / "bm25" / "bm25.json").exists()
+    # index folders are versioned (bm25@<generation>-<id>): exactly one live version is kept
+    assert len(list((store / "indexes").glob("bm25*/bm25.json"))) == 1
