@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRAS=${BLOCKRAG_EXTRAS:-graph,test,serve}
+# extras: the demo needs graph + serve; the test suite also installs test, ray and llamaindex (scripts/test.sh)
+EXTRAS=${BLOCKRAG_EXTRAS:-graph,serve}
 if [ "${BLOCKRAG_LATEST:-0}" = 1 ]; then
   VENV=.venv-latest PIN=(--upgrade --upgrade-strategy eager)
 else
