@@ -337,7 +337,7 @@ def writer_trial(root: Path, writers: int, docs: int = 6, batches: int = 3, kind
     return res
 
 
-def random_kill_trial(root: Path, rng: random.Random, kinds=("bm25", "inplace")) -> dict:
+def random_kill_trial(root: Path, rng: random.Random, kinds=("bm25", "inplace"), kill_max: float = 3.0) -> dict:
     """A writer looping over ingests and deletes is killed (-9) at a random moment; the store must be the
     state after its last finished operation or after the one in flight, and the next run must work."""
     store = root
@@ -346,7 +346,7 @@ def random_kill_trial(root: Path, rng: random.Random, kinds=("bm25", "inplace"))
     c.add_documents(base, chunks_for=simple_chunks)
     c.close()
     p = run_worker(store, "--op", "loop", "--prefix", "r", "--n", 3, "--batches", 40, wait=False)
-    time.sleep(rng.uniform(0.4, 3.0))
+    time.sleep(rng.uniform(0.4, kill_max))
     p.send_signal(signal.SIGKILL)
     out, _ = p.communicate()
     ops, inflight = [], None
@@ -374,16 +374,40 @@ def random_kill_trial(root: Path, rng: random.Random, kinds=("bm25", "inplace"))
             "next_open": res, "next_run": nxt, "ok": res["ok"] and nxt["ok"]}
 
 
+def write_big_text(path, megabytes: int = 50, seed: int = 0) -> int:
+    """A ``megabytes`` MB plain-text file of random sentences (the memory figure's input); returns its size."""
+    rng = random.Random(seed)
+    base = "the of and to in is was for on that with as by at from it an be are this which or were have has had " \
+           "not but".split()
+    syll = ["ka", "lo", "mi", "ra", "ten", "sor", "vel", "qui", "an", "dre", "pho", "nix", "tal", "gor", "bel", "es",
+            "um", "ia"]
+    words = base * 40 + ["".join(rng.choices(syll, k=rng.randint(1, 4))) for _ in range(30000)]
+    size = 0
+    with open(path, "w") as f:
+        while size < megabytes * 1024 * 1024:
+            sent = " ".join(rng.choices(words, k=rng.randint(5, 25))).capitalize() + ". "
+            if rng.random() < 0.05:
+                sent += "\n\n"
+            f.write(sent)
+            size += len(sent)
+    return size
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker"]:
         return _worker(argv[1:])
+    if argv[:1] == ["bigfile"]:  # bigfile PATH [MB]
+        print(write_big_text(argv[1], int(argv[2]) if len(argv) > 2 else 50))
+        return 0
     p = argparse.ArgumentParser(prog="python -m blockrag.eval.reliability", description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=50, help="random kill -9 trials")
     p.add_argument("--writers", type=int, default=4, help="most concurrent writers (2 and this many)")
     p.add_argument("--trials", type=int, default=10, help="trials per writer count, and commit-point rounds")
     p.add_argument("--point-rounds", type=int, default=1, help="rounds of the kill-at-every-commit-point trials")
     p.add_argument("--dense", action="store_true", help="also keep a dense index (real MiniLM; slower)")
+    p.add_argument("--kill-max", type=float, default=None,
+                   help="latest random kill, seconds after the writer starts (default 3; 20 with --dense)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every trial's findings here")
     a = p.parse_args(argv)
@@ -398,7 +422,8 @@ def main(argv=None) -> int:
             points += commit_point_trials(root / f"points{r}", kinds)
         report["commit_points"] = {"trials": len(points), "ok": sum(x["ok"] for x in points),
                                    "failed": [x for x in points if not x["ok"]]}
-        print(f"kill at every commit point: {report['commit_points']['ok']}/{len(points)} trials exact", flush=True)
+        if points:
+            print(f"kill at every commit point: {report['commit_points']['ok']}/{len(points)} trials exact", flush=True)
         writer_counts = sorted({2, a.writers})
         report["writers"] = {}
         for w in writer_counts:
@@ -407,7 +432,8 @@ def main(argv=None) -> int:
                                     "failed": [r for r in rows if not r["ok"]]}
             print(f"{w} concurrent writers: {report['writers'][w]['ok']}/{len(rows)} trials with every document "
                   f"in every index", flush=True)
-        kills = [random_kill_trial(root / f"k{t}", rng, kinds) for t in range(a.kills)]
+        kill_max = a.kill_max or (20.0 if a.dense else 3.0)  # a dense writer first loads its model
+        kills = [random_kill_trial(root / f"k{t}", rng, kinds, kill_max) for t in range(a.kills)]
         lost = sum(len(k["next_open"]["lost"]) for k in kills)
         ghosts = sum(len(k["next_open"]["ghosts"]) for k in kills)
         report["random_kills"] = {"trials": len(kills), "ok": sum(k["ok"] for k in kills), "lost": lost,
