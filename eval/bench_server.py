@@ -145,42 +145,55 @@ def main(argv=None) -> int:
     if args.clients * args.requests > 5000:
         raise SystemExit("error: at most 5000 requests per run")
 
-    import threading
+    import socket
+    import subprocess
 
-    import uvicorn
-
-    from blockrag.server import ServerConfig, create_app
-    from blockrag.server.engine import Engine
+    import httpx
 
     tmp = tempfile.TemporaryDirectory()
     store = args.store or demo_store(Path(tmp.name))
-    config = ServerConfig(store=store, retriever=args.retriever, k=3, queue_size=max(64, args.clients + 8),
-                          request_timeout_s=args.time_limit, max_new_tokens=args.max_tokens)
+    with socket.socket() as sock:  # a free loopback port for the server process
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # the server in its own process (as `blockrag serve` runs), so that the clients' work here does not
+    # share its interpreter lock
+    cmd = [sys.executable, "-m", "blockrag", "serve", "--store", store, "--host", "127.0.0.1", "--port", str(port),
+           "--retriever", args.retriever, "-k", "3", "--queue-size", str(max(64, args.clients + 8)),
+           "--timeout", str(args.time_limit), "--max-new-tokens", str(args.max_tokens)]
     t = time.perf_counter()
-    engine = Engine(config)
-    warm = engine.warm_up()
-    print(f"store {store}: model {engine.model_id} loaded and warmed in {time.perf_counter() - t:.1f}s {warm}",
-          file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(create_app(config, engine), host="127.0.0.1", port=0,
-                                           log_level="warning", lifespan="off", backlog=4096))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-
-    async def run():
-        rep = await load(base, engine.model_id, args.clients, args.requests, args.generate_every, args.max_tokens)
-        rep["isolation"] = await isolation(base, engine.model_id, args.slow_tokens)
-        return rep
-
+    log_path = Path(tmp.name) / "server.log"  # a file, not a pipe: a full pipe would stall the server
+    server = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
     try:
+        model = None
+        while model is None:
+            if server.poll() is not None:
+                raise SystemExit(f"error: the server exited: {log_path.read_text()[-2000:]}")
+            if time.perf_counter() - t > args.time_limit:
+                raise SystemExit("error: the server did not start in time")
+            try:
+                model = httpx.get(base + "/health", timeout=2).json()["model"]
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        print(f"server up in {time.perf_counter() - t:.1f}s (model {model}, loaded and warmed)", file=sys.stderr)
+
+        async def run():
+            rep = await load(base, model, args.clients, args.requests, args.generate_every, args.max_tokens)
+            rep["isolation"] = await isolation(base, model, args.slow_tokens)
+            return rep
+
         report = asyncio.run(asyncio.wait_for(run(), args.time_limit))
+        metrics = httpx.get(base + "/metrics", timeout=10).text
+        report["server_metrics"] = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+                                    if line.startswith(("blockrag_kv_cache", "blockrag_queue_rejected",
+                                                        "blockrag_generations_cancelled", "blockrag_tokens"))}
     finally:
-        server.should_exit = True
-        thread.join(10)
-        engine.close()
-    report.update({"model": engine.model_id, "retriever": args.retriever, "max_tokens": args.max_tokens,
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    report.update({"model": model, "retriever": args.retriever, "max_tokens": args.max_tokens,
                    "generate_every": args.generate_every})
     text = json.dumps(report, indent=2)
     print(text)

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from anyio import CapacityLimiter, to_thread
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -179,6 +180,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     app.state.engine = engine
     metrics = engine.metrics
     app.add_middleware(Guard, config=config, metrics=metrics)
+    # Retrieval is CPU-bound Python: a few threads (FIFO) are enough, and the shared pool stays free for the rest.
+    retrieval_slots = CapacityLimiter(config.retrieval_threads)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, err: ApiError):
@@ -253,7 +256,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             except ValueError as err:
                 raise ApiError(400, str(err)) from None
         try:
-            return await asyncio.wait_for(run_in_threadpool(engine.retrieve, question, k or config.k, retriever),
+            return await asyncio.wait_for(to_thread.run_sync(engine.retrieve, question, k or config.k, retriever,
+                                                             limiter=retrieval_slots),
                                           config.request_timeout_s)
         except asyncio.TimeoutError:
             raise ApiError(504, f"retrieval took longer than {config.request_timeout_s:.0f} s",

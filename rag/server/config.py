@@ -35,6 +35,7 @@ class ServerConfig:
     max_new_tokens_limit: int = 512
     generate: bool = True
     queue_size: int = 32
+    retrieval_threads: int = 4
     request_timeout_s: float = 120.0
     max_body_bytes: int = 8 << 20
     allowed_hosts: list[str] = field(default_factory=list)
