@@ -96,7 +96,7 @@ def run_beir(data_dir: str | Path, split: str = "test", retriever_kind: str | Se
     also has ``index_s`` (build time, when built in this run) and ``queries_per_s`` (all queries,
     batched). ``report_path`` receives a JSON report.
 
-    ``rerank``: reranker name(s) of the registry; each first-stage row is followed by a row
+    ``rerank``: reranker name(s) of the registry; each asked first-stage row (not a fusion's parts) is followed by a row
     ``KIND+NAME@DEPTH`` where the top ``rerank_depth`` candidates are reordered by the reranker (through
     ``Pipeline``) and the first stage's ranking is kept below them, so metrics at cut-offs beyond the depth
     are comparable with the first stage's row. ``reranker_opts`` go to the reranker's constructor.
@@ -140,7 +140,7 @@ def run_beir(data_dir: str | Path, split: str = "test", retriever_kind: str | Se
             row["queries_per_s"] = len(queries) / elapsed if elapsed > 0 else float("inf")
             results[kind] = row
             log.info("%s: %s", kind, row)
-            for name in ([rerank] if isinstance(rerank, str) else list(rerank or [])):
+            for name in ([rerank] if isinstance(rerank, str) else list(rerank or [])) if kind in kinds else []:
                 results[f"{kind}+{name}@{rerank_depth}"] = _reranked_row(
                     col, kind, opts, name, rerank_depth, reranker_opts, queries, run, qrels, metrics,
                     ignore_identical_ids)

@@ -67,6 +67,11 @@ def test_reranked_rows_beside_the_first_stage(beir_dir, tmp_path):
     assert rep["rerank"] == ["oracle-test", "reverse-test"] and rep["rerank_depth"] == 2
 
 
+def test_only_the_asked_retriever_is_reranked(beir_dir):
+    res = run_beir(beir_dir, "test", "hybrid", k=8, rerank="oracle-test", rerank_depth=3, metrics=("ndcg@10",))
+    assert list(res) == ["bm25", "dense", "hybrid", "hybrid+oracle-test@3"]
+
+
 def test_rerank_depth_one_changes_nothing(beir_dir):
     res = run_beir(beir_dir, "test", "bm25", k=8, rerank="reverse-test", rerank_depth=1, metrics=("ndcg@10",))
     assert res["bm25+reverse-test@1"]["ndcg@10"] == pytest.approx(res["bm25"]["ndcg@10"])
