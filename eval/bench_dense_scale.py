@@ -7,7 +7,7 @@ with centres drawn on the sphere and points spread around them, L2-normalised; q
 of the same law. (Uniform random vectors would be the worst case for any approximate index, real embeddings
 cluster.) Ground truth: exact inner-product top 10 (``kind="flat"``). Each :class:`VectorIndex` kind is
 built through our wrapper (build time, size of the saved index; for ``ivfpq-refine``, ``ivfpq`` with
-``refine=10``, without the memory-mapped full vectors it re-scores from), then searched single-threaded one query
+``refine=--refine``, without the memory-mapped full vectors it re-scores from), then searched single-threaded one query
 at a time at several search widths (HNSW ``efSearch``, IVF-PQ ``nprobe``): recall@10 against the exact
 answer and queries/s (best of 3 rounds).
 """
@@ -55,7 +55,7 @@ def _qps(index, queries: np.ndarray, k: int, repeats: int = 3) -> tuple[float, l
 
 
 def run(n: int, dim: int, n_queries: int, kinds: list[str], clusters: int, spread: float, seed: int,
-        k: int = 10, nlist: int | None = None) -> dict:
+        k: int = 10, nlist: int | None = None, refine: int = 10) -> dict:
     import faiss
 
     from blockrag.retrievers.vector_index import VectorIndex
@@ -68,8 +68,8 @@ def run(n: int, dim: int, n_queries: int, kinds: list[str], clusters: int, sprea
     truth = None
     for kind in kinds:
         t0 = time.perf_counter()
-        if kind == "ivfpq-refine":  # the PQ shortlist (10 x k) re-scored with the full vectors
-            idx = VectorIndex(dim, "ivfpq", nlist=nlist, refine=10)
+        if kind == "ivfpq-refine":  # the PQ shortlist (refine x k) re-scored with the full vectors
+            idx = VectorIndex(dim, "ivfpq", nlist=nlist, refine=refine)
         else:
             idx = VectorIndex(dim, kind, nlist=nlist)
         idx.add(ids, base)
@@ -92,6 +92,7 @@ def run(n: int, dim: int, n_queries: int, kinds: list[str], clusters: int, sprea
             rows.append(row)
             print(json.dumps(row), flush=True)
     return {"n": n, "dim": dim, "queries": n_queries, "clusters": clusters, "spread": spread, "nlist": nlist,
+            "refine": refine,
             "rows": rows,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -118,11 +119,12 @@ def main(argv=None) -> int:
     ap.add_argument("--spread", type=float, default=0.8, help="cluster radius relative to the centre norm")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nlist", type=int, help="IVF-PQ inverted lists (default: 4 sqrt(n))")
+    ap.add_argument("--refine", type=int, default=10, help="ivfpq-refine: candidates re-scored, per result")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
     if a.kinds[0] != "flat":
         a.kinds = ["flat"] + [k for k in a.kinds if k != "flat"]  # exact first: the ground truth
-    rep = run(int(a.n), a.dim, a.queries, a.kinds, a.clusters, a.spread, a.seed, nlist=a.nlist)
+    rep = run(int(a.n), a.dim, a.queries, a.kinds, a.clusters, a.spread, a.seed, nlist=a.nlist, refine=a.refine)
     print(markdown(rep))
     if a.out:
         a.out.write_text(json.dumps(rep, indent=1))
