@@ -118,3 +118,15 @@ def test_server_answers_through_the_pool(pool, store):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] is not None
     engine.close()
+
+
+def test_serve_ray_without_ray_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    from blockrag.cli import main
+    from blockrag.collection import Collection
+
+    Collection(tmp_path / "store", progress=False).close()
+    assert (tmp_path / "store" / "store.sqlite").exists()
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    assert main(["serve", "--store", str(tmp_path / "store"), "--ray", "--replicas", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "blockrag[ray]" in err
