@@ -41,9 +41,16 @@ WARMUP_QUESTIONS = (16, 32, 48, 64, 96, 128)
 def apply_stops(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """(``text`` cut before the first stop string, whether one was found). A stop string counts once the
     answer has begun: matches inside leading whitespace are skipped (a model that opens with a newline is
-    not cut to an empty answer)."""
+    not cut to an empty answer), and so are matches right after a colon (a line such as "The answer is:"
+    announces the next one)."""
     begin = len(text) - len(text.lstrip())
-    cuts = [i for i in (text.find(s, begin) for s in stop if s) if i >= 0]
+    cuts = []
+    for s in stop:
+        i = text.find(s, begin) if s else -1
+        while i >= 0 and text[:i].rstrip().endswith(":"):
+            i = text.find(s, i + len(s))
+        if i >= 0:
+            cuts.append(i)
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 

@@ -279,15 +279,19 @@ def ratio_ci(num: Sequence[float], den: Sequence[float], level: float = 0.9, n: 
 
 
 # ------------------------------------------------------------------------------------- answers
+_PREAMBLE = re.compile(r"^(?:the\s+)?(?:short\s+|correct\s+)?answer\b(?:\s+to\s+(?:this|the|your)\s+question)?"
+                       r"(?:\s+is)?\s*[:\-]?\s*", re.I)
+
+
 def extract_answer(text: str) -> str:
-    """The short answer in a generated text: its first non-empty line, without a leading "Answer:" and
-    without trailing punctuation (the same for every mode; the decoder's stop rules usually did this)."""
-    for line in text.strip().splitlines():
-        line = line.strip()
-        if line:
-            line = re.sub(r"^(the\s+)?answer\s*(is)?\s*[:\-]\s*", "", line, flags=re.I)
-            return line.rstrip(" .;,")
-    return ""
+    """The short answer in a generated text, the same for every mode: the first non-empty line (the line
+    after it when the first ends with a colon, as in "The answer is:"), without a leading "Answer:" / "The
+    answer is" and without trailing punctuation."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    line = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    return _PREAMBLE.sub("", line).strip().rstrip(" .;,")
 
 
 # --------------------------------------------------------------------------------------- run

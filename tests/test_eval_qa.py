@@ -52,6 +52,9 @@ def test_extract_answer_first_line_without_prefix():
     assert qa.extract_answer("Answer: Alda Venn.\nQuestion: who else?") == "Alda Venn"
     assert qa.extract_answer("\n\n  412 kilometres  \nmore") == "412 kilometres"
     assert qa.extract_answer("") == ""
+    assert qa.extract_answer("The answer to this question is:\nPrivate schools.") == "Private schools"
+    assert qa.extract_answer("The answer is 2.") == "2"
+    assert qa.extract_answer("Answers vary by region") == "Answers vary by region"
 
 
 def test_load_squad_and_gold_paragraphs(tmp_path):

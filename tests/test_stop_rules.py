@@ -13,6 +13,9 @@ def test_apply_stops_skips_leading_whitespace():
     assert apply_stops("no stop here", ("\n", "###")) == ("no stop here", False)
     assert apply_stops("a ### b\nc", ("\n", "###")) == ("a ", True)  # the earliest of several
     assert apply_stops("anything", ()) == ("anything", False)
+    # a line ending with a colon announces the answer: the newline after it does not stop
+    assert apply_stops("The answer is:\nKelp bread\nmore", ("\n",)) == ("The answer is:\nKelp bread", True)
+    assert apply_stops("The answer is:\n", ("\n",)) == ("The answer is:\n", False)
 
 
 def test_held_back_and_repeats():
