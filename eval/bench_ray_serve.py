@@ -61,6 +61,8 @@ def tiny_generator(folder: Path) -> str:
 
     from blockrag.models import load_tokenizer
 
+    if (folder / "config.json").exists():  # a --workdir reused: keep the model its caches were built with
+        return str(folder)
     tok = load_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
