@@ -326,13 +326,16 @@ def writer_trial(root: Path, writers: int, docs: int = 6, batches: int = 3, kind
     open_store(store, kinds, create=True).close()
     procs = [run_worker(store, "--op", "ingest", "--prefix", f"w{i}", "--n", docs, "--batches", batches, wait=False)
              for i in range(writers)]
-    codes = []
+    codes, errors = [], []
     for p in procs:
-        _, err = p.communicate(timeout=600)
+        _, err = p.communicate(timeout=3600)
         codes.append(p.returncode)
+        if p.returncode:
+            errors.append(err.strip().splitlines()[-1] if err.strip() else "")
     expected = state_of({}, [("add", make_docs(f"w{i}", docs)) for i in range(writers)])
     res = check_store(store, [expected], kinds)
     res["exit_codes"] = codes
+    res["errors"] = errors
     res["ok"] = res["ok"] and all(c == 0 for c in codes)
     return res
 
