@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from .base import Hit
-from .vector_index import VectorIndex, atomic_folder_write
+from .vector_index import INDEX_KINDS, VectorIndex, atomic_folder_write
 
 FORMAT_VERSION = 1  # dense.json + vectors/ (a VectorIndex); files without the field are version 1
 
@@ -149,7 +149,7 @@ class DenseRetriever:
         folder = Path(folder)
         meta = read_json(folder / "dense.json", what="dense index metadata")
         require_format({"format_version": 1, **meta}, FORMAT_VERSION, folder, "dense index")
-        if not isinstance(meta.get("model"), str) or meta.get("index_kind") not in ("flat", "hnsw"):
+        if not isinstance(meta.get("model"), str) or meta.get("index_kind") not in INDEX_KINDS:
             raise StoreFormatError(f"{folder}/dense.json: bad model or index kind")
         if model_name is not None and model_name != meta["model"]:
             raise IndexMismatch(f"dense index at {folder} was built with {meta['model']!r}, "

@@ -78,12 +78,15 @@ def remove_leftovers(parent: Path) -> int:
 IVFPQ_MIN_TRAIN = 1000
 
 
+INDEX_KINDS = ("flat", "hnsw", "ivfpq")
+
+
 class VectorIndex:
     def __init__(self, dim: int, kind: str = "flat", hnsw_m: int = 32, ef_search: int = 128,
                  nlist: int | None = None, pq_m: int | None = None, nprobe: int = 16, refine: int = 0):
         import faiss
 
-        if kind not in {"flat", "hnsw", "ivfpq"}:
+        if kind not in INDEX_KINDS:
             raise ValueError(f"unknown index kind {kind!r}; use 'flat', 'hnsw' or 'ivfpq'")
         self.dim, self.kind, self.hnsw_m, self.ef_search = dim, kind, hnsw_m, ef_search
         self.nlist, self.nprobe, self.refine = nlist, nprobe, int(refine)
