@@ -77,3 +77,16 @@ def test_registry_names_the_cross_encoder_and_warns_for_a_losing_reranker(tiny_c
             registry.reranker("losing-test", model_name=tiny_cross_encoder)
     finally:
         registry._RERANKERS.pop("losing-test")
+
+
+def test_measured_losing_rerankers_warn_when_chosen(tiny_cross_encoder):
+    import warnings
+
+    from blockrag import registry
+
+    for name in ("blockrank", "pointwise"):  # constructing them loads no model
+        with pytest.warns(registry.RerankerWarning, match="lowered SciFact train nDCG@10"):
+            registry.reranker(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", registry.RerankerWarning)
+        registry.reranker("cross-encoder", model_name=tiny_cross_encoder)
