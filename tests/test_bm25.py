@@ -276,4 +276,4 @@ def test_scifact_train_ndcg():
     scores = evaluate_retriever(r, data.queries, data.qrels, k=100, metrics=["ndcg@10", "recall@100"])
     assert scores["ndcg@10"] >= 0.69, scores  # bm25s with the same tokenisation: 0.6964
     assert scores["recall@100"] >= 0.9, scores
-    assert time.perf_counter() - t0 < 120
+    assert time.perf_counter() - t0 < 600  # a guard against pathological slowness, not a benchmark

@@ -42,7 +42,8 @@ def test_names_and_one_line_refusals(collection):
         assert name in names
     assert "graph-local" in registry.retriever_names(aliases=True)
     assert registry.reranker_names()[:2] == ["blockrank", "pointwise"]
-    assert set(registry.index_kinds()) == {"bm25", "dense", "mrag", "graph", "kv"}
+    # the built-in kinds (a test module may register more, e.g. the reliability suite's in-place index)
+    assert {"bm25", "dense", "mrag", "graph", "kv"} <= set(registry.index_kinds())
     with pytest.raises(registry.UnknownName) as err:
         registry.retriever(collection, "bm52")
     msg = str(err.value)
