@@ -289,14 +289,18 @@ def test_client_disconnect_cancels_a_non_streamed_generation(engine, base):
     body = json.dumps({"model": engine.model_id, "max_tokens": 200,
                        "messages": [{"role": "user", "content": "Tell me everything about the railway."}]})
     port = int(base.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                   f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
-        t = time.perf_counter()
-        while _metric(base, "blockrag_generations_in_flight") < 1:
-            assert time.perf_counter() - t < 60
-            time.sleep(0.05)
-    t = time.perf_counter()  # the socket is closed: the server notices within its polling interval
+    gen = engine.generator
+    gen.gate.clear()  # hold the generation before its first token, so it cannot finish before the server looks
+    gen.entered.clear()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+            assert gen.entered.wait(60)  # the worker is inside the generation
+        time.sleep(2.0)  # the socket is closed: the server notices within its polling interval
+    finally:
+        gen.gate.set()
+    t = time.perf_counter()
     while _metric(base, "blockrag_generations_cancelled_total", reason="disconnect") <= before:
         assert time.perf_counter() - t < 60, "the generation was not cancelled"
         time.sleep(0.2)
