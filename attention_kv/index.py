@@ -17,8 +17,12 @@ META = "kv_index.json"
 
 class KVIndex:
     def __init__(self, name: str = "kv", model_name: str | None = None, quant: str | None = None,
-                 system_prompt: str | None = None, device: str | None = None):
-        self.name, self.model_name, self.quant = name, model_name, quant
+                 system_prompt: str | None = None, device: str | None = None, kv_policy: str = "precompute"):
+        """``kv_policy``: ``"precompute"`` encodes every chunk's KV at indexing time; ``"on-demand"`` only
+        records the chunks, and a chunk's KV is computed (and stored) the first time a question needs it."""
+        if kv_policy not in ("precompute", "on-demand"):
+            raise ValueError(f"kv_policy must be 'precompute' or 'on-demand', not {kv_policy!r}")
+        self.name, self.model_name, self.quant, self.kv_policy = name, model_name, quant, kv_policy
         self.system_prompt, self.device = system_prompt, device
         self.folder: Path | None = None
         self._pending_delete: list[str] = []  # removed in save(), i.e. after the store's commit
@@ -45,7 +49,7 @@ class KVIndex:
             self._store = KVCacheStore(self.folder / "cache", self._model, self._tokenizer,
                                        system_prompt=self.system_prompt, quant=self.quant,
                                        dtype=torch.bfloat16 if on_gpu else torch.float32,
-                                       model_name=self.model_name)
+                                       model_name=self.model_name, kv_policy=self.kv_policy)
         return self._store
 
     def generator(self, **kwargs):
@@ -83,7 +87,8 @@ class KVIndex:
             self._pending_delete = []
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"model": self.model_name, "quant": self.quant, "system_prompt": self.system_prompt}
+        meta = {"model": self.model_name, "quant": self.quant, "system_prompt": self.system_prompt,
+                "kv_policy": self.kv_policy}
         tmp = folder / (META + ".tmp")
         tmp.write_text(json.dumps(meta))
         tmp.replace(folder / META)
@@ -92,7 +97,8 @@ class KVIndex:
     def load(cls, folder: str | Path, **kwargs) -> "KVIndex":
         folder = Path(folder)
         meta = json.loads((folder / META).read_text())
-        self = cls(model_name=meta["model"], quant=meta["quant"], system_prompt=meta["system_prompt"], **kwargs)
+        self = cls(model_name=meta["model"], quant=meta["quant"], system_prompt=meta["system_prompt"],
+                   kv_policy=meta.get("kv_policy", "precompute"), **kwargs)
         self.attach(folder)
         return self
 

@@ -49,7 +49,8 @@ def cmd_index(args) -> int:
         if refused:  # an index that cannot be opened (other model, corrupt files): rebuilt from the store
             print(f"note: rebuilding index {kind}: {refused}")
         if kind not in collection.indexes or refused:
-            collection.build_index(kind)  # empty now; filled by add_documents below
+            params = {"kv_policy": args.kv_policy} if kind == "kv" else {}
+            collection.build_index(kind, **params)  # empty now; filled by add_documents below
     start = time.perf_counter()
     # the chunker (a tokenizer load, seconds) only when a document is new or changed: a no-op re-index skips it
     if getattr(args, "ray", None) is not None:  # chunk + encode on a Ray cluster, commit here as below
@@ -234,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per chunk for a new store (default 256; an existing store keeps its own)")
     s.add_argument("--overlap", type=_count, default=None, help="tokens shared by neighbouring chunks (default 32)")
     s.add_argument("--tokenizer", default=None, help="generator whose tokenizer chunks the text")
+    s.add_argument("--kv-policy", choices=["precompute", "on-demand"], default="precompute",
+                   help="a new kv index: encode every chunk's KV now (precompute) or the first time a "
+                        "question needs it (on-demand)")
     s.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="chunk and encode on a Ray cluster (ADDRESS, else RAY_ADDRESS or a new local one); "
                         "needs the ray extra")
