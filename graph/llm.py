@@ -5,7 +5,7 @@ OpenAI-compatible HTTP endpoint.
   delimiters, JSON, chatter around the records), retries with a timeout, an on-disk response cache
   keyed by (model, prompt), and a token / cost counter per indexing run (:meth:`LLMExtractor.usage`).
 * :class:`LLMKeywordExtractor` — query -> (low-level, high-level) keywords, JSON answer, offline fallback.
-* Backends: :class:`OpenAIBackend` (urllib, no SDK) and :class:`HFBackend` (``rag.models.load_generator``).
+* Backends: :class:`OpenAIBackend` (urllib, no SDK) and :class:`HFBackend` (``blockrag.models.shared_generator``).
   Anything with ``name`` and ``complete(prompt, max_tokens) -> (text, prompt_tokens, completion_tokens)``
   works.
 
@@ -194,7 +194,7 @@ class OpenAIBackend:
 
 
 class HFBackend:
-    """A local causal LM through :func:`rag.models.load_generator` (greedy decoding, chat template)."""
+    """A local causal LM through :func:`blockrag.models.shared_generator` (greedy decoding, chat template)."""
 
     def __init__(self, model_name: str | None = None, device: str | None = None):
         self.model_name, self.device = model_name, device
@@ -205,7 +205,7 @@ class HFBackend:
     def complete(self, prompt: str, max_tokens: int = 512) -> tuple[str, int, int]:
         import torch
 
-        from blockrag.models import load_generator
+        from blockrag.models import shared_generator as load_generator  # one copy per process
 
         with self._lock:
             if self._model is None:
