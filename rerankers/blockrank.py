@@ -49,6 +49,8 @@ from blockrag.models import LazyGenerator
 
 from blockrag.retrievers.base import Hit
 
+from .base import rank_items
+
 INSTRUCTION = ("Below are passages, then a query. Find the passage that is most relevant to the query "
                "(the one that best supports or refutes it).")
 QUESTION = "Which passage is most relevant to the query?"
@@ -345,13 +347,7 @@ class BlockRankReranker(LazyGenerator):
     def rerank(self, query: str, items: Sequence, k: int | None = None,
                texts: Mapping[str, str] | Callable[[str], str] | None = None) -> list[Hit]:
         """``items``: chunks (``.id``/``.text``), ``(id, text)`` pairs, or hits/ids with ``texts`` to look them up."""
-        ids, doc_texts = _resolve(items, texts)
-        if not ids:
-            return []
-        scores = self.score(query, doc_texts, ids=ids)
-        order = np.argsort(-scores, kind="stable")
-        hits = [Hit(ids[i], float(scores[i])) for i in order]
-        return hits[:k] if k else hits
+        return rank_items(lambda q, docs, ids: self.score(q, docs, ids=ids), query, items, k, texts)
 
     def score(self, query: str, doc_texts: Sequence[str], ids: Sequence[str] | None = None) -> np.ndarray:
         prompt = self.build_prompt(query, doc_texts)
@@ -509,21 +505,3 @@ def relevance(mass, n_docs: int) -> np.ndarray:
     docs = mass[..., 1:n_docs + 1].float()
     docs = docs / docs.sum(-1, keepdim=True).clamp_min(1e-30)
     return docs.mean(dim=(0, 1)).detach().cpu().numpy()
-
-
-def _resolve(items: Sequence, texts) -> tuple[list[str], list[str]]:
-    ids, out = [], []
-    for it in items:
-        if hasattr(it, "text") and hasattr(it, "id"):
-            ids.append(str(it.id))
-            out.append(it.text)
-        elif isinstance(it, tuple) and len(it) == 2 and isinstance(it[1], str):
-            ids.append(str(it[0]))
-            out.append(it[1])
-        else:
-            cid = it.chunk_id if hasattr(it, "chunk_id") else str(it)
-            if texts is None:
-                raise ValueError("hits / ids need `texts` (a mapping or a function id -> text)")
-            ids.append(cid)
-            out.append(texts(cid) if callable(texts) else texts[cid])
-    return ids, out

@@ -19,6 +19,8 @@ import numpy as np
 
 from blockrag.retrievers.base import Hit
 
+from .base import rank_items
+
 ENV_MODEL = "BLOCKRAG_CROSS_ENCODER"
 
 
@@ -61,12 +63,4 @@ class CrossEncoderReranker:
     def rerank(self, query: str, items: Sequence, k: int | None = None,
                texts: Mapping[str, str] | Callable[[str], str] | None = None) -> list[Hit]:
         """``items``: chunks (``.id``, ``.text``), ``(id, text)`` pairs, or hits/ids with ``texts``."""
-        from blockrag.rerankers.blockrank import _resolve
-
-        ids, doc_texts = _resolve(items, texts)
-        if not ids:
-            return []
-        scores = self.score(query, doc_texts)
-        order = np.argsort(-scores, kind="stable")
-        hits = [Hit(ids[i], float(scores[i])) for i in order]
-        return hits[:k] if k else hits
+        return rank_items(lambda q, docs, ids: self.score(q, docs), query, items, k, texts)

@@ -20,6 +20,8 @@ from blockrag.models import LazyGenerator
 
 from blockrag.retrievers.base import Hit
 
+from .base import rank_items
+
 SYSTEM = "You are a careful search engine that judges whether a passage is relevant to a query."
 
 
@@ -85,12 +87,4 @@ class PointwiseReranker(LazyGenerator):
 
     def rerank(self, query: str, items: Sequence, k: int | None = None,
                texts: Mapping[str, str] | Callable[[str], str] | None = None) -> list[Hit]:
-        from blockrag.rerankers.blockrank import _resolve
-
-        ids, doc_texts = _resolve(items, texts)
-        if not ids:
-            return []
-        scores = self.score(query, doc_texts)
-        order = np.argsort(-scores, kind="stable")
-        hits = [Hit(ids[i], float(scores[i])) for i in order]
-        return hits[:k] if k else hits
+        return rank_items(lambda q, docs, ids: self.score(q, docs), query, items, k, texts)
