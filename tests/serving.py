@@ -109,3 +109,22 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextlib.contextmanager
+def gated_engine(folder, **config):
+    """A warmed server Engine over a fresh demo store in ``folder`` whose generator is a GatedGenerator
+    (bm25, k=2, turbo unless ``config`` says otherwise)."""
+    from blockrag.server import ServerConfig
+    from blockrag.server.engine import Engine
+
+    collection = build_store(folder)
+    gen = GatedGenerator(collection.index("kv").generator())
+    config = ServerConfig(store=str(collection.store.folder), **{"retriever": "bm25", "k": 2, "mode": "turbo",
+                                                                 **config})
+    eng = Engine(config, collection=collection, generator=gen)
+    eng.warm_up()
+    try:
+        yield eng
+    finally:
+        eng.close()

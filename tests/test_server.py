@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from serving import XSS_TITLE, GatedGenerator, build_store, running
+from serving import XSS_TITLE, gated_engine, running
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -19,17 +19,8 @@ QUESTION = "Who founded the Veloria Savings Bank?"
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from blockrag.server import ServerConfig
-    from blockrag.server.engine import Engine
-
-    collection = build_store(tmp_path_factory.mktemp("serve") / "store")
-    gen = GatedGenerator(collection.index("kv").generator())
-    config = ServerConfig(store=str(collection.store.folder), retriever="bm25", k=2, mode="turbo",
-                          max_new_tokens=6, queue_size=2, max_body_bytes=64 << 10)
-    eng = Engine(config, collection=collection, generator=gen)
-    eng.warm_up()
-    yield eng
-    eng.close()
+    with gated_engine(tmp_path_factory.mktemp("serve") / "store", max_new_tokens=6, queue_size=2, max_body_bytes=64 << 10) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")

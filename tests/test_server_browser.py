@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from serving import XSS_TITLE, GatedGenerator, build_store, running
+from serving import XSS_TITLE, gated_engine, running
 
 pytest.importorskip("fastapi")
 selenium = pytest.importorskip("selenium", reason="selenium not installed (pip install selenium)")
@@ -27,16 +27,8 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    from blockrag.server import ServerConfig
-    from blockrag.server.engine import Engine
-
-    collection = build_store(tmp_path_factory.mktemp("ui") / "store")
-    gen = GatedGenerator(collection.index("kv").generator())
-    config = ServerConfig(store=str(collection.store.folder), retriever="bm25", k=2, mode="turbo", max_new_tokens=12)
-    eng = Engine(config, collection=collection, generator=gen)
-    eng.warm_up()
-    yield eng
-    eng.close()
+    with gated_engine(tmp_path_factory.mktemp("ui") / "store", max_new_tokens=12) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
