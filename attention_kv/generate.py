@@ -258,6 +258,18 @@ class Generator:
             pass
         return s.result
 
+    def generate_batch(self, requests: Sequence, mode: str = "turbo", max_batch: int = 16,
+                       max_new_tokens: int = 64, stop: Sequence[str] | None = None,
+                       repetition_guard: int | None = None, backend: str = "auto") -> list:
+        """Several questions, each over its own passages, sharing forward passes (continuous batching, at most
+        ``max_batch`` at once; cached modes): one :class:`GenerationResult` per request, in order. Requests are
+        :class:`~attention_kv.batch.BatchRequest` (own ``max_new_tokens`` / ``stop`` / ``repetition_guard``),
+        dicts of its fields or ``(question, chunks)`` pairs. See :mod:`attention_kv.batch`."""
+        from .batch import generate_batch
+
+        return generate_batch(self, requests, mode=mode, max_batch=max_batch, max_new_tokens=max_new_tokens,
+                              stop=stop, repetition_guard=repetition_guard, backend=backend)
+
     @torch.no_grad()
     def prefill(self, question: str, chunks: Sequence, mode: str, blend_ratio: float = 0.15,
                 check_layer: int = 1, extra_ids: Sequence[int] = (), cache_max_len: int | None = None,
