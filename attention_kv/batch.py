@@ -23,7 +23,10 @@ visible to that row's query ``i`` iff ``j <= pos[b, i]``. Backends: ``"reference
 row through ``attention_kv.kernels.attend`` with the PyTorch reference, the computation ``generate`` does),
 ``"sdpa"`` (the CUDA default: one ``scaled_dot_product_attention`` call with an additive mask, the query
 heads of each KV head folded into the query rows so no K/V is repeated), ``"matmul"`` (two batched matmuls
-and an fp32 softmax). The Triton kernels take one length per call, so they are not used here.
+and an fp32 softmax), ``"flash"`` (CUDA, fp16/bf16: PyTorch's flash-attention varlen forward reading the
+padded rows in place, each row's valid keys given by ``seqused_k``; causal alignment at each row's last
+key). The Triton kernels take one length per call, so they are not used here. ``eval/bench_batch.py``
+measures the three on the GPU.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import torch
 from .model import ModelAdapter
 from .rope import cos_sin, rope_rows_
 
-BACKENDS = ("auto", "reference", "sdpa", "matmul")
+BACKENDS = ("auto", "reference", "sdpa", "matmul", "flash")
 BATCH_MODES = ("turbo", "block")
 _CAP_ROUND = 64  # row capacity rounded up to this many positions
 
@@ -383,14 +386,15 @@ class _Step:
         buf[self.bidx, self.pos] = new
         K = buf[:, :self.Lk, 0].transpose(1, 2)  # [B, Hkv, Lk, D] views
         V = buf[:, :self.Lk, 1].transpose(1, 2)
-        return attend_rows(q, K, V, self.vis, eng.ad.scale, eng.backend, starts=self.starts, step=self)
+        return attend_rows(q, K, V, self.vis, eng.ad.scale, eng.backend, starts=self.starts, step=self, rows=buf)
 
 
-def attend_rows(q, k, v, vis, scale: float, backend: str, starts=None, step=None):
+def attend_rows(q, k, v, vis, scale: float, backend: str, starts=None, step=None, rows=None):
     """Attention of ``q [B, Hq, L, D]`` over ``k, v [B, Hkv, Lk, D]`` where row b's query i sees key j iff
     ``vis[b, i, j]`` (``vis [B, L, Lk]`` bool). ``starts``: the global index of each row's first query (the
     reference backend runs each row with ``q_start``, keys cut at its last visible one; ``vis`` must then be
-    causal from there)."""
+    causal from there). ``rows``: the rows' whole buffer ``[B, cap, 2, Hkv, D]`` (the flash backend reads it in
+    place; ``k``/``v`` are its views)."""
     B, Hq, L, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -404,6 +408,8 @@ def attend_rows(q, k, v, vis, scale: float, backend: str, starts=None, step=None
             outs.append(attend(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], q_start=s, scale=scale,
                                backend="torch"))
         return torch.cat(outs)
+    if backend == "flash":
+        return _flash_rows(q, rows, vis, scale)
     bias = None if step is None else step.bias
     if bias is None:  # built once per forward (every layer shares it); rows (g, i) of a KV head see vis[b, i]
         fold = vis[:, None].expand(B, G, L, Lk).reshape(B, 1, G * L, Lk)
@@ -420,6 +426,22 @@ def attend_rows(q, k, v, vis, scale: float, backend: str, starts=None, step=None
     else:
         raise ValueError(f"unknown attention backend {backend!r}")
     return out.reshape(B, Hq, L, D)
+
+
+def _flash_rows(q, rows, vis, scale: float):
+    """Flash-attention varlen over padded rows: sequence b's keys start at ``b * cap`` and its first
+    ``seqused_k[b]`` are valid (the rows' last visible key + 1); queries aligned causally at the end."""
+    B, Hq, L, D = q.shape
+    cap = rows.shape[1]
+    used = (vis[:, -1].sum(-1)).to(torch.int32)  # row b's last query sees keys 0..used-1
+    dev = q.device
+    kp, vp = rows[:, :, 0].flatten(0, 1), rows[:, :, 1].flatten(0, 1)  # [B * cap, Hkv, D] views
+    cu_k = torch.arange(B + 1, dtype=torch.int32, device=dev) * cap
+    cu_q = torch.arange(B + 1, dtype=torch.int32, device=dev) * L
+    qp = q.transpose(1, 2).reshape(B * L, Hq, D)
+    out = torch.ops.aten._flash_attention_forward(qp, kp, vp, cu_q, cu_k, L, vis.shape[-1], 0.0, True, False,
+                                                  scale=scale, seqused_k=used)[0]
+    return out.view(B, L, Hq, D).transpose(1, 2)
 
 
 def generate_batch(gen, requests: Sequence, mode: str = "turbo", max_batch: int = 16, max_new_tokens: int = 64,
