@@ -30,12 +30,16 @@ from .cache_store import ChunkKV, KVCacheStore
 from .blend import blend_prefill
 from .block_cache import BlockKVCache, GraphedStep, forward_block
 from .model import ModelAdapter
+from .paged_cache import PageArena, PagedKVCache
 
 MODES = ("full", "turbo", "block", "blend")
 MIN_BUCKET = 4096  # smallest cache size bucket (tokens); the next ones double up to max_cache_len
 # question lengths one graph serves (a question is padded to the next size; see GraphedStep(select_row=True))
 QUESTION_BUCKETS = (16, 32, 48, 64, 80, 96, 128, 160, 192, 256)
 WARMUP_QUESTIONS = (16, 32, 48, 64, 96, 128)
+PAGED = "paged"  # the graphs' bucket key of the paged path (one graph per question length serves every context)
+PAGE_TOKENS = 64  # tokens per page of the paged path on CUDA (16 elsewhere: small tiles for the interpreter)
+TAIL_TOKENS = 2304  # paged path: positions after the context for the question (padded) and the answer
 
 
 def apply_stops(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -213,6 +217,14 @@ class Generator:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and rope == "stitch"
         self.share_buffers = self.cuda_graphs  # bucketed shared buffer (tests switch it on for the CPU)
         self.pad_questions = self.cuda_graphs  # question padded to its bucket (one graph, many lengths)
+        # Zero-copy stitching (turbo/block): chunk caches stay in the pages of one arena and a request is a page
+        # table read by the attention (RoPE re-positioning applied to the query rows); the stitched buffer is
+        # then used only by blend and by requests the paged path cannot take (see _use_paged). On for CUDA.
+        self.paged = self.cuda_graphs
+        self.page_tokens = PAGE_TOKENS if self.device.type == "cuda" else 16
+        self.tail_tokens = TAIL_TOKENS
+        self._arena: PageArena | None = None
+        self._paged: PagedKVCache | None = None
         mpe = int(getattr(model.config, "max_position_embeddings", None) or 8192)
         self.max_cache_len = int(max_cache_len or min(mpe, self.adapter.max_context or mpe))
         self.min_bucket = MIN_BUCKET
@@ -304,6 +316,8 @@ class Generator:
             return logits[0], info
         Lq_b = question_bucket(Lq, self.question_buckets) if (block and self.pad_questions) else None
         n_q = Lq_b or Lq
+        if block and self._use_paged(Lc, n_q, room, cache_max_len):
+            return self._prefill_paged(chunks, q_ids, Lc, Lq, Lq_b, last_only, info)
         # the question (padded) and the room after it; a graph's capture also writes its last n_q slots
         cache, bucket = self._cache_for(Lc + n_q + max(room, n_q) + 1, cache_max_len)
         info["bucket"], info["question_bucket"] = bucket, Lq_b
@@ -361,11 +375,18 @@ class Generator:
         forward of each padded question length in ``question_lengths`` (rounded up to their buckets). A
         request whose context and question fall in warmed buckets then pays no compilation or capture.
         Compiled Triton kernels persist across processes in Triton's own cache; graphs do not.
+        With the paged path (:attr:`paged`) one graph per question length (and one decode step) serves every
+        context: the page arena is sized for the largest of ``buckets`` (default ``max_cache_len``) and only
+        ``buckets`` given explicitly are captured for the stitched buffer as well (blend, fallbacks).
         Returns {"buckets", "question_buckets", "graphs", "seconds", "cache_bytes"} (no-op without graphs)."""
         t = time.perf_counter()
         if not self.cuda_graphs:
             return {"buckets": [], "question_buckets": [], "graphs": 0, "seconds": 0.0, "cache_bytes": 0}
-        if buckets is None:
+        paged_for = None
+        if self.paged:
+            paged_for = max(buckets) if buckets else self.max_cache_len
+            buckets = buckets if buckets is not None else []
+        elif buckets is None:
             buckets = size_buckets(self.max_cache_len, self.min_bucket)
         bs = []
         for n in buckets:
@@ -382,25 +403,36 @@ class Generator:
                                  f"{max(self.question_buckets)}")
             qbs.append(qb)
         qbs = sorted(set(qbs))
-        self._reserve(max(bs))
+        if bs:
+            self._reserve(max(bs))
+        todo = [(b, n) for b in bs for n in [1] + qbs]
+        if paged_for is not None:
+            # pages for a context of paged_for tokens, with room for chunks' partly filled last pages
+            self._paged_cache(-(-int(paged_for) * 3 // (2 * self.page_tokens)))
+            self._paged.set_request(self._paged_parts([]), len(self.store.prefix_ids))
+            todo = [(PAGED, n) for n in [1] + qbs] + todo
         from tqdm.auto import tqdm
 
-        todo = [(b, n) for b in bs for n in [1] + qbs]
         for b, n in tqdm(todo, desc="capturing graphs", disable=not progress if progress is not None else None,
                          leave=False):
             self._graph_for(b, n)
         _sync(self.device)
+        mem = self.cache_memory()
         return {"buckets": bs, "question_buckets": qbs, "graphs": len(self._graphs),
-                "seconds": time.perf_counter() - t, "cache_bytes": self.cache_memory()["buffer_bytes"]}
+                "seconds": time.perf_counter() - t, "cache_bytes": mem["buffer_bytes"] + mem["arena_bytes"]}
 
     def cache_memory(self) -> dict:
         """The shared cache buffer: {"buffer_tokens", "buffer_bytes", "max_cache_len", "max_bytes", "buckets",
-        "graphs"} (``max_bytes``: the buffer at ``max_cache_len``, the most it grows to)."""
+        "graphs"} (``max_bytes``: the buffer at ``max_cache_len``, the most it grows to), and the paged path's
+        arena (chunk caches + the request tail): {"arena_pages", "arena_pages_used", "arena_bytes", "page_tokens"}."""
         n = 0 if self._kv_buf is None else int(self._kv_buf.shape[2])
         dt = self._cache_dtype()
+        a = self._arena
         return {"buffer_tokens": n, "buffer_bytes": kv_bytes(self.adapter, n, dt), "max_cache_len": self.max_cache_len,
                 "max_bytes": kv_bytes(self.adapter, self.max_cache_len, dt), "buckets": sorted(self._caches),
-                "graphs": len(self._graphs)}
+                "graphs": len(self._graphs), "arena_pages": 0 if a is None else a.n_pages,
+                "arena_pages_used": 0 if a is None else a.n_pages - a.free_pages,
+                "arena_bytes": 0 if a is None else a.nbytes, "page_tokens": self.page_tokens}
 
     # ------------------------------------------------------------------ internals
     def _device_parts(self, chunks) -> list[ChunkKV]:
@@ -467,7 +499,7 @@ class Generator:
         over the old one are dropped (captured again when next needed)."""
         if self._kv_buf is not None and self._kv_buf.shape[2] >= n_tokens:
             return
-        self._graphs.clear()
+        self._graphs = {k: g for k, g in self._graphs.items() if k[0] == PAGED}  # (over the arena: kept)
         self._caches.clear()
         self._kv_buf = None
         self._epoch += 1  # a suspended stream over the old buffer must not resume
@@ -478,14 +510,98 @@ class Generator:
                                    dtype=self._cache_dtype(), device=self.device)
 
     def _shared(self, cache) -> bool:
-        return any(c is cache for c in self._caches.values())
+        return (self._paged is not None and cache is self._paged) or any(c is cache for c in self._caches.values())
+
+    # ------------------------------------------------------------------ the paged path (zero-copy stitching)
+    def _use_paged(self, n_context: int, n_q: int, room: int, cache_max_len: int | None) -> bool:
+        """The one place deciding between the paged path and the stitched buffer for turbo/block: paged unless
+        it is off, an explicit buffer size is asked for, the question plus the answer's room overflow the tail,
+        or the positions pass ``max_cache_len`` (the stitched path then warns and runs eagerly)."""
+        need = n_q + max(room, n_q) + 1
+        return (self.paged and cache_max_len is None and need <= self.tail_tokens
+                and n_context + need <= self.max_cache_len)
+
+    def _paged_cache(self, need_pages: int = 0) -> PagedKVCache:
+        """The arena and its request view, made (or grown, dropping the entries and paged graphs) so that
+        ``need_pages`` pages fit beside the tail. Size: ``device_cache_bytes`` or what one request needs."""
+        ad, P = self.adapter, self.page_tokens
+        tail = -(-self.tail_tokens // P)
+        page_bytes = kv_bytes(ad, P, self._cache_dtype())
+        if self._arena is not None and need_pages + tail <= self._arena.n_pages:
+            return self._paged
+        n = max(self.device_cache_bytes // page_bytes, need_pages + tail, 4 * tail)
+        if self._arena is not None:
+            n = max(n, 2 * self._arena.n_pages)
+        self._graphs = {k: g for k, g in self._graphs.items() if k[0] != PAGED}
+        self._paged = self._arena = None
+        self._epoch += 1  # a suspended stream over the old arena must not resume
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._arena = PageArena(ad.n_layers, ad.n_kv_heads, ad.head_dim, n, P, self._cache_dtype(), self.device)
+        self._paged = PagedKVCache(self.model, self._arena, self.max_cache_len + self.tail_tokens, self.tail_tokens)
+        return self._paged
+
+    def _paged_parts(self, chunks) -> list:
+        """Prefix + chunk entries of the arena (copied in from the store when missing: host -> device once,
+        dequantised, keys rotated to their in-chunk positions); the request's own entries are never evicted."""
+        store = self.store
+        keys = ["prefix"] + [self._store_key(c) for c in chunks]
+        cache = self._paged_cache()
+        arena = cache.arena
+        missing = [c for c, k in zip(chunks, keys[1:]) if k not in arena.entries and c not in store]
+        if missing:
+            store.add(missing)
+        out = []
+        for key, c in zip(keys, [None] + list(chunks)):
+            ent = arena.get(key)
+            if ent is None:
+                host = store.prefix_kv() if c is None else store.get(c)
+                kv = host.to(self.device, non_blocking=True).dequant(self._cache_dtype())
+                try:
+                    ent = arena.put(key, kv, cache.cos, cache.sin, pinned=keys)
+                except MemoryError:  # this request alone needs more pages: grow the arena, start over
+                    n_tok = sum(len(getattr(x, "token_ids", None) or store.chunk_token_ids(x)) for x in chunks)
+                    need = -(-(len(store.prefix_ids) + n_tok) // self.page_tokens) + len(keys)
+                    self._paged_cache(need)
+                    return self._paged_parts(chunks)
+            out.append(ent)
+        return out
+
+    def _prefill_paged(self, chunks, q_ids, Lc: int, Lq: int, Lq_b: int | None, last_only: bool, info: dict):
+        """Turbo/block prefill over the page table (no stitching copy): the question forward, from its graph
+        when there is one (padded to ``Lq_b``), else eagerly."""
+        parts = self._paged_parts(chunks)
+        cache = self._paged
+        cache.set_request(parts, Lc)
+        info["bucket"], info["question_bucket"] = PAGED, Lq_b
+        graph = None
+        if self.cuda_graphs:
+            t, n0 = time.perf_counter(), self._captures
+            if Lq_b is not None and last_only:
+                graph = self._graph_for(PAGED, Lq_b)
+            self._graph_for(PAGED, 1)  # the decode step
+            if self._captures != n0:
+                info["capture_ms"] = (time.perf_counter() - t) * 1e3
+        q = torch.tensor(q_ids, device=self.device)
+        if graph is not None:
+            logits = graph.replay(q, Lc, n_valid=Lq)[0]
+            info["question_graph"] = True
+        elif Lq_b is not None and Lq_b > Lq:  # the same padded block, eagerly: real rows exact
+            pad = torch.cat([q, q[-1:].expand(Lq_b - Lq)])
+            logits = forward_block(self.model, cache, pad, Lc, logits_to_keep=Lq_b)[0][:Lq]
+            cache.length = Lc + Lq
+        else:
+            logits = forward_block(self.model, cache, q, Lc, logits_to_keep=Lq)[0]
+        info["cache"] = cache
+        info["length"] = cache.length
+        return logits, info
 
     def _graph_for(self, bucket: int, n: int) -> GraphedStep:
         """The graph of an ``n``-token forward (1: the decode step; else a question padded to ``n``) over
         ``bucket``'s cache, captured on first use."""
         g = self._graphs.get((bucket, n))
         if g is None:
-            cache = self._caches.get(bucket)
+            cache = self._paged_cache() if bucket == PAGED else self._caches.get(bucket)
             if cache is None:
                 cache, _ = self._cache_for(bucket, None)
             g = self._graph(cache, n, "compile_decode" if n == 1 else "compile_question")

@@ -24,6 +24,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from blockrag.attention_kv.kernels.paged_attention import attend_paged, attend_paged_reference
 from blockrag.attention_kv.kernels.question_attention import attend_question
 
 D = 128
@@ -208,6 +209,82 @@ def bench(ceil, lengths) -> list:
     return rows
 
 
+def paged_request(lk, lq, hkv, page, n_layers, seed=0):
+    """An arena of ``n_layers`` layers holding a request of ``lk`` context tokens in chunks of 100-512 tokens
+    (each chunk's last page partly filled, pages shuffled) plus a tail of ``lq`` tokens; the page table, the
+    page count on the device, the query positions and fp32 cos/sin tables."""
+    g = torch.Generator().manual_seed(seed)
+    lens, n = [], 0
+    while n < lk:
+        lens.append(min(int(torch.randint(100, 513, (1,), generator=g)), lk - n))
+        n += lens[-1]
+    n_pages_ctx = sum(-(-x // page) for x in lens)
+    n_tail = -(-(lq + 1) // page)
+    total = n_pages_ctx + n_tail
+    perm = torch.randperm(total, generator=g)
+    cols, start, k = [], 0, 0
+    for x in lens:
+        for j in range(-(-x // page)):
+            cols.append((int(perm[k]), min(page, x - j * page), start + j * page, start))
+            k += 1
+        start += x
+    for j in range(n_tail):
+        cols.append((int(perm[k]), page, lk + j * page, 0))
+        k += 1
+    table = torch.tensor(cols, dtype=torch.int32).T.contiguous().cuda()
+    arena = torch.randn(n_layers, total, page, 2, hkv, D, device="cuda", dtype=DT)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device="cuda", dtype=torch.float32) / D))
+    ang = torch.arange(lk + 1, device="cuda", dtype=torch.float32)[:, None] * inv[None]
+    return dict(arena=arena, table=table, n=torch.tensor([total], dtype=torch.int32, device="cuda"),
+                qpos=torch.arange(lk, lk + lq, device="cuda"), cos=ang.cos().contiguous(),
+                sin=ang.sin().contiguous(), pages=total, padded_tokens=total * page, n_chunks=len(lens))
+
+
+PAGED_VARIANTS = [("page64", 64, {}), ("page128", 128, {}), ("page64 s2", 64, dict(num_stages=2)),
+                  ("page64 s4", 64, dict(num_stages=4))]
+
+
+def bench_paged(ceil, lengths, variants) -> list:
+    """The zero-copy path's kernel (kernels/paged_attention.py) on the same protocol, and its correctness
+    against the PyTorch reference of the same page table."""
+    rows = []
+    for head_name, (hq, hkv) in HEADS.items():
+        for lk in lengths:
+            kv_bytes = 2 * lk * hkv * D * 2
+            for lq in (50, 1):
+                flops = 4 * hq * lq * lk * D
+                floor_us = max(kv_bytes / (ceil["copy_GBps"] * 1e9), flops / (ceil["matmul_TFLOPs"] * 1e12)) * 1e6
+                q = torch.randn(1, hq, lq, D, device="cuda", dtype=DT)
+                for name, page, kw in variants:
+                    r_ = paged_request(lk, lq, hkv, page, N_LAYERS)
+                    outs = [torch.empty_like(q) for _ in range(N_LAYERS)]
+                    args = lambda i: (q, r_["arena"][i], r_["table"], r_["n"], r_["qpos"], r_["cos"], r_["sin"])  # noqa
+                    try:
+                        got = attend_paged(*args(0), max_pages=r_["pages"], **kw)
+                        ref = attend_paged_reference(*args(0))
+                        err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+                        calls = [(lambda i=i: attend_paged(*args(i), max_pages=r_["pages"], out=outs[i], **kw))
+                                 for i in range(N_LAYERS)]
+                        g = graph_of(calls)
+                        us = timed(g.replay, reps=40) / N_LAYERS * 1e3
+                        del g
+                    except Exception as ex:  # noqa: BLE001
+                        log(f"  paged {head_name} Lq={lq} {name}: {type(ex).__name__}: {str(ex).splitlines()[0][:200]}")
+                        continue
+                    r = dict(heads=head_name, Lq=lq, Lk=lk, variant="paged " + name, us=us, floor_us=floor_us,
+                             x_floor=us / floor_us, kv_GBps=kv_bytes / (us * 1e-6) / 1e9,
+                             pct_copy_bw=100 * kv_bytes / (us * 1e-6) / 1e9 / ceil["copy_GBps"],
+                             TFLOPs=flops / (us * 1e-6) / 1e12, rel_err_vs_reference=err, ok=err < 2e-2,
+                             padded_tokens=r_["padded_tokens"], n_chunks=r_["n_chunks"])
+                    rows.append(r)
+                    log(f"  {head_name:10s} Lq={lq:3d} Lk={lk} paged {name:12s} {us:7.1f} us  x{r['x_floor']:.2f} "
+                        f"floor {r['pct_copy_bw']:5.1f}% copy BW (valid bytes; {r_['padded_tokens'] / lk - 1:.1%} "
+                        f"padding) err {err:.1e}")
+                    del r_, outs
+                    torch.cuda.empty_cache()
+    return rows
+
+
 def table(ceil, rows) -> str:
     out = [f"copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s (same run)",
            "| heads | Lq | Lk | variant | us | floor us | x floor | % copy BW | TFLOP/s |",
@@ -223,6 +300,8 @@ def main(argv=None):
     ap.add_argument("--out", default="attn_kernels.json")
     ap.add_argument("--lengths", default="32768")
     ap.add_argument("--quick", action="store_true", help="default variants only")
+    ap.add_argument("--paged", action="store_true", help="also the paged (zero-copy) kernel")
+    ap.add_argument("--no-contiguous", action="store_true", help="skip the contiguous kernel's rows")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -231,8 +310,14 @@ def main(argv=None):
         QUESTION_VARIANTS, DECODE_VARIANTS = QUESTION_VARIANTS[:1], DECODE_VARIANTS[:1]
     ceil = ceilings()
     log(f"ceilings: {ceil}")
-    corr = correctness(QUESTION_VARIANTS, DECODE_VARIANTS)
-    rows = bench(ceil, [int(x) for x in args.lengths.split(",")])
+    lengths = [int(x) for x in args.lengths.split(",")]
+    corr = [] if args.no_contiguous else correctness(QUESTION_VARIANTS, DECODE_VARIANTS)
+    rows = [] if args.no_contiguous else bench(ceil, lengths)
+    if args.paged:
+        prow = bench_paged(ceil, lengths, PAGED_VARIANTS[:1] if args.quick else PAGED_VARIANTS)
+        rows += prow
+        corr += [dict(variant=r["variant"], heads=r["heads"], Lq=r["Lq"], Lk=r["Lk"], ok=r["ok"],
+                      rel_err_vs_reference=r["rel_err_vs_reference"]) for r in prow]
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=ceil, correctness=corr,
                timings=rows)
     try:

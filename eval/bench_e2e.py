@@ -20,9 +20,10 @@ Rows, per context length:
   HF reuse         HF's own cache reuse: a ``DynamicCache`` of the context built beforehand (untimed), then the
                    question forward over it and the argmax (wall clock; the cache cropped back after each run)
   decode           ours: tokens/s of the same streamed generation (CUDA-graph decode step); HF: ``StaticCache``
-                   + ``torch.compile(mode="reduce-overhead")`` decode at ``--hf-static-at`` contexts
-Floors printed with the table: TTFT >= (weights + the context's K/V) / copy bandwidth (one read of each);
-decode >= the same bytes per token.
+                   + ``torch.compile(mode="reduce-overhead")`` decode at ``--hf-static-at`` contexts, each in a
+                   subprocess of its own after ours is done (beside our arena and graphs it ran out of memory)
+Floors, from ceilings measured in the same run (copy bandwidth, bf16 matmul rate): TTFT >= max((weights + the
+context's K/V) / copy bandwidth, the question forward's FLOPs / matmul rate); decode >= the same bytes per token.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -63,6 +65,26 @@ def copy_bandwidth() -> float:
         ts.append(s.elapsed_time(e))
     del src, dst
     return 2 * n * 2 / (statistics.median(ts) * 1e-3)
+
+
+def matmul_rate() -> float:
+    """bf16 dense matmul FLOP/s (8192^3, random data)."""
+    m = 8192
+    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e))
+    del a, b
+    return 2 * m ** 3 / (statistics.median(ts) * 1e-3)
 
 
 def load_passages(path: str | None, tokenizer, need_tokens: int, seed: int = 0) -> list:
@@ -164,10 +186,11 @@ def hf_reuse_ms(model, ctx, q, repeats: int) -> list[float]:
 
 def table(res: dict) -> str:
     bw = res["copy_GBps"]
-    lines = [f"{res['device']}, copy {bw:.0f} GB/s; warm-up {res['warmup']['seconds']:.1f} s, "
-             f"{res['warmup']['graphs']} graphs, cache buffer {res['warmup']['cache_bytes'] / 2**30:.1f} GiB",
-             "| context | ours TTFT ms | ours first piece ms | floor ms | HF full ms | HF reuse ms | full / ours | "
-             "reuse / ours | ours decode tok/s | decode floor tok/s | HF static+compile tok/s | "
+    lines = [f"{res['device']}, copy {bw:.0f} GB/s, bf16 matmul {res.get('matmul_TFLOPs', 0):.0f} TFLOP/s; warm-up "
+             f"{res['warmup']['seconds']:.1f} s, {res['warmup']['graphs']} graphs, cache memory "
+             f"{res['warmup']['cache_bytes'] / 2**30:.1f} GiB",
+             "| context | ours TTFT ms | ours first piece ms | floor ms (bytes / FLOPs) | HF full ms | HF reuse ms | "
+             "full / ours | reuse / ours | ours decode tok/s | decode floor tok/s | HF static+compile tok/s | "
              "first call after warm-up ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
@@ -177,7 +200,8 @@ def table(res: dict) -> str:
     for r in res["rows"]:
         full, reuse, ours = r.get("hf_full_ms"), r.get("hf_reuse_ms"), r.get("ttft_ms")
         lines.append(
-            f"| {r['n_context']:,} | {f(ours)} | {f(r.get('first_piece_ms'))} | {f(r['ttft_floor_ms'])} | {f(full)} | "
+            f"| {r['n_context']:,} | {f(ours)} | {f(r.get('first_piece_ms'))} | {f(r['ttft_floor_ms'])} "
+            f"({f(r.get('ttft_floor_bytes_ms'))} / {f(r.get('ttft_floor_flops_ms'))}) | {f(full)} | "
             f"{f(reuse)} | "
             f"{f(full / ours if full and ours else None, '{:.0f}x')} | "
             f"{f(reuse / ours if reuse and ours else None, '{:.1f}x')} | {f(r.get('decode_tok_s'))} | "
@@ -199,6 +223,9 @@ def main(argv=None):
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (32: the 8B shape)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip HF peers once this much time has passed")
+    ap.add_argument("--arena-gib", type=float, default=None,
+                    help="page arena (device_cache_bytes) in GiB (default: the largest context plus a quarter)")
+    ap.add_argument("--hf-static-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -219,7 +246,6 @@ def main(argv=None):
         tok = load_tokenizer()
     model = build_llama3_8b(dev, layers=args.layers)
     model.config.max_position_embeddings = 131072
-    bw = copy_bandwidth()
     store_dir = Path(args.store_dir or tempfile.mkdtemp(prefix="bench-e2e-"))
     store = KVCacheStore(store_dir / "kv", model, tok, dtype=torch.bfloat16, lru_bytes=0)
     room = 2 * 64 + args.decode_tokens + 2  # context target: the question (padded) and the answer fit below L
@@ -228,21 +254,39 @@ def main(argv=None):
     question = question_text(store, args.question_tokens, words)
     new_question = question_text(store, args.question_tokens - 13, list(reversed(words)))
     sets = {L: take(pool, len(store.prefix_ids), L - room) for L in contexts}
-    gen = Generator(model=model, tokenizer=tok, store=store, device_cache_bytes=64 << 30)
+    if args.hf_static_child is not None:  # a subprocess of the run: HF's compiled static-cache decode only
+        L = args.hf_static_child
+        ids = list(store.prefix_ids) + [t for c in sets[L] for t in c.token_ids] + store.question_ids(question)
+        tps = hf_static_decode(model, torch.tensor([ids], device=dev), 32, dev)
+        print("HF_STATIC " + json.dumps({"target": L, "n_ids": len(ids), "tok_s": tps}), flush=True)
+        return
+    bw = copy_bandwidth()
+    flop_rate = matmul_rate()
+    arena = int((args.arena_gib or 0) * 2 ** 30) or None
+    if arena is None:  # every context's chunks resident at once (the sets share their first chunks)
+        ad_ = (model.config.num_hidden_layers, model.config.num_key_value_heads, 128)
+        arena = int(max(contexts) * 1.25 * ad_[0] * 2 * ad_[1] * ad_[2] * 2)
+    gen = Generator(model=model, tokenizer=tok, store=store, device_cache_bytes=arena)
     log(f"model ready, copy {bw / 1e9:.0f} GB/s; encoding {sum(len(c.token_ids) for c in sets[max(contexts)])} "
         f"context tokens ({time.time() - t_start:.0f} s)")
     t = time.time()
     store.add(sets[max(contexts)], progress=False)
     log(f"  encoded in {time.time() - t:.1f} s")
-    # the buckets these requests fall in (as Generator.prefill sizes them), warmed ahead like a server would
-    n_q = question_bucket(len(store.question_ids(question)), gen.question_buckets)
-    buckets = sorted({size_bucket(len(store.prefix_ids) + sum(len(c.token_ids) for c in s) + n_q
-                                  + max(args.decode_tokens + 1, n_q) + 1, gen.max_cache_len, gen.min_bucket)
-                      for s in sets.values()})
-    wu = gen.warmup(buckets=buckets, question_lengths=(16, 32, 48, 64))
+    if gen.paged:  # one graph per question length serves every context (zero-copy page table)
+        wu = gen.warmup(question_lengths=(16, 32, 48, 64))
+    else:  # the buckets these requests fall in (as Generator.prefill sizes them), warmed like a server would
+        n_q = question_bucket(len(store.question_ids(question)), gen.question_buckets)
+        buckets = sorted({size_bucket(len(store.prefix_ids) + sum(len(c.token_ids) for c in s) + n_q
+                                      + max(args.decode_tokens + 1, n_q) + 1, gen.max_cache_len, gen.min_bucket)
+                          for s in sets.values()})
+        wu = gen.warmup(buckets=buckets, question_lengths=(16, 32, 48, 64))
     log(f"  warm-up: {wu}")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_GBps=bw / 1e9, warmup=wu,
+    cfg = model.config
+    head_params = model.lm_head.weight.numel()
+    dec_params = sum(p.numel() for p in model.parameters()) - head_params - model.model.embed_tokens.weight.numel()
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_GBps=bw / 1e9,
+               matmul_TFLOPs=flop_rate / 1e12, paged=gen.paged, warmup=wu,
                weights_bytes=weights, question_tokens=len(store.question_ids(question)),
                new_question_tokens=len(store.question_ids(new_question)), decode_tokens=args.decode_tokens,
                command=" ".join(["python -m blockrag.eval.bench_e2e"] + (argv or sys.argv[1:])), rows=[])
@@ -268,7 +312,14 @@ def main(argv=None):
                        first_call_question_graph=r2.timings["question_graph"])
             kv = store.identity["n_layers"] * 2 * store.identity["n_kv_heads"] * store.identity["head_dim"] * 2
             ctx_bytes = kv * r.n_context_tokens
-            row["ttft_floor_ms"] = (weights + ctx_bytes) / bw * 1e3
+            # the question forward's FLOPs: 2 per decoder weight and real question token, the LM head for the
+            # last token, and attention (QK^T and PV: 4 * Hq * D per query token and key, every layer)
+            n_q_tok = r.n_question_tokens
+            flops = (2 * dec_params * n_q_tok + 2 * head_params
+                     + 4 * cfg.num_attention_heads * 128 * n_q_tok * r.n_context_tokens * cfg.num_hidden_layers)
+            row["ttft_floor_bytes_ms"] = (weights + ctx_bytes) / bw * 1e3
+            row["ttft_floor_flops_ms"] = flops / flop_rate * 1e3
+            row["ttft_floor_ms"] = max(row["ttft_floor_bytes_ms"], row["ttft_floor_flops_ms"])
             row["decode_floor_tok_s"] = bw / (weights + ctx_bytes)
             log(f"  {L}: ours {row['ttft_ms']:.1f} ms TTFT, first piece {row['first_piece_ms']:.1f} ms (first call "
                 f"{row['first_call_ms']:.1f} ms), {row['decode_tok_s']:.1f} tok/s, "
@@ -300,16 +351,42 @@ def main(argv=None):
             torch.cuda.empty_cache()
         res["rows"].append(row)
         Path(args.out).write_text(json.dumps(res, indent=1))
-    # HF's compiled static-cache decode last (its compilation is the slowest step of the run)
-    for row in res["rows"]:
-        L = row["target"]
-        if L in static_at and not args.no_hf and time.time() - t_start < args.budget_s - 90:
-            chunks = sets[L]
-            ids = list(store.prefix_ids) + [t for c in chunks for t in c.token_ids] + store.question_ids(question)
-            row["hf_static_tok_s"] = hf_static_decode(model, torch.tensor([ids], device=dev), 32, dev)
-            torch.cuda.empty_cache()
-            Path(args.out).write_text(json.dumps(res, indent=1))
     res["memory"] = gen.cache_memory()
+    # HF's compiled static-cache decode last, each context in a subprocess of its own once our memory is freed
+    # (its compilation is the slowest step of the run; in our process it ran out of memory beside the arena)
+    todo = [row for row in res["rows"] if row["target"] in static_at and not args.no_hf]
+    if todo:
+        import gc
+
+        del gen, store
+        model = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    for row in todo:
+        left = args.budget_s - (time.time() - t_start)
+        if left < 60:
+            row["hf_static_error"] = "skipped: out of the run's time budget"
+            continue
+        cmd = [sys.executable, "-m", "blockrag.eval.bench_e2e", "--hf-static-child", str(row["target"]),
+               "--contexts", args.contexts, "--question-tokens", str(args.question_tokens),
+               "--layers", str(args.layers), "--out", "/dev/null"]
+        for flag, val in (("--tokenizer", args.tokenizer), ("--passages", args.passages)):
+            if val:
+                cmd += [flag, val]
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60.0, left - 5))
+            hit = [ln for ln in out.stdout.splitlines() if ln.startswith("HF_STATIC ")]
+            if hit:
+                got = json.loads(hit[-1][len("HF_STATIC "):])
+                row["hf_static_tok_s"] = got["tok_s"]
+                log(f"  {row['target']}: HF StaticCache + torch.compile decode {got['tok_s']} tok/s")
+            else:
+                row["hf_static_error"] = (out.stderr or out.stdout).strip().splitlines()[-1][:300] if (
+                    out.stderr or out.stdout) else f"exit {out.returncode}"
+                log(f"  {row['target']}: HF static FAILED {row['hf_static_error']}")
+        except subprocess.TimeoutExpired:
+            row["hf_static_error"] = "timed out"
+        Path(args.out).write_text(json.dumps(res, indent=1))
     res["elapsed_s"] = time.time() - t_start
     Path(args.out).write_text(json.dumps(res, indent=1))
     log(table(res))

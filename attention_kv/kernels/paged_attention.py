@@ -1,0 +1,268 @@
+"""Attention of a short block of query rows (a question, a decoded token) over K/V read through a page table.
+
+Entry point: :func:`attend_paged` (Triton on CUDA or under ``TRITON_INTERPRET=1``; :func:`attend_paged_reference`
+in PyTorch everywhere). Nothing is stitched: every passage's cache stays where it lies in a page arena
+``kv[pages, PAGE, 2, Hkv, D]`` (one layer; K and V interleaved per token), and a request is a table of pages.
+
+Page table ``table`` (int32 ``[4, capacity]``; the first ``n_pages`` columns are used), per page ``p``:
+  ``table[0, p]`` arena page id, ``table[1, p]`` valid tokens in it (a chunk's last page is partly filled),
+  ``table[2, p]`` the logical (RoPE) position of its first token, ``table[3, p]`` the rotation still to apply
+  to its keys (``delta``): the keys were stored rotated to ``position - delta``.
+Key ``j`` of page ``p`` sits at logical position ``table[2, p] + j`` and is visible to query row ``i`` iff
+``j < table[1, p]`` and that position ``<= q_pos[i]`` (causal within the question / decoded tokens).
+
+RoPE on load without touching the keys: a chunk's keys are stored rotated to their positions inside the chunk,
+and ``<R(a) q, R(b + delta) k> = <R(a - delta) q, R(b) k>``, so the kernel rotates the *query* rows by
+``-delta`` once per page (a ``[rows, D]`` tile in registers, cos/sin from fp32 tables) and streams K and V
+untouched into the tensor cores. The question's and decoded tokens' own keys are stored at their true
+positions (``delta = 0``).
+
+The work split follows ``question_attention``: packed rows (query position x the query heads sharing a KV
+head) in 64-row groups plus small tails, pages split into slices across the GPU, the number of pages read on
+the device (one CUDA graph serves every request), and the last slice to finish merges the partial results.
+All pointer offsets are int64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .triton_attention import HAS_TRITON, LOG2E, _cdiv, _interpret, _num_sms
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .question_attention import _counters, question_plan
+    from .triton_attention import _dot, _merge_partials, _softmax_step
+
+
+def attend_paged_reference(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: float | None = None):
+    """PyTorch reference of :func:`attend_paged` (fp32 math): gathers the visible keys of the table (a
+    transient per-call gather, the reference only), rotates them by their page's ``delta`` and attends."""
+    B, Hq, Lq, D = q.shape
+    if B != 1:
+        raise ValueError("attend_paged serves one request (batch 1)")
+    page, hkv = kv.shape[1], kv.shape[3]
+    G = Hq // hkv
+    n = int(n_pages) if not isinstance(n_pages, torch.Tensor) else int(n_pages.reshape(-1)[0])
+    tab = table[:, :n].to(device=kv.device, dtype=torch.int64)
+    j = torch.arange(page, device=kv.device)
+    ok = (j[None, :] < tab[1][:, None]).reshape(-1)
+    rows = (tab[0][:, None] * page + j[None, :]).reshape(-1)[ok]
+    pos = (tab[2][:, None] + j[None, :]).reshape(-1)[ok]
+    delta = tab[3][:, None].expand(n, page).reshape(-1)[ok]
+    flat = kv.reshape(-1, 2, hkv, D)
+    k = flat[rows, 0].float()  # [n_keys, Hkv, D]
+    v = flat[rows, 1].float()
+    c = torch.cat([cos_half[delta], cos_half[delta]], -1).to(kv.device)[:, None, :]
+    s = torch.cat([sin_half[delta], sin_half[delta]], -1).to(kv.device)[:, None, :]
+    half = D // 2
+    k = k * c + torch.cat([-k[..., half:], k[..., :half]], -1) * s
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    qf = q[0].float()  # [Hq, Lq, D]
+    kk = k.permute(1, 0, 2).repeat_interleave(G, 0)  # [Hq, n_keys, D]
+    vv = v.permute(1, 0, 2).repeat_interleave(G, 0)
+    scores = torch.matmul(qf, kk.transpose(1, 2)) * scale
+    vis = pos[None, :] <= q_pos.to(kv.device, torch.int64).view(-1)[:, None]  # [Lq, n_keys]
+    scores = scores.masked_fill(~vis[None], float("-inf"))
+    p = torch.nan_to_num(torch.softmax(scores, -1), nan=0.0)  # rows that see nothing -> zeros
+    return torch.matmul(p, vv)[None].to(q.dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _paged_rows(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, CNT, kvh, bh, n_bh, c, n_ch, r0, lo, hi,
+                    sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R, qk_scale,
+                    BM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr,
+                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FOLD: tl.constexpr):
+        r = r0 + tl.arange(0, BM)
+        i = r // G
+        h = kvh * G + r % G
+        ok = i < Lq
+        offs_h = tl.arange(0, HALF)
+        offs_d = tl.arange(0, 2 * HALF)
+        offs_t = tl.arange(0, PAGE)
+        q_row = Q + h.to(tl.int64)[:, None] * sqh + i.to(tl.int64)[:, None] * sqm
+        q1 = tl.load(q_row + offs_h[None, :] * sqd, mask=ok[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(q_row + (offs_h + HALF)[None, :] * sqd, mask=ok[:, None], other=0.0).to(tl.float32)
+        qp = tl.load(QPOS + i, mask=ok, other=0).to(tl.int64)
+        acc = tl.zeros([BM, 2 * HALF], tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        kv_head = KV + kvh.to(tl.int64) * s_head
+        tok = offs_t.to(tl.int64)[:, None] * s_tok
+        for p in range(lo, hi):
+            pg = tl.load(TAB + p).to(tl.int64)
+            cnt = tl.load(TAB + tab_stride + p)
+            pos0 = tl.load(TAB + 2 * tab_stride + p).to(tl.int64)
+            dl = tl.load(TAB + 3 * tab_stride + p).to(tl.int64)
+            # the query rows rotated by -delta: x1' = x1 cos + x2 sin, x2' = x2 cos - x1 sin
+            cs = tl.load(COS + dl * HALF + offs_h)[None, :]
+            sn = tl.load(SIN + dl * HALF + offs_h)[None, :]
+            a1 = (q1 * cs + q2 * sn).to(KV.dtype.element_ty)
+            a2 = (q2 * cs - q1 * sn).to(KV.dtype.element_ty)
+            base = kv_head + pg * s_page + tok
+            k1 = tl.load(base + offs_h[None, :])
+            k2 = tl.load(base + HALF + offs_h[None, :])
+            v = tl.load(base + s_kv + offs_d[None, :])
+            s = _dot(a1, tl.trans(k1), DOT_PREC, UPCAST)
+            s += _dot(a2, tl.trans(k2), DOT_PREC, UPCAST)
+            s = s * qk_scale
+            vis = (offs_t < cnt)[None, :] & ((pos0 + offs_t)[None, :] <= qp[:, None])
+            s = tl.where(vis, s, float("-inf"))
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, True, False, DOT_PREC, UPCAST)
+        # finish: the output directly (one slice) or a partial result, merged by the last slice to arrive
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        o_row = O + h.to(tl.int64)[:, None] * soh + i.to(tl.int64)[:, None] * som
+        if DIRECT:
+            tl.store(o_row + offs_d[None, :] * sod, out.to(O.dtype.element_ty), mask=ok[:, None])
+        else:
+            lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+            row = ((c * n_bh + bh) * R + r0 + tl.arange(0, BM)).to(tl.int64)
+            tl.store(PO + row[:, None] * (2 * HALF) + offs_d[None, :], out, mask=ok[:, None])
+            tl.store(PL + row, lse, mask=ok)
+            tl.debug_barrier()
+            prev = tl.atomic_add(CNT, 1, sem="acq_rel")
+            if prev == n_ch - 1:
+                acc2, l2, _ = _merge_partials(PO, PL, bh * R + r0 + tl.arange(0, BM), n_bh * R, n_ch, ok, BM,
+                                              2 * HALF)
+                res = acc2 / tl.where(l2 == 0.0, 1.0, l2)[:, None]
+                tl.store(o_row + offs_d[None, :] * sod, res.to(O.dtype.element_ty), mask=ok[:, None])
+                tl.atomic_xchg(CNT, 0)  # ready for the next call (and for CUDA-graph replays)
+
+    @triton.jit
+    def _paged_fwd(Q, KV, TAB, NP, QPOS, COS, SIN, O, PO, PL, CNT,
+                   sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, tab_stride,
+                   G, Lq, CH, n_ch, R, n_main, n_rg, qk_scale,
+                   BM: tl.constexpr, BMT: tl.constexpr, BMT2: tl.constexpr, PAGE: tl.constexpr,
+                   HALF: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+        # the number of pages is read on the device: the grid holds n_ch slices for the largest table, and
+        # the pages of this request are spread over all of them (CH is then the shortest slice allowed)
+        n_pages = tl.load(NP).to(tl.int32)
+        CH = tl.maximum(tl.cdiv(n_pages, n_ch), CH)
+        n_act = tl.cdiv(n_pages, CH)
+        pid = tl.program_id(0)
+        rg = pid % n_rg  # row group fastest: the groups sharing a slice run side by side (L2 reuse)
+        c = pid // n_rg
+        kvh = tl.program_id(1)
+        n_bh = tl.num_programs(1)
+        lo = c * CH
+        hi = tl.minimum(lo + CH, n_pages)
+        cnt = CNT + kvh * n_rg + rg
+        if c < n_act:
+            if rg < n_main:
+                _paged_rows(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
+                            rg * BM, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
+                            qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True)
+            elif rg == n_main:
+                _paged_rows(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
+                            n_main * BM, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G,
+                            Lq, R, qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True)
+            else:
+                if BMT2 > 0:
+                    _paged_rows(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
+                                n_main * BM + BMT, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som,
+                                sod, G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True)
+
+
+def paged_ok(q, kv) -> bool:
+    """Whether the Triton kernel takes these shapes (else the reference runs)."""
+    if not HAS_TRITON or not (q.is_cuda or _interpret()):
+        return False
+    D, page = q.shape[-1], kv.shape[1]
+    return (D >= 32 and D <= 256 and not D & (D - 1) and page >= 16 and not page & (page - 1)
+            and q.dtype == kv.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and kv.stride(-1) == 1 and q.shape[0] == 1)
+
+
+_SPECS: dict = {}
+
+
+def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: float | None = None,
+                 max_pages: int | None = None, backend: str = "auto", block_m: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None, out: torch.Tensor | None = None):
+    """Attention of ``q`` [1, Hq, Lq, D] (rotated to the positions ``q_pos``, int64 device tensor [Lq]) over
+    the pages of ``table`` (see the module doc) in the arena layer ``kv`` [pages, PAGE, 2, Hkv, D].
+
+    ``n_pages``: int32/int64 device tensor of one element (read by the kernel: one CUDA graph serves every
+    table) or an int. ``cos_half``/``sin_half``: fp32 ``[>= max delta + 1, D/2]`` tables of ``cos(n *
+    inv_freq)``. ``max_pages``: the most pages a call of this shape will see (sizes the grid; default the
+    table's capacity). Returns [1, Hq, Lq, D]."""
+    if backend == "auto":
+        backend = "triton" if paged_ok(q, kv) else "torch"
+    if backend == "torch":
+        return attend_paged_reference(q, kv, table, n_pages, q_pos, cos_half, sin_half, scale=scale)
+    if backend != "triton":
+        raise ValueError(f"unknown backend {backend!r} (expected 'auto', 'torch' or 'triton')")
+    if not paged_ok(q, kv):
+        raise ValueError("attend_paged: shapes or device not supported by the Triton kernel")
+    _, Hq, Lq, D = q.shape
+    page, hkv = kv.shape[1], kv.shape[3]
+    dev = q.device
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if out is None:
+        out = torch.empty(1, Hq, Lq, D, dtype=q.dtype, device=dev)
+    if Lq == 0:
+        return out
+    if not isinstance(n_pages, torch.Tensor):
+        n_pages = torch.tensor([int(n_pages)], dtype=torch.int32, device=dev)
+    max_pages = int(max_pages or table.shape[1])
+    key = (Hq, Lq, D, hkv, page, max_pages, q.dtype, str(dev), block_m, num_warps, num_stages)
+    spec = _SPECS.get(key)
+    if spec is None:
+        spec = _plan(Hq, Lq, D, hkv, page, max_pages, q.dtype, dev, block_m, num_warps, num_stages)
+        if len(_SPECS) >= 256:
+            _SPECS.pop(next(iter(_SPECS)))
+        _SPECS[key] = spec
+    c = spec["const"]
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    n_ch, R = spec["n_ch"], spec["R"]
+    if c["DIRECT"]:
+        po = pl = out
+    elif capturing or spec["po"] is None:
+        # scratch owned by the graph when capturing; else one buffer per shape, reused (calls on one device are
+        # stream-ordered, as the arrival counters already assume)
+        po = torch.empty(n_ch * hkv * R * D, dtype=torch.float32, device=dev)
+        pl = torch.empty(n_ch * hkv * R, dtype=torch.float32, device=dev)
+        if not capturing:
+            spec["po"], spec["pl"] = po, pl
+    else:
+        po, pl = spec["po"], spec["pl"]
+    cnt = _counters(dev, hkv * spec["n_rg"])
+    _paged_fwd[(spec["n_rg"] * n_ch, hkv)](
+        q, kv, table, n_pages, q_pos, cos_half, sin_half, out, po, pl, cnt,
+        q.stride(1), q.stride(2), q.stride(3), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
+        out.stride(1), out.stride(2), out.stride(3), table.stride(0),
+        Hq // hkv, Lq, spec["chunk"], n_ch, R, spec["n_main"], spec["n_rg"], float(scale) * LOG2E, **c)
+    return out
+
+
+def _plan(Hq, Lq, D, hkv, page, max_pages, dtype, dev, block_m, num_warps, num_stages) -> dict:
+    """Row groups and page slices of a launch (depends only on shapes; cached per shape)."""
+    G = Hq // hkv
+    interp = dev.type != "cuda" or _interpret()
+    if interp:
+        bm, nw, ns = 16, 4, 1
+    elif D >= 256 or dtype == torch.float32:
+        bm, nw, ns = 64, 4, 2
+    else:
+        bm, nw, ns = 64, 4, 3
+    bm = block_m or bm
+    min_keys = 4 * page if interp else 512
+    # the plan of the contiguous question kernel, with pages as its key tiles
+    p = question_plan(Lq, max_pages * page, max_pages * page - Lq, G, hkv, _num_sms(dev), block_m=bm,
+                      block_n=page, programs_per_sm=1.0, min_keys=min_keys)
+    chunk = max(1, min(_cdiv(min_keys, page), p["chunk"]))  # the shortest slice; the kernel spreads the rest
+    n_ch = p["n_ch"]
+    const = dict(BM=bm, BMT=p["tail"], BMT2=p["tail2"], PAGE=page, HALF=D // 2, DIRECT=n_ch == 1,
+                 DOT_PREC="ieee" if dtype == torch.float32 else "tf32", UPCAST=interp and dtype == torch.bfloat16,
+                 num_warps=num_warps or nw, num_stages=num_stages or ns)
+    return dict(n_main=p["n_main"], R=p["R"], n_rg=p["n_rg"], n_ch=n_ch, chunk=chunk, const=const, po=None,
+                pl=None)
