@@ -59,9 +59,10 @@ def _ids_hash(ids: Sequence[int]) -> str:
 
 
 def config_revision(model) -> str:
-    """Revision hash for a model: its folder's files (or, without a local folder, its config) plus a sample
-    of the weights in memory (:func:`weights_fingerprint`), so a model changed after loading (fine-tuned,
-    merged, edited) never reuses caches computed with the original weights."""
+    """Revision hash for a model: its folder's files (or, without a local folder, its config), the revision
+    of a LoRA adapter merged into it (``config.blockrag_adapter``), plus a sample of the weights in memory
+    (:func:`weights_fingerprint`), so a model changed after loading (fine-tuned, merged, edited) never reuses
+    caches computed with the original weights."""
     from blockrag.models import model_revision
 
     path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
@@ -69,6 +70,9 @@ def config_revision(model) -> str:
         base = model_revision(path)
     else:
         base = hashlib.sha256(model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    lora = getattr(model.config, "blockrag_adapter", None)  # a LoRA adapter merged at load (attention_kv.lora)
+    if lora:
+        base += f"|lora:{lora['revision']}"
     return hashlib.sha256(f"{base}|{weights_fingerprint(model)}".encode()).hexdigest()[:16]
 
 

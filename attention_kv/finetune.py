@@ -108,6 +108,41 @@ def synthetic_examples(fmt, tokenizer, seeds: Sequence[int], n_passages: int = 6
     return out
 
 
+def qa_examples(fmt, tokenizer, path, n_distractors: int = 2, distractor_tokens: int | None = 80,
+                seed: int = 0, limit: int | None = None) -> list[Example]:
+    """Training examples from a SQuAD-format QA file (read by :func:`blockrag.eval.qa.load_qa`): the gold
+    context plus ``n_distractors`` other contexts of the file (from the same article where it has enough,
+    as a retriever would return them), shuffled, each one block, as ``blockrag eval qa`` indexes them (one
+    chunk per context, title + text). Distractors are cut to their first ``distractor_tokens`` tokens to keep
+    CPU training short; the gold context is kept whole (the answer may be anywhere in it). Answer = the first
+    gold answer."""
+    from blockrag.eval.qa import load_qa  # the one SQuAD/JSONL reader
+
+    ds = load_qa(path)
+    docs = {d.id: d for d in ds.documents}
+    chunks = {c.id: c for c in to_chunks(ds.documents, tokenizer)}
+    rng = random.Random(seed)
+    title = {d.id: d.title for d in ds.documents}
+    out = []
+    for ex in ds.examples[:limit] if limit else ds.examples:
+        gold = [g for g in ex.gold_doc_ids if g in docs][:1]
+        if not gold:
+            continue
+        same = [d for d in docs if d not in gold and title[d] == title[gold[0]]]
+        other = [d for d in docs if d not in gold and title[d] != title[gold[0]]]
+        pick = rng.sample(same, min(n_distractors, len(same)))
+        pick += rng.sample(other, n_distractors - len(pick))
+        blocks = [chunks[gold[0]]]
+        for d in pick:
+            c = chunks[d]
+            if distractor_tokens is not None and len(c.token_ids) > distractor_tokens:
+                c = type(c)(id=c.id, doc_id=c.doc_id, position=0, text=c.text, token_ids=c.token_ids[:distractor_tokens])
+            blocks.append(c)
+        rng.shuffle(blocks)
+        out.append(make_example(fmt, tokenizer, ex.question, ex.answers[0], blocks))
+    return out
+
+
 def training_mask(ex: Example, block: bool, dtype=torch.float32, device=None) -> torch.Tensor:
     """Additive [1, 1, L, L] mask: block attention (``block_mask_4d``) or plain causal."""
     bid = ex.block_ids() if block else torch.zeros(len(ex.input_ids), dtype=torch.int32)
@@ -159,26 +194,26 @@ def mark_revision(model, base_revision: str, **info) -> str:
     return wh
 
 
-def finetune_block_attention(model, tokenizer, examples: Sequence[Example], *, steps: int, lr: float,
-                             block_prob: float = 0.5, warmup: int | None = None, weight_decay: float = 0.0,
-                             max_grad_norm: float = 1.0, accum: int = 1, seed: int = 0, progress: bool = True,
-                             log_every: int = 10, time_budget_s: float | None = None) -> dict:
-    """Fine-tune ``model`` in place; returns a history dict (per-step loss, mask kind, timing).
+def train_loop(model, examples: Sequence[Example], *, steps: int, lr: float, block_prob: float = 0.5,
+               warmup: int | None = None, weight_decay: float = 0.0, max_grad_norm: float = 1.0, accum: int = 1,
+               seed: int = 0, progress: bool = True, log_every: int = 10, time_budget_s: float | None = None,
+               desc: str = "block-attention fine-tune") -> dict:
+    """The Block-Attention training loop over ``model``'s trainable parameters (all weights, or a peft model's
+    LoRA weights); returns a history dict (per-step loss, mask kind, grad norm, timing).
 
-    Each optimiser step accumulates ``accum`` examples (one full forward each), each drawn at random with the
-    block mask (probability ``block_prob``) or the causal mask. The config gets a ``blockrag_finetune`` marker
-    (see :func:`mark_revision`), so the fine-tuned model's KV-cache revision differs from the base's.
-    ``time_budget_s``: stop early (after the step that crosses it; the schedule still spans ``steps``).
+    Each optimiser step accumulates ``accum`` examples (one full forward each, :func:`example_loss`), each drawn
+    at random with the block mask (probability ``block_prob``) or the plain causal mask. AdamW, linear warm-up
+    then linear decay to 10%, gradient clipping. ``time_budget_s``: stop early (after the step that crosses it;
+    the schedule still spans ``steps``). ``hist["cpu_s"]`` is the process CPU time the loop used.
     """
-    from .cache_store import config_revision
-
     if not examples:
         raise ValueError("no training examples")
-    base_rev = config_revision(model)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     warmup = max(1, steps // 20) if warmup is None else warmup
 
@@ -193,8 +228,8 @@ def finetune_block_attention(model, tokenizer, examples: Sequence[Example], *, s
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=steps, desc="block-attention fine-tune", unit="step")
-    t0 = time.perf_counter()
+        bar = tqdm(total=steps, desc=desc, unit="step")
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
@@ -228,9 +263,25 @@ def finetune_block_attention(model, tokenizer, examples: Sequence[Example], *, s
         model.eval()
     done = len(hist["loss"])
     hist["steps_done"] = done
-    hist["s_per_step"] = (time.perf_counter() - t0) / max(1, done)
-    hist["weights_sha256"] = mark_revision(model, base_rev, steps=done, planned_steps=steps, lr=lr, block_prob=block_prob,
-                                           accum=accum, n_examples=len(examples))
+    hist["wall_s"] = time.perf_counter() - t0
+    hist["cpu_s"] = time.process_time() - c0
+    hist["s_per_step"] = hist["wall_s"] / max(1, done)
+    return hist
+
+
+def finetune_block_attention(model, tokenizer, examples: Sequence[Example], *, steps: int, lr: float,
+                             block_prob: float = 0.5, accum: int = 1, **loop) -> dict:
+    """Fine-tune every weight of ``model`` in place (:func:`train_loop`); returns the history dict.
+
+    The config gets a ``blockrag_finetune`` marker (see :func:`mark_revision`), so the fine-tuned model's
+    KV-cache revision differs from the base's. (A LoRA adapter instead: :mod:`attention_kv.lora`.)
+    """
+    from .cache_store import config_revision
+
+    base_rev = config_revision(model)
+    hist = train_loop(model, examples, steps=steps, lr=lr, block_prob=block_prob, accum=accum, **loop)
+    hist["weights_sha256"] = mark_revision(model, base_rev, steps=hist["steps_done"], planned_steps=steps, lr=lr,
+                                           block_prob=block_prob, accum=accum, n_examples=len(examples))
     hist["base_revision"] = base_rev
     hist["revision"] = config_revision(model)
     return hist

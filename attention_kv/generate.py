@@ -152,7 +152,11 @@ class Generator:
     """Entry point. ``Generator(model_name=None, *, cache_dir=None, model=None, tokenizer=None, device=None,
     dtype=None, store=None, system_prompt=None, quant=None, kv_dtype=None, rope="stitch", cuda_graphs=True,
     max_cache_len=None, device_cache_bytes=None, compile_decode=False, compile_question=False, stop=(),
-    repetition_guard=0)``.
+    repetition_guard=0, adapter=None)``.
+
+    ``adapter``: a block-attention LoRA adapter folder (``blockrag finetune``; ``"default"``: the bundled one
+    for the bundled model), merged into the weights at load (same speed as the base model); its revision is
+    part of the KV caches' revision, so caches built without it are not reused (:mod:`attention_kv.lora`).
 
     ``generate(question, chunks, mode="turbo", max_new_tokens=64, stream=False, blend_ratio=0.15,
     check_layer=1, stop=None, repetition_guard=None)`` -> :class:`GenerationResult` (or
@@ -184,12 +188,25 @@ class Generator:
                  system_prompt: str | None = None, quant: str | None = None, kv_dtype=None,
                  rope: str = "stitch", cuda_graphs: bool = True, max_cache_len: int | None = None,
                  device_cache_bytes: int | None = None, compile_decode: bool = False,
-                 compile_question: bool = False, stop: Sequence[str] = (), repetition_guard: int = 0):
+                 compile_question: bool = False, stop: Sequence[str] = (), repetition_guard: int = 0,
+                 adapter: str | Path | None = None):
         if model is None:
             from blockrag.models import shared_generator as load_generator  # one copy per process
 
-            model, tok = load_generator(model_name, dtype=dtype, device=device)
+            model, tok = load_generator(model_name, dtype=dtype, device=device, adapter=adapter)
             tokenizer = tokenizer or tok
+        elif adapter is not None:
+            from .lora import with_adapter
+
+            model = with_adapter(model, adapter, model_name)
+        # the LoRA adapter folder merged into the weights, or None (``self.adapter`` is the model seam)
+        self.adapter_path = (getattr(model.config, "blockrag_adapter", None) or {}).get("path")
+        if adapter is not None and store is not None:
+            from .cache_store import KVCacheMismatch, config_revision
+
+            if store.identity["revision"] != config_revision(model):
+                raise KVCacheMismatch(f"the KV store at {store.folder} was built with another model revision than "
+                                      f"the generator with adapter {adapter}; use a store built with it")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.adapter = ModelAdapter.of(model)  # the cached modes run the decoder through the model seam
         self.device = next(model.parameters()).device

@@ -296,16 +296,22 @@ def extract_answer(text: str) -> str:
 
 # --------------------------------------------------------------------------------------- run
 def _open_collection(store_dir: Path, dataset: QADataset, generator_name: str | None,
-                     chunk_tokens: int | None, modes: Sequence[str], progress: bool):
+                     chunk_tokens: int | None, modes: Sequence[str], progress: bool, adapter: str | None = None):
+    from blockrag.attention_kv.index import KVIndex
     from blockrag.collection import Collection
 
     fresh = not (store_dir / "store.sqlite").exists()
     col = Collection(store_dir, tokenizer_name=generator_name, chunk_tokens=chunk_tokens,
                      overlap=0 if chunk_tokens is None else min(32, chunk_tokens // 8), progress=progress)
     kinds = ["bm25", "dense"] + (["kv"] if modes else [])
+    kv_params = {"model_name": generator_name, "adapter": adapter}  # a kv index records its adapter
     for kind in kinds:
-        if kind not in col.indexes:
-            col.build_index(kind, **({"model_name": generator_name} if kind == "kv" else {}))
+        old = col.indexes.get(kind)
+        stale = kind == "kv" and isinstance(old, KVIndex) and not old.matches(generator_name, adapter)
+        if stale:  # built with another generator or adapter: its caches are not this model's
+            log.info("rebuilding the kv index of %s for adapter %s", store_dir, adapter or "none")
+        if kind not in col.indexes or stale or getattr(old, "reason", None):
+            col.build_index(kind, **(kv_params if kind == "kv" else {}))
     rep = col.add_documents(dataset.documents)
     log.info("store %s (%s): %s", store_dir, "new" if fresh else "reused", rep.summary())
     return col
@@ -346,12 +352,15 @@ def summarize(records: Sequence[dict], modes: Sequence[str], k: int) -> dict:
 
 def run_qa(data_path: str | Path, modes: Sequence[str] = DEFAULT_MODES, retriever: str = "hybrid", k: int = 5,
            limit: int | None = None, seed: int = 0, store_dir: str | Path | None = None,
-           generator_name: str | None = None, adapter: str | None = None, chunk_tokens: int | None = None,
+           generator_name: str | None = None, adapter: str | None = "default", chunk_tokens: int | None = None,
            max_new_tokens: int = QA_MAX_NEW_TOKENS, threads: int | None = None,
            report_path: str | Path | None = None, records_path: str | Path | None = None,
            progress: bool = True, command: str | None = None) -> dict:
     """Evaluate retrieval + generation on a QA file; returns the report dict (see the module docstring).
 
+    ``adapter``: a block-attention LoRA adapter folder (``blockrag finetune``), ``"default"`` (the bundled one
+    when the generator is the bundled model; none for other generators) or None / ``"none"`` (the plain
+    model). A reused store whose kv index was built with another adapter gets that index rebuilt.
     ``modes`` may be empty (retrieval only). ``store_dir``: build the store there, or reuse the one there
     (the file's contexts are added; unchanged ones are skipped). ``limit``: that many questions in a fixed
     order seeded by ``seed``. ``threads``: torch CPU threads (on a shared or small machine 1 can be several
@@ -366,8 +375,10 @@ def run_qa(data_path: str | Path, modes: Sequence[str] = DEFAULT_MODES, retrieve
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
-    if adapter is not None:
-        raise ValueError("--adapter: this build's generator cannot load adapters yet")
+    from blockrag.attention_kv.lora import adapter_revision, resolve_adapter
+
+    lora = resolve_adapter(adapter, generator_name) if modes else None  # fails now, before any indexing
+    adapter = None if lora is None else ("default" if adapter == "default" else str(lora))
     dataset = load_qa(data_path)
     examples = select(dataset.examples, limit, seed)
     if threads:
@@ -379,7 +390,7 @@ def run_qa(data_path: str | Path, modes: Sequence[str] = DEFAULT_MODES, retrieve
         tmp = tempfile.TemporaryDirectory(prefix="blockrag-qa-")
         store_dir = tmp.name
     t_index = time.perf_counter()
-    col = _open_collection(Path(store_dir), dataset, generator_name, chunk_tokens, modes, progress)
+    col = _open_collection(Path(store_dir), dataset, generator_name, chunk_tokens, modes, progress, adapter)
     index_s = time.perf_counter() - t_index
     generator = (collection_generator(col, generator_name, stop=QA_STOP, repetition_guard=QA_REPETITION_GUARD)
                  if modes else None)
@@ -430,6 +441,8 @@ def run_qa(data_path: str | Path, modes: Sequence[str] = DEFAULT_MODES, retrieve
     report = {"dataset": str(data_path), "n_questions_in_file": len(dataset.examples),
               "n_contexts": len(dataset.documents), "limit": limit, "seed": seed, "modes": modes,
               "retriever": retriever, "k": k, "generator": generator_name or "default",
+              "adapter": None if lora is None else {"spec": adapter, "path": str(lora),
+                                                    "revision": adapter_revision(lora)},
               "chunk_tokens": chunk_tokens, "max_new_tokens": max_new_tokens, "stop": list(QA_STOP),
               "repetition_guard": QA_REPETITION_GUARD, "prompt": prompt,
               "threads": threads, "index_s": index_s, "command": command, "machine": platform.platform(),

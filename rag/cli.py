@@ -78,10 +78,13 @@ def _pipeline(args, collection, generate: bool):
     from .pipeline import Pipeline, collection_generator
 
     retriever = registry.retriever(collection, _retriever_name(args))  # a bad name fails before any model loads
-    generator = collection_generator(collection, args.generator) if generate else None
+    lora = {"adapter": args.adapter} if getattr(args, "adapter", None) else {}  # else: the kv index's own
+    generator = collection_generator(collection, args.generator, **lora) if generate else None
     opts = {}
     if args.rerank and registry.reranker_spec(args.rerank).llm and generator is None and args.generator:
         opts["model_name"] = args.generator
+    if args.rerank and getattr(args, "rerank_model", None):  # its own weights: never the generator's copy
+        opts.update(model_name=args.rerank_model, model=None, tokenizer=None)
     return Pipeline(collection, retriever, k=args.k, reranker=args.rerank or None,
                     rerank_depth=args.rerank_depth, generator=generator, mode=args.gen_mode, reranker_opts=opts)
 
@@ -145,7 +148,8 @@ def cmd_eval(args) -> int:
     for name in rerank:
         registry.reranker_spec(name)  # an unknown name fails before any index is built
     results = run_beir(args.data, args.split, args.retriever, store_dir=args.store, report_path=args.report,
-                       max_queries=args.max_queries, rerank=rerank, rerank_depth=args.rerank_depth)
+                       max_queries=args.max_queries, rerank=rerank, rerank_depth=args.rerank_depth,
+                       reranker_opts={"model_name": args.rerank_model} if args.rerank_model else None)
     print(format_table(results))
     if args.report:
         print(f"report written to {args.report}")
@@ -169,6 +173,28 @@ def cmd_eval_qa(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    """Train a block-attention LoRA adapter (see blockrag.attention_kv.lora)."""
+    import torch
+
+    from blockrag.attention_kv.lora import finetune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.synthetic_seeds.split(",") if s.strip()]
+    hist = finetune(args.out, args.data or [], generator=args.generator, steps=args.steps, lr=args.lr,
+                    rank=args.rank, block_prob=args.block_prob, synthetic_seeds=seeds, synthetic=args.synthetic,
+                    n_distractors=args.distractors, distractor_tokens=args.distractor_tokens,
+                    max_tokens=args.max_tokens, seed=args.seed, time_budget_s=args.time_budget,
+                    command=" ".join(["blockrag"] + sys.argv[1:]))
+    i = hist["info"]
+    print(f"{i['steps']} steps in {i['wall_s']:.0f} s ({i['s_per_step']:.2f} s/step, CPU time {i['cpu_s']:.0f} s, "
+          f"{i['threads']} thread(s)); answer loss {i['loss_first']:.3f} -> {i['loss_last']:.3f}")
+    print(f"adapter {args.out}: {i['lora_parameters']:,} LoRA parameters, {i['adapter_bytes'] / 1e6:.2f} MB, "
+          f"revision {hist['revision']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Index the bundled demo corpus, then answer its questions with the cited chunks."""
     from .demo_corpus import QUESTIONS, write_demo_corpus
@@ -181,8 +207,10 @@ def cmd_demo(args) -> int:
     collection = Collection(root / "store", chunk_tokens=128, overlap=16)
     kinds = ("bm25", "dense") if args.no_generate else ("bm25", "dense", "kv")
     for kind in kinds:
-        if kind not in collection.indexes:
-            params = {"model_name": args.generator} if kind == "kv" else {}
+        old = collection.indexes.get(kind)
+        stale = kind == "kv" and hasattr(old, "matches") and not old.matches(args.generator, args.adapter)
+        if kind not in collection.indexes or stale or getattr(old, "reason", None):
+            params = {"model_name": args.generator, "adapter": args.adapter} if kind == "kv" else {}
             collection.build_index(kind, **params)
     print(collection.add_documents(load_folder(corpus)).summary())
     generator = None if args.no_generate else collection_generator(collection)
@@ -256,9 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=_positive_int, default=5)
     s.add_argument("--rerank", choices=registry.reranker_names(), help="rerank the retrieved candidates")
     s.add_argument("--rerank-depth", type=_positive_int, default=50, help="candidates passed to the reranker")
+    s.add_argument("--rerank-model", default=None, metavar="PATH",
+                   help="the reranker's model: a fine-tuned reranker folder "
+                        "(python -m blockrag.eval.bench_rerank_ft) or a generator (default: the generator's)")
     s.add_argument("--generate", action="store_true", help="answer with the cached generator")
     s.add_argument("--gen-mode", default="turbo", choices=["full", "turbo", "block", "blend"])
     s.add_argument("--generator", default=None)
+    s.add_argument("--adapter", default=None,
+                   help="LoRA adapter folder for --generate ('default': the bundled one; 'none': the plain model; "
+                        "default: the one the kv index was built with)")
     s.set_defaults(func=cmd_query)
 
     s = sub.add_parser("delete", help="delete documents by id")
@@ -284,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"reranker(s), comma-separated ({', '.join(registry.reranker_names())}): reported beside each "
                         "first-stage row")
     b.add_argument("--rerank-depth", type=_positive_int, default=20, help="first-stage candidates reranked")
+    b.add_argument("--rerank-model", default=None, metavar="PATH",
+                   help="the reranker's model: a fine-tuned reranker folder "
+                        "(python -m blockrag.eval.bench_rerank_ft) or a generator (default: SmolLM2-135M)")
     b.set_defaults(func=cmd_eval)
     q = esub.add_parser("qa", help="answer quality: SQuAD/XQuAD JSON or JSONL (question, answers, context(s))")
     q.add_argument("--data", required=True)
@@ -294,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--store", default=None, help="build (or reuse) the store here (default: a temp dir)")
     q.add_argument("--generator", default=None)
-    q.add_argument("--adapter", default=None, help="a LoRA adapter folder (not supported yet: refused)")
+    q.add_argument("--adapter", default="default",
+                   help="block-attention LoRA adapter folder (blockrag finetune); default: the bundled one for the "
+                        "bundled generator; 'none': the plain model")
     q.add_argument("--chunk-tokens", type=_positive_int, default=None,
                    help="split contexts into chunks of this many tokens (default: one chunk per context)")
     q.add_argument("--max-new-tokens", type=_positive_int, default=32)
@@ -303,10 +342,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--records", default=None, help="write one JSON line per question here")
     q.set_defaults(func=cmd_eval_qa)
 
+    s = sub.add_parser("finetune", help="train a block-attention LoRA adapter (lossless turbo answers)")
+    s.add_argument("--data", action="append", help="SQuAD-format QA file to train on (repeatable)")
+    s.add_argument("--out", required=True, help="adapter folder to write")
+    s.add_argument("--generator", default=None, help="base generator (default: the bundled SmolLM2-135M)")
+    s.add_argument("--steps", type=_positive_int, default=200)
+    s.add_argument("--lr", type=float, default=5e-4)
+    s.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (q/k/v/o projections)")
+    s.add_argument("--block-prob", type=float, default=0.5, help="share of steps with the block mask")
+    s.add_argument("--synthetic", type=_count, default=300, help="synthetic-generator examples added")
+    s.add_argument("--synthetic-seeds", default="10,11", help="synthetic worlds (not the eval seeds 0-2)")
+    s.add_argument("--distractors", type=_count, default=2, help="other passages beside the gold one")
+    s.add_argument("--distractor-tokens", type=_positive_int, default=80, help="distractors cut to this length")
+    s.add_argument("--max-tokens", type=_positive_int, default=512, help="longer examples are dropped")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    s.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    s.set_defaults(func=cmd_finetune)
+
     s = sub.add_parser("demo", help="index a bundled corpus and answer questions about it")
     s.add_argument("--workdir", default=".blockrag/demo")
     s.add_argument("--mode", default="turbo", choices=["full", "turbo", "block", "blend"])
     s.add_argument("--generator", default=None)
+    s.add_argument("--adapter", default="default",
+                   help="block-attention LoRA adapter folder; default: the bundled one for the bundled generator; "
+                        "'none': the plain model")
     s.add_argument("--no-generate", action="store_true")
     s.add_argument("--no-compare", action="store_true", help="skip the full-prefill answer shown beside each one")
     s.set_defaults(func=cmd_demo)

@@ -211,40 +211,63 @@ def _resolve_placement(dtype, device: str | None):
     return dtype, str(device)
 
 
-def load_generator(name: str | None = None, dtype=None, device: str | None = None):
+def load_generator(name: str | None = None, dtype=None, device: str | None = None, adapter=None):
     """Load a fresh, private (model, tokenizer) pair for a causal LM (fp32 on CPU, bf16 on GPU by default).
 
+    ``adapter``: a LoRA adapter folder (or ``"default"``, see :func:`blockrag.attention_kv.lora.resolve_adapter`)
+    merged into the weights at load, so the model runs at the base model's speed.
     For training or anything else that changes the weights. Inference code shares one copy per process
     through :func:`shared_generator`."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_generator(name)
     dtype, device = _resolve_placement(dtype, device)
+    lora = _resolve_adapter(adapter, name)
     with quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if lora is not None:
+            from blockrag.attention_kv.lora import merge_adapter
+
+            model = merge_adapter(model, lora)
+        model = model.to(device).eval()
     return model, _tokenizer_at(path)
 
 
-_shared: dict = {}                 # (resolved path, dtype, device) -> (model, tokenizer)
+def _resolve_adapter(adapter, name):
+    if adapter is None:
+        return None
+    from blockrag.attention_kv.lora import resolve_adapter
+
+    return resolve_adapter(adapter, name)
+
+
+_shared: dict = {}                 # (resolved path, dtype, device, adapter) -> (model, tokenizer)
 _shared_locks: dict = {}           # same key -> the lock its first loader holds
 _shared_guard = threading.Lock()   # guards the two dicts, never held while loading
 
 
-def shared_generator(name: str | None = None, dtype=None, device: str | None = None):
-    """The process-wide (model, tokenizer) of a causal LM, loaded once per resolved model folder, dtype and
-    device and shared by every reranker, MRAG encoder, KV index and Generator that asks for it.
+def shared_generator(name: str | None = None, dtype=None, device: str | None = None, adapter=None):
+    """The process-wide (model, tokenizer) of a causal LM, loaded once per resolved model folder, dtype,
+    device and LoRA adapter (merged, see :func:`load_generator`) and shared by every reranker, MRAG encoder,
+    KV index and Generator that asks for it.
     Thread-safe: concurrent first calls for one key load it once; other keys load in parallel.
     The model is in eval mode and must not be trained (use :func:`load_generator` for a private copy)."""
     path = resolve_generator(name)
     dtype, device = _resolve_placement(dtype, device)
-    key = (path, str(dtype), device)
+    lora = _resolve_adapter(adapter, name)
+    if lora is not None:  # by folder and content: an adapter retrained in place is another model
+        from blockrag.attention_kv.lora import adapter_revision
+
+        key = (path, str(dtype), device, str(Path(lora).resolve()), adapter_revision(lora))
+    else:
+        key = (path, str(dtype), device)
     with _shared_guard:
         if key in _shared:
             return _shared[key]
         lock = _shared_locks.setdefault(key, threading.Lock())
     with lock:
         if key not in _shared:
-            pair = load_generator(path, dtype=dtype, device=device)
+            pair = load_generator(path, dtype=dtype, device=device, adapter=lora)
             with _shared_guard:
                 _shared[key] = pair
     return _shared[key]

@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-# extras: the demo needs graph + serve; the test suite also installs test, ray and llamaindex (scripts/test.sh)
-EXTRAS=${BLOCKRAG_EXTRAS:-graph,serve}
+# extras: the demo needs graph + serve + finetune (peft, to load the bundled block-attention adapter); the test
+# suite also installs test, ray and llamaindex (scripts/test.sh)
+EXTRAS=${BLOCKRAG_EXTRAS:-graph,serve,finetune}
 if [ "${BLOCKRAG_LATEST:-0}" = 1 ]; then
   VENV=.venv-latest PIN=(--upgrade --upgrade-strategy eager)
 else

@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
 if [ "${1:-}" = "--latest" ]; then shift; export BLOCKRAG_LATEST=1 VENV=.venv-latest; fi
-BLOCKRAG_EXTRAS=${BLOCKRAG_EXTRAS:-graph,serve,test,ray,llamaindex} bash scripts/setup.sh
+BLOCKRAG_EXTRAS=${BLOCKRAG_EXTRAS:-graph,serve,finetune,test,ray,llamaindex} bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$VENV/bin/python" -m pytest -q -ra "$@"
