@@ -16,7 +16,8 @@ shapes — time and max |diff| against an fp32 computation; the fastest correct 
 (bf16 on the GPU: the two paths use different attention kernels, so near-ties may flip a token; the
 agreement is reported, the CPU tests assert equality in fp32); (3) one request at a time: ``generate()``
 sequentially (after ``warmup()`` for the bucket); (4) ``generate_batch`` with N requests and
-``max_batch=N`` for each N, one untimed run first. Throughput = answers (tokens) / wall clock of the whole
+``max_batch=N`` for each N, on one engine: an untimed run first (it allocates the buffer and captures the
+decode graph of N rows), then the timed run. Throughput = answers (tokens) / wall clock of the whole
 call (stitching, prefill and decode included); "decode tok/s" excludes the admission prefill.
 """
 from __future__ import annotations
@@ -146,26 +147,24 @@ def pick_backend(att: dict, tol: float = 0.05) -> str:
     return min(good, key=good.get) if good else "sdpa"
 
 
-def run_batch(gen, reqs, backend: str) -> dict:
-    from blockrag.attention_kv.batch import BatchEngine
-
+def run_batch(eng, reqs) -> dict:
+    """One ``run`` of ``reqs`` on engine ``eng`` (buffers and decode graphs kept from its earlier runs)."""
     torch.cuda.synchronize()
     t = time.perf_counter()
-    eng = BatchEngine(gen, max_batch=len(reqs), backend=backend, defaults={"stop": ()})
+    s0 = dict(eng.stats)
     hs = [eng.submit(r) for r in reqs]
     eng.reserve_for(hs)
     eng.run()
     torch.cuda.synchronize()
     wall = time.perf_counter() - t
     toks = sum(len(h.result.token_ids) for h in hs)
-    first = eng.stats["prefill_s"]
+    stats = {k: v - s0[k] for k, v in eng.stats.items()}
+    first = stats["prefill_s"]
     res = {"wall_s": wall, "tokens": toks, "answers_per_s": len(reqs) / wall, "tok_per_s": toks / wall,
            "decode_tok_per_s": (toks - len(reqs)) / max(wall - first, 1e-9), "prefill_s": first,
-           "ttft_ms_mean": statistics.mean(h.result.ttft_ms for h in hs), "stats": dict(eng.stats),
+           "ttft_ms_mean": statistics.mean(h.result.ttft_ms for h in hs), "stats": stats,
            "buffer_GiB": eng.kv.numel() * eng.kv.element_size() / 2 ** 30,
            "token_ids": [h.result.token_ids for h in hs]}
-    del eng
-    torch.cuda.empty_cache()
     return res
 
 
@@ -178,7 +177,7 @@ def table(res: dict) -> str:
              "|---|---|---|---|---|---|---|",
              f"| 1 (generate, sequential) | {one['answers_per_s']:.2f} | {one['tok_per_s']:.0f} | "
              f"{one['decode_tok_per_s']:.0f} | 1.0x | {one['ttft_ms_mean']:.1f} | {one['wall_s']:.2f} |"]
-    for n, r in res["batched"].items():
+    for n, r in sorted(res["batched"].items(), key=lambda kv: int(kv[0])):
         if "error" in r:
             lines.append(f"| {n} | error: {r['error']} | | | | | |")
             continue
@@ -228,7 +227,7 @@ def main(argv=None):
 
         tok = load_tokenizer()
     model = build_llama3_8b(dev, layers=args.layers)
-    ns = sorted(int(x) for x in args.concurrency.split(",") if x)
+    ns = [int(x) for x in args.concurrency.split(",") if x]  # run in this order (the table is sorted)
     store = KVCacheStore(Path(tempfile.mkdtemp(prefix="bench-batch-")) / "kv", model, tok, dtype=torch.bfloat16,
                          lru_bytes=0)
     pool = synthetic_chunks(tok, args.pool_tokens, args.chunk_tokens)
@@ -285,7 +284,26 @@ def main(argv=None):
                             "decode_graph": singles[0].timings.get("decode_graph")}
     log(f"one at a time: {res['one_at_a_time']}")
     save()
-    # (2) correctness through the public API: the same requests batched
+    # (2) correctness: first-token logits of one batched prefill vs the single-request prefill, then the
+    # greedy tokens through the public API
+    try:
+        from blockrag.attention_kv.batch import BatchEngine
+
+        eng = BatchEngine(gen, max_batch=len(seq), backend=backend)
+        eng.keep_logits = True
+        hs = [eng.submit(r) for r in seq]
+        eng.reserve_for(hs)
+        eng.step()  # the admission prefill of all of them
+        got = eng.last_logits.float()
+        ref = torch.stack([gen.prefill(r.question, r.chunks, "turbo", last_only=True)[0][-1].float() for r in seq])
+        top2 = ref.topk(2, dim=-1).values
+        res["first_logits"] = {"max_abs_diff": (got - ref).abs().max().item(), "logit_std": ref.std().item(),
+                               "top1_top2_gap_min": (top2[:, 0] - top2[:, 1]).min().item(),
+                               "argmax_equal": int((got.argmax(-1) == ref.argmax(-1)).sum())}
+        del eng
+    except Exception as ex:  # noqa: BLE001
+        res["first_logits"] = {"error": f"{type(ex).__name__}: {str(ex).splitlines()[0][:300]}"}
+    log(f"first-token logits batched vs single: {res['first_logits']}")
     try:
         got = gen.generate_batch(seq, max_batch=len(seq), backend=backend)
         agree = []
@@ -308,15 +326,22 @@ def main(argv=None):
             res["batched"][n] = {"error": "skipped: time budget"}
             continue
         try:
-            run_batch(gen, all_reqs[:min(n, 16)], backend)  # untimed: first launches, allocator warm
-            r = run_batch(gen, all_reqs[:n], backend)
-            r.pop("token_ids")
+            from blockrag.attention_kv.batch import BatchEngine
+
+            eng = BatchEngine(gen, max_batch=n, backend=backend, defaults={"stop": ()})
+            warm = run_batch(eng, all_reqs[:n])  # untimed: buffer, decode graph capture, first launches
+            r = run_batch(eng, all_reqs[:n])
+            r["same_tokens_as_warm_run"] = r.pop("token_ids") == warm["token_ids"]
+            r["warm_run_wall_s"] = warm["wall_s"]
+            del eng
+            torch.cuda.empty_cache()
             res["batched"][n] = r
             log(f"  {n} concurrent: {r['tok_per_s']:.0f} tok/s, {r['answers_per_s']:.2f} answers/s, decode "
                 f"{r['decode_tok_per_s']:.0f} tok/s, wall {r['wall_s']:.2f} s, buffer {r['buffer_GiB']:.1f} GiB")
         except Exception as ex:  # noqa: BLE001
             res["batched"][n] = {"error": f"{type(ex).__name__}: {str(ex).splitlines()[0][:300]}"}
             log(f"  {n} concurrent FAILED: {res['batched'][n]['error']}")
+            eng = None  # noqa: F841 - frees the buffer before the next size
             torch.cuda.empty_cache()
         save()
     one = res["one_at_a_time"]["tok_per_s"]

@@ -75,6 +75,23 @@ def test_batched_equals_one_at_a_time_with_joins_and_leaves(gen, backend):
         assert a.timings["stopped_by"] == b.timings["stopped_by"] == "budget"
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "matmul"])
+def test_padded_rows_step_equals_one_at_a_time(gen, backend):
+    """The computation a CUDA graph captures (rows padded to a power of two, keys over each row's whole
+    capacity, positions and mask on the device), run eagerly on the CPU: the same tokens as generate()."""
+    from blockrag.attention_kv.batch import BatchEngine
+
+    reqs = _requests(gen, budgets=(4, 9, 6, 3, 7))
+    ref = _one_by_one(gen, reqs)
+    eng = BatchEngine(gen, max_batch=4, backend=backend)  # 3 running rows decode as 4 (one padding row)
+    eng.pad_rows = True
+    hs = [eng.submit(r) for r in reqs]
+    eng.run()
+    assert eng.stats["moves"] > 0
+    for h, b in zip(hs, ref):
+        assert h.result.token_ids == b.token_ids
+
+
 def test_engine_accepts_requests_while_running_and_grows(gen):
     """A request submitted after decoding has started, with a longer context than the buffer was sized for,
     joins (the buffer grows, running rows are copied over) and all answers stay those of generate()."""
