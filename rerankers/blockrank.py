@@ -28,11 +28,13 @@ query; or the flat full-causal baseline) to :func:`attention_kv.kernels.attend` 
 Triton on CUDA, PyTorch reference otherwise) or to ``torch.nn.functional.scaled_dot_product_attention``
 (``attn="sdpa"``). The block mass is always read through ``attend``.
 
-Fine-tuning (optional, not run here): :mod:`rerankers.blockrank_finetune` (LM loss on the answer +
-the paper's contrastive loss on this attention, through this same block-sparse forward)::
+Fine-tuning: :mod:`rerankers.finetune` (LM loss on the answer + the paper's contrastive loss on this
+attention, through this same block-sparse forward, as a LoRA adapter). ``model_name`` may be the reranker
+folder it writes: its base model with the adapter merged (a private copy, never the generator's), and its
+``layer``, ``query_rows``, ``doc_tokens`` and ``fuse_weight`` (interpolation with the first-stage rank)::
 
-    python -m rerankers.blockrank_finetune --data ../shared/datasets/scifact \
-        --candidates runs/scifact_cands.json --layer 17 --docs-per-prompt 10 --steps 200 --out runs/blockrank-ft
+    python -m blockrag.rerankers.finetune --kind blockrank --data ../shared/datasets/scifact \
+        --candidates runs/scifact_rerank_cands.json --out runs/blockrank-ft
 """
 from __future__ import annotations
 
@@ -254,8 +256,21 @@ class BlockRankReranker(LazyGenerator):
                  query_tokens: int = 128, query_rows: str | int | None = None, attn: str = "auto",
                  doc_batch: int = 32, kv_cache: Any = None, model=None, tokenizer=None,
                  instruction: str = INSTRUCTION, question: str = QUESTION, answer_prefix: str = ANSWER_PREFIX):
+        from .finetune import read_settings, reranker_folder
+
         self.model_name = model_name
         self._model, self._tokenizer = model, tokenizer
+        self.fuse_weight = None
+        self._folder = reranker_folder(model_name)
+        if self._folder is not None:           # a fine-tuned folder brings its own weights and settings
+            settings = read_settings(self._folder)
+            if settings.get("kind") != self.name:
+                raise ValueError(f"{model_name} is a {settings.get('kind')!r} reranker folder, not {self.name!r}")
+            self._model = self._tokenizer = None
+            layer = settings.get("layer") if layer is None else layer
+            query_rows = settings.get("query_rows") if query_rows is None else query_rows
+            doc_tokens = settings.get("doc_tokens", doc_tokens)
+            self.fuse_weight = settings.get("fuse_weight")
         self._layer = layer
         self.doc_tokens, self.query_tokens = doc_tokens, query_tokens
         self._query_rows = query_rows
@@ -267,6 +282,13 @@ class BlockRankReranker(LazyGenerator):
         self._chat = None
 
     # -- model ------------------------------------------------------------------------------------
+    def _load(self):
+        if self._model is None and self._folder is not None:
+            from .finetune import load_folder
+
+            self._model, self._tokenizer = load_folder(self._folder)
+        return super()._load()
+
     @property
     def adapter(self):
         """The model seam over the loaded model (:class:`attention_kv.model.ModelAdapter`)."""
@@ -347,7 +369,10 @@ class BlockRankReranker(LazyGenerator):
     def rerank(self, query: str, items: Sequence, k: int | None = None,
                texts: Mapping[str, str] | Callable[[str], str] | None = None) -> list[Hit]:
         """``items``: chunks (``.id``/``.text``), ``(id, text)`` pairs, or hits/ids with ``texts`` to look them up."""
-        return rank_items(lambda q, docs, ids: self.score(q, docs, ids=ids), query, items, k, texts)
+        from .finetune import fuse
+
+        return rank_items(lambda q, docs, ids: fuse(self.score(q, docs, ids=ids), self.fuse_weight), query, items, k,
+                          texts)
 
     def score(self, query: str, doc_texts: Sequence[str], ids: Sequence[str] | None = None) -> np.ndarray:
         prompt = self.build_prompt(query, doc_texts)
@@ -359,7 +384,8 @@ class BlockRankReranker(LazyGenerator):
 
     def _cache_key(self, prompt: BlockPrompt, doc: list[int]) -> str:
         h = hashlib.sha256()
-        h.update(str((getattr(self.model.config, "_name_or_path", ""), self.layer, self._attn_mode())).encode())
+        h.update(str((getattr(self.model.config, "_name_or_path", ""), str(self._folder), self.layer,
+                      self._attn_mode())).encode())                  # a fine-tuned folder: other K/V
         h.update(np.asarray(prompt.instruction, np.int64).tobytes())
         h.update(b"|")
         h.update(np.asarray(doc, np.int64).tobytes())

@@ -9,6 +9,9 @@ Prompt (chat template of the generator; plain text for models without one)::
 The next-token log-probabilities of " yes"/"yes"/"Yes" (summed in probability) and the same for "no"
 give the score. Pairs are batched with right padding; the logits are read at each row's last token.
 This is the baseline BlockRank is compared against (same model, one forward per passage).
+
+``model_name`` may be a fine-tuned reranker folder (:mod:`rerankers.finetune`): its base model with its LoRA
+adapter merged (a private copy, never the generator's), and its ``fuse_weight`` applied to the scores.
 """
 from __future__ import annotations
 
@@ -30,11 +33,29 @@ class PointwiseReranker(LazyGenerator):
 
     def __init__(self, model_name: str | None = None, doc_tokens: int = 160, query_tokens: int = 128,
                  batch_size: int = 8, model=None, tokenizer=None):
+        from .finetune import read_settings, reranker_folder
+
         self.model_name = model_name
         self._model, self._tokenizer = model, tokenizer
+        self.fuse_weight = None
+        self._folder = reranker_folder(model_name)
+        if self._folder is not None:           # a fine-tuned folder brings its own weights and settings
+            settings = read_settings(self._folder)
+            if settings.get("kind") != self.name:
+                raise ValueError(f"{model_name} is a {settings.get('kind')!r} reranker folder, not {self.name!r}")
+            self._model = self._tokenizer = None
+            doc_tokens = settings.get("doc_tokens", doc_tokens)
+            self.fuse_weight = settings.get("fuse_weight")
         self.doc_tokens, self.query_tokens, self.batch_size = doc_tokens, query_tokens, batch_size
         self._answer_ids = None
         self._chat = None
+
+    def _load(self):
+        if self._model is None and self._folder is not None:
+            from .finetune import load_folder
+
+            self._model, self._tokenizer = load_folder(self._folder)
+        return super()._load()
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -56,7 +77,8 @@ class PointwiseReranker(LazyGenerator):
         return (self._ids(head) + self._ids("Query: ") + self._ids(query)[:self.query_tokens]
                 + self._ids("\nPassage: ") + self._ids(passage)[:self.doc_tokens] + self._ids(tail))
 
-    def score(self, query: str, doc_texts: Sequence[str]) -> np.ndarray:
+    def logodds(self, prompts: Sequence[Sequence[int]]):
+        """log P(yes) - log P(no) per prompt (a tensor, differentiable: the fine-tuning loss uses it)."""
         import torch
 
         from blockrag.attention_kv.model import ModelAdapter
@@ -65,26 +87,33 @@ class PointwiseReranker(LazyGenerator):
         ad = ModelAdapter.of(model)
         dev = ad.device
         yes, no = self._answers()
-        prompts = [self.prompt_ids(query, d) for d in doc_texts]
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        out = np.zeros(len(prompts), np.float32)
+        out = []
+        for b0 in range(0, len(prompts), self.batch_size):
+            batch = prompts[b0:b0 + self.batch_size]
+            width = max(len(p) for p in batch)
+            x = torch.full((len(batch), width), pad, dtype=torch.long)
+            for j, p in enumerate(batch):
+                x[j, :len(p)] = torch.tensor(p)
+            # right padding + causal attention (the seam's default): real tokens never see the pads
+            ad.check_length(width)
+            hidden = ad.hidden_states(x.to(dev), torch.arange(width, device=dev))
+            last = torch.tensor([len(p) - 1 for p in batch], device=dev)
+            logits = ad.logits(hidden[torch.arange(len(batch), device=dev), last][:, None])[:, 0].float()
+            logp = torch.log_softmax(logits, -1)
+            out.append(torch.logsumexp(logp[:, yes], -1) - torch.logsumexp(logp[:, no], -1))
+        return torch.cat(out)
+
+    def score(self, query: str, doc_texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        if not doc_texts:
+            return np.zeros(0, np.float32)
         with torch.inference_mode():
-            for b0 in range(0, len(prompts), self.batch_size):
-                batch = prompts[b0:b0 + self.batch_size]
-                width = max(len(p) for p in batch)
-                x = torch.full((len(batch), width), pad, dtype=torch.long)
-                for j, p in enumerate(batch):
-                    x[j, :len(p)] = torch.tensor(p)
-                # right padding + causal attention (the seam's default): real tokens never see the pads
-                ad.check_length(width)
-                hidden = ad.hidden_states(x.to(dev), torch.arange(width, device=dev))
-                last = torch.tensor([len(p) - 1 for p in batch], device=dev)
-                logits = ad.logits(hidden[torch.arange(len(batch), device=dev), last][:, None])[:, 0].float()
-                logp = torch.log_softmax(logits, -1)
-                s = torch.logsumexp(logp[:, yes], -1) - torch.logsumexp(logp[:, no], -1)
-                out[b0:b0 + len(batch)] = s.cpu().numpy()
-        return out
+            return self.logodds([self.prompt_ids(query, d) for d in doc_texts]).cpu().numpy().astype(np.float32)
 
     def rerank(self, query: str, items: Sequence, k: int | None = None,
                texts: Mapping[str, str] | Callable[[str], str] | None = None) -> list[Hit]:
-        return rank_items(lambda q, docs, ids: self.score(q, docs), query, items, k, texts)
+        from .finetune import fuse
+
+        return rank_items(lambda q, docs, ids: fuse(self.score(q, docs), self.fuse_weight), query, items, k, texts)

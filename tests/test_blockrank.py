@@ -130,7 +130,7 @@ def test_smollm2_rerank_api_small():
 
 
 def test_finetune_step_gradients():
-    from blockrag.rerankers.blockrank_finetune import train_step
+    from blockrag.rerankers.finetune import blockrank_loss
 
     model = tiny_llama(4)
     model.train()
@@ -140,7 +140,8 @@ def test_finetune_step_gradients():
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses = []
     for _ in range(4):
-        loss, lm, con = train_step(br, prompt, answer=[5, 6, 7], positive=1, layer=2, lam=1.0, temperature=0.1)
+        loss, lm, con = blockrank_loss(br, prompt, answer=[5, 6, 7], positives=[1], layers=(2,), lam=1.0,
+                                       temperature=0.1)
         opt.zero_grad()
         loss.backward()
         assert model.model.layers[2].self_attn.q_proj.weight.grad.abs().sum() > 0   # contrastive reaches layer 2's q
