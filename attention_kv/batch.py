@@ -76,7 +76,9 @@ def context_parts(gen, chunks) -> list:
 
 
 class Handle:
-    """A submitted request's state; ``result`` is its :class:`GenerationResult` once ``done``."""
+    """A submitted request's state; ``result`` is its :class:`GenerationResult` once ``done``. ``on_piece``:
+    optional ``f(text)`` called with each new piece of the answer as ``generate(stream=True)`` would yield it
+    (text that could begin a stop string is held back until it cannot)."""
 
     def __init__(self, index: int, req: BatchRequest, q_ids: list[int], rules: tuple, max_new: int):
         self.index, self.req, self.q_ids = index, req, q_ids
@@ -92,6 +94,8 @@ class Handle:
         self.result = None
         self.t_submit = time.perf_counter()
         self.t_join = self.t_first = self.t_end = None
+        self.on_piece: Callable[[str], None] | None = None
+        self.shown = ""  # text streamed so far
 
     def feed(self, tok: int, eos: set, decode: Callable) -> None:
         """One generated token through ``Generator.generate``'s stopping rules (same order, same outcome)."""
@@ -109,8 +113,26 @@ class Handle:
             text, hit = _apply_stops(decode(self.out_ids, skip_special_tokens=True), self.stop)
             if hit:
                 self.answer, self.stopped_by = text, "stop"
+        if self.on_piece is not None and self.stopped_by not in ("eos", "repetition"):
+            self._stream(decode)
         if self.stopped_by is None and len(self.out_ids) >= self.max_new:
             self.stopped_by = "budget"
+
+    def _stream(self, decode) -> None:
+        """generate()'s streaming rule: the text decided so far (cut at a stop string; minus a possible stop
+        string's beginning and, with a repetition guard, the last ``guard`` tokens), once it is not a
+        partial character."""
+        from .generate import held_back
+
+        if self.answer is not None:
+            safe = self.answer
+        else:
+            ids = self.out_ids[:max(0, len(self.out_ids) - self.guard)] if self.guard else self.out_ids
+            text = decode(ids, skip_special_tokens=True)
+            safe = text[:len(text) - held_back(text, self.stop)]
+        if len(safe) > len(self.shown) and not safe.endswith("\ufffd"):
+            self.on_piece(safe[len(self.shown):])
+            self.shown = safe
 
     @property
     def needs_step(self) -> bool:
@@ -194,6 +216,28 @@ class BatchEngine:
         self.waiting.append(h)
         return h
 
+    def cancel(self, h: Handle) -> bool:
+        """Stop ``h`` now (its row is freed at once; ``result.timings["stopped_by"]`` is "cancelled").
+        Returns True when ``h`` is finished by this call (else a launched step still holds it: :meth:`step`
+        returns it once that step is read)."""
+        if h.done:
+            return False
+        if h.stopped_by is None:
+            h.stopped_by = "cancelled"
+        if h in self.waiting:
+            self.waiting.remove(h)
+            h.t_join = h.t_first = time.perf_counter()
+        for i, a in enumerate(self.active):
+            if a is h:
+                self._leave(i)
+                break
+        if any(h in r[2] for r in self._pending):
+            return False
+        if h.t_first is None:
+            h.t_first = time.perf_counter()
+        self._finish(h)
+        return True
+
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.active or self._pending)
@@ -254,6 +298,9 @@ class BatchEngine:
         h.t_end = time.perf_counter()  # its last token has been read: its computation is over
         ids = [t for t in h.out_ids if t not in self.gen.eos_ids]
         answer = h.answer if h.answer is not None else self.gen.tokenizer.decode(ids, skip_special_tokens=True)
+        if h.on_piece is not None and answer.startswith(h.shown) and len(answer) > len(h.shown):
+            h.on_piece(answer[len(h.shown):])  # what was held back
+            h.shown = answer
         n_dec = len(h.out_ids) - 1
         dt = h.t_end - h.t_first
         h.result = GenerationResult(

@@ -170,3 +170,34 @@ def test_unsupported_mode_and_empty(gen):
     with pytest.raises(ValueError, match="cached modes"):
         gen.generate_batch([("q", [])], mode="full")
     assert gen.generate_batch([]) == []
+
+
+def test_streamed_pieces_and_cancel(gen):
+    """on_piece receives generate(stream=True)'s pieces (stop strings held back then cut); a cancelled request
+    leaves at once and the others are unaffected."""
+    from blockrag.attention_kv.batch import BatchEngine, BatchRequest
+
+    reqs = _requests(gen, budgets=(10, 10, 10, 10, 10))
+    free = _one_by_one(gen, reqs)
+    stops = [(gen.tokenizer.decode(r.token_ids[4:5]).strip() or "\n",) for r in free]
+    reqs = [BatchRequest(r.question, r.chunks, max_new_tokens=10, stop=s) for r, s in zip(reqs, stops)]
+    want = []
+    for r in reqs:
+        s = gen.generate(r.question, r.chunks, max_new_tokens=10, stop=r.stop, stream=True)
+        want.append((list(s), s.result.answer))
+    eng = BatchEngine(gen, max_batch=3, backend="reference")
+    hs, got = [], []
+    for r in reqs:
+        h = eng.submit(r)
+        pieces = []
+        h.on_piece = pieces.append
+        hs.append(h)
+        got.append(pieces)
+    eng.step()
+    eng.step()
+    assert eng.cancel(hs[1]) and hs[1].done and hs[1].result.timings["stopped_by"] == "cancelled"
+    assert eng.cancel(hs[4]) and hs[4].done  # still waiting
+    eng.run()
+    for i in (0, 2, 3):
+        assert got[i] == want[i][0] and hs[i].result.answer == want[i][1]
+    assert "".join(got[1]) == want[1][1][:len("".join(got[1]))]  # what was shown before the cancel
