@@ -54,6 +54,7 @@ class BatchRequest:
     max_new_tokens: int | None = None
     stop: Sequence[str] | None = None
     repetition_guard: int | None = None
+    mode: str | None = None  # "turbo" or "block" (the same computation; recorded in the result)
 
 
 def as_request(r) -> BatchRequest:
@@ -207,6 +208,8 @@ class BatchEngine:
     # ------------------------------------------------------------------ queueing
     def submit(self, request) -> Handle:
         req = as_request(request)
+        if req.mode is not None and req.mode not in BATCH_MODES:
+            raise ValueError(f"batched generation serves the cached modes {BATCH_MODES}, got {req.mode!r}")
         q_ids = self.gen.store.question_ids(req.question)
         rules = (tuple(self.default_stop if req.stop is None else req.stop),
                  int(self.default_guard if req.repetition_guard is None else req.repetition_guard))
@@ -304,7 +307,7 @@ class BatchEngine:
         n_dec = len(h.out_ids) - 1
         dt = h.t_end - h.t_first
         h.result = GenerationResult(
-            answer=answer.strip(), token_ids=ids, mode=self.mode, chunk_ids=[c.id for c in h.req.chunks],
+            answer=answer.strip(), token_ids=ids, mode=h.req.mode or self.mode, chunk_ids=[c.id for c in h.req.chunks],
             ttft_ms=(h.t_first - h.t_submit) * 1e3, decode_tokens_per_s=n_dec / dt if n_dec and dt > 0 else 0.0,
             n_context_tokens=h.n_context, n_question_tokens=len(h.q_ids),
             timings={"queue_ms": (h.t_join - h.t_submit) * 1e3, "decode_ms": dt * 1e3, "stopped_by": h.stopped_by,

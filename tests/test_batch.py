@@ -201,3 +201,54 @@ def test_streamed_pieces_and_cancel(gen):
     for i in (0, 2, 3):
         assert got[i] == want[i][0] and hs[i].result.answer == want[i][1]
     assert "".join(got[1]) == want[1][1][:len("".join(got[1]))]  # what was shown before the cancel
+
+
+def test_server_worker_batches_queued_generations(tmp_path):
+    """``batch=4``: queued generations are decoded together by the server's worker (steps with several rows),
+    each streamed and answered as generate() answers it."""
+    import asyncio
+    import time
+
+    from serving import build_store
+
+    from blockrag.server import ServerConfig
+    from blockrag.server.engine import Engine, GenJob
+
+    collection = build_store(tmp_path / "store")
+    gen = collection.index("kv").generator()
+    config = ServerConfig(store=str(collection.store.folder), retriever="bm25", k=2, mode="turbo", batch=4)
+    eng = Engine(config, collection=collection, generator=gen)
+    questions = ["Who founded the Veloria Savings Bank?", "What roof does the lighthouse have?",
+                 "Where does the railway go?"]
+    contexts = [eng.retrieve(q, 2)[0] for q in questions]
+
+    async def ask():
+        loop = asyncio.get_running_loop()
+        jobs = [GenJob(q, c, "turbo", 8, time.monotonic() + 120, loop, asyncio.Queue())
+                for q, c in zip(questions, contexts)]
+        for job in jobs:
+            eng.submit(job)
+        outs = []
+        for job in jobs:
+            pieces = []
+            while True:
+                kind, payload = await asyncio.wait_for(job.out.get(), 120)
+                if kind == "token":
+                    pieces.append(payload)
+                elif kind == "done":
+                    outs.append(("".join(pieces), payload))
+                    break
+                elif kind == "error":
+                    raise AssertionError(payload)
+        return outs
+
+    try:
+        outs = asyncio.run(ask())
+        stats = eng._batcher.stats
+    finally:
+        eng.close()
+    assert stats["decode_rows"] > stats["decode_steps"]  # some steps decoded several requests
+    for q, c, (text, res) in zip(questions, contexts, outs):
+        ref = gen.generate(q, c, mode="turbo", max_new_tokens=8)
+        assert res.token_ids == ref.token_ids and res.answer == ref.answer and res.timings["batched"]
+        assert text.strip() == ref.answer

@@ -44,6 +44,7 @@ class ServerConfig:
     replicas: int = 2
     routing: str = "cache-aware"
     tier_mb: float = 1024.0  # each replica's fast KV tier (GPU memory, else host RAM)
+    batch: int = 1  # generations decoded together by the worker (continuous batching, cached modes); 1 = one at a time
 
     @property
     def loopback(self) -> bool:
@@ -91,6 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing", default="cache-aware", choices=("cache-aware", "round-robin"),
                    help="with --ray: to the replica holding most of the passages, or in turn")
     p.add_argument("--tier-mb", type=float, default=1024.0, help="with --ray: each replica's fast KV tier")
+    p.add_argument("--batch", type=int, default=1,
+                   help="generations decoded together in turbo/block mode (continuous batching; 1 = one at a time)")
 
 
 def from_args(args) -> ServerConfig:
@@ -100,4 +103,5 @@ def from_args(args) -> ServerConfig:
                         generate=not args.no_generate, queue_size=args.queue_size, request_timeout_s=args.timeout,
                         max_body_bytes=int(args.max_body_mb * (1 << 20)), allowed_hosts=list(args.allow_host),
                         ray=getattr(args, "ray", None), replicas=getattr(args, "replicas", 2),
-                        routing=getattr(args, "routing", "cache-aware"), tier_mb=getattr(args, "tier_mb", 1024.0))
+                        routing=getattr(args, "routing", "cache-aware"), tier_mb=getattr(args, "tier_mb", 1024.0),
+                        batch=getattr(args, "batch", 1))

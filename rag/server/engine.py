@@ -124,8 +124,12 @@ class Engine:
         self._pipelines: dict = {}
         self.metrics.queue_depth.set_function(self._jobs.qsize)
         # a replica pool (blockrag.distributed.serving) runs one generation per replica at once
-        self._workers = [threading.Thread(target=self._work, name=f"blockrag-generation-{i}", daemon=True)
-                         for i in range(max(1, int(getattr(self.generator, "concurrency", 1))))]
+        n_workers = max(1, int(getattr(self.generator, "concurrency", 1)))
+        # --batch N: one worker decodes up to N generations together (continuous batching)
+        batched = int(getattr(config, "batch", 1)) > 1 and n_workers == 1 and hasattr(self.generator, "generate_batch")
+        self._batcher = None  # the BatchEngine of the batched worker (built at its first job)
+        self._workers = [threading.Thread(target=self._work_batched if batched else self._work,
+                                          name=f"blockrag-generation-{i}", daemon=True) for i in range(n_workers)]
         for worker in self._workers:
             worker.start()
         self._worker = self._workers[0]
@@ -214,16 +218,10 @@ class Engine:
                 job.emit("error", (504, "the request timed out while waiting for the generator"))
                 continue
             with self._model_lock if not getattr(self.generator, "concurrent", False) else nullcontext():
-                self.metrics.in_flight.inc()
-                try:
-                    self._generate(job)
-                except Exception as err:  # noqa: BLE001  (reported to the client, the worker lives on)
-                    log.exception("generation failed")
-                    job.emit("error", (500, f"generation failed: {type(err).__name__}: {err}"))
-                finally:
-                    self.metrics.in_flight.dec()
+                self._one(job)
 
-    def _generate(self, job: GenJob) -> None:
+    def _start(self, job: GenJob) -> None:
+        """Queue-wait and cache metrics of a job whose generation begins, and its "start" event."""
         waited = time.monotonic() - job.enqueued
         self.metrics.queue_wait.observe(waited)
         store = self.generator.store
@@ -231,6 +229,93 @@ class Engine:
         self.metrics.cache_hits.inc(hits)
         self.metrics.cache_misses.inc(len(job.chunks) - hits)
         job.emit("start", {"queue_ms": waited * 1e3, "cache_hits": hits, "cache_misses": len(job.chunks) - hits})
+
+    def _done(self, job: GenJob, result) -> None:
+        cached = 0 if result.mode == "full" else max(result.n_context_tokens - result.n_recomputed, 0)
+        self.metrics.tokens.labels("cached").inc(cached)
+        self.metrics.tokens.labels("prefilled").inc(result.n_context_tokens + result.n_question_tokens - cached)
+        self.metrics.tokens.labels("generated").inc(len(result.token_ids))
+        job.emit("done", result)
+
+    def _work_batched(self) -> None:
+        """The worker with ``--batch N``: generations in the cached modes join one BatchEngine between its steps
+        (up to N decoded together) and leave when they end; other modes run one at a time as in :meth:`_work`.
+        Cancellation and time-outs are checked between steps."""
+        from blockrag.attention_kv.batch import BATCH_MODES, BatchEngine, BatchRequest
+
+        live: dict = {}  # Handle -> GenJob
+        limit = int(self.config.batch)
+        while True:
+            jobs = []
+            try:
+                if not live:
+                    jobs.append(self._jobs.get())
+                while len(live) + len(jobs) < limit:
+                    jobs.append(self._jobs.get_nowait())
+            except queue.Empty:
+                pass
+            for job in jobs:
+                if job is None:
+                    for j in live.values():
+                        j.emit("error", (503, "the server is shutting down"))
+                    return
+                if job.cancel.is_set():
+                    self.metrics.cancelled.labels(job.cancel_reason).inc()
+                elif time.monotonic() > job.deadline:
+                    self.metrics.cancelled.labels("timeout").inc()
+                    job.emit("error", (504, "the request timed out while waiting for the generator"))
+                elif job.mode not in BATCH_MODES:
+                    with self._model_lock:
+                        self._one(job)
+                else:
+                    if self._batcher is None or (not live and self._batcher.gen is not self.generator):
+                        self._batcher = BatchEngine(self.generator, max_batch=limit)
+                    self._start(job)
+                    h = self._batcher.submit(BatchRequest(job.question, job.chunks, job.max_new_tokens,
+                                                          mode=job.mode))
+                    h.on_piece = lambda text, job=job: job.emit("token", text)
+                    live[h] = job
+                    self.metrics.in_flight.inc()
+            for h, job in list(live.items()):
+                timeout = time.monotonic() > job.deadline
+                if job.cancel.is_set() or timeout:
+                    self.metrics.cancelled.labels("timeout" if timeout else job.cancel_reason).inc()
+                    if timeout:
+                        job.emit("error", (504, "the request timed out while generating"))
+                    self._batcher.cancel(h)
+                    del live[h]
+                    self.metrics.in_flight.dec()
+            if not live:
+                continue
+            try:
+                with self._model_lock:
+                    finished = self._batcher.step()
+            except Exception as err:  # noqa: BLE001  (reported to every client of the batch, the worker lives on)
+                log.exception("batched generation failed")
+                for job in live.values():
+                    job.emit("error", (500, f"generation failed: {type(err).__name__}: {err}"))
+                    self.metrics.in_flight.dec()
+                live.clear()
+                self._batcher = None
+                continue
+            for h in finished:
+                job = live.pop(h, None)
+                if job is not None:
+                    self._done(job, h.result)
+                    self.metrics.in_flight.dec()
+
+    def _one(self, job: GenJob) -> None:
+        self.metrics.in_flight.inc()
+        try:
+            self._generate(job)
+        except Exception as err:  # noqa: BLE001  (reported to the client, the worker lives on)
+            log.exception("generation failed")
+            job.emit("error", (500, f"generation failed: {type(err).__name__}: {err}"))
+        finally:
+            self.metrics.in_flight.dec()
+
+    def _generate(self, job: GenJob) -> None:
+        self._start(job)
         pieces = self.generator.generate(job.question, job.chunks, mode=job.mode,
                                          max_new_tokens=job.max_new_tokens, stream=True)
         for piece in pieces:
@@ -242,12 +327,7 @@ class Engine:
                 job.emit("error", (504, "the request timed out while generating"))
                 return
             job.emit("token", piece)
-        result = pieces.result
-        cached = 0 if result.mode == "full" else max(result.n_context_tokens - result.n_recomputed, 0)
-        self.metrics.tokens.labels("cached").inc(cached)
-        self.metrics.tokens.labels("prefilled").inc(result.n_context_tokens + result.n_question_tokens - cached)
-        self.metrics.tokens.labels("generated").inc(len(result.token_ids))
-        job.emit("done", result)
+        self._done(job, pieces.result)
 
     def warm_up(self) -> dict:
         """Load what the first request would otherwise load (embedder, tokenizer, JIT-compiled scorers, model
