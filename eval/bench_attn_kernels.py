@@ -240,15 +240,17 @@ def paged_request(lk, lq, hkv, page, n_layers, seed=0):
                 sin=ang.sin().contiguous(), pages=total, padded_tokens=total * page, n_chunks=len(lens))
 
 
-PAGED_VARIANTS = [("page64", 64, {}), ("page128", 128, {}), ("page64 s2", 64, dict(num_stages=2)),
-                  ("page64 s4", 64, dict(num_stages=4))]
+PAGED_VARIANTS = [("page64", 64, {}), ("page64 rotation per page", 64, dict(rotate_once=False)),
+                  ("page128", 128, {})]
 
 
-def bench_paged(ceil, lengths, variants) -> list:
+def bench_paged(ceil, lengths, variants, heads=tuple(HEADS)) -> list:
     """The zero-copy path's kernel (kernels/paged_attention.py) on the same protocol, and its correctness
     against the PyTorch reference of the same page table."""
     rows = []
     for head_name, (hq, hkv) in HEADS.items():
+        if head_name not in heads:
+            continue
         for lk in lengths:
             kv_bytes = 2 * lk * hkv * D * 2
             for lq in (50, 1):
@@ -302,6 +304,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="default variants only")
     ap.add_argument("--paged", action="store_true", help="also the paged (zero-copy) kernel")
     ap.add_argument("--no-contiguous", action="store_true", help="skip the contiguous kernel's rows")
+    ap.add_argument("--heads", default=",".join(HEADS), help="head layouts of the paged rows")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -314,7 +317,8 @@ def main(argv=None):
     corr = [] if args.no_contiguous else correctness(QUESTION_VARIANTS, DECODE_VARIANTS)
     rows = [] if args.no_contiguous else bench(ceil, lengths)
     if args.paged:
-        prow = bench_paged(ceil, lengths, PAGED_VARIANTS[:1] if args.quick else PAGED_VARIANTS)
+        prow = bench_paged(ceil, lengths, PAGED_VARIANTS[:1] if args.quick else PAGED_VARIANTS,
+                           heads=args.heads.split(","))
         rows += prow
         corr += [dict(variant=r["variant"], heads=r["heads"], Lq=r["Lq"], Lk=r["Lk"], ok=r["ok"],
                       rel_err_vs_reference=r["rel_err_vs_reference"]) for r in prow]

@@ -225,6 +225,9 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip HF peers once this much time has passed")
     ap.add_argument("--arena-gib", type=float, default=None,
                     help="page arena (device_cache_bytes) in GiB (default: the largest context plus a quarter)")
+    ap.add_argument("--compile-decode", action="store_true", help="Generator(compile_decode=True)")
+    ap.add_argument("--compile-question", action="store_true", help="Generator(compile_question=True)")
+    ap.add_argument("--warm-questions", default="48,64", help="question lengths warmed (the two asked)")
     ap.add_argument("--hf-static-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -266,27 +269,30 @@ def main(argv=None):
     if arena is None:  # every context's chunks resident at once (the sets share their first chunks)
         ad_ = (model.config.num_hidden_layers, model.config.num_key_value_heads, 128)
         arena = int(max(contexts) * 1.25 * ad_[0] * 2 * ad_[1] * ad_[2] * 2)
-    gen = Generator(model=model, tokenizer=tok, store=store, device_cache_bytes=arena)
+    gen = Generator(model=model, tokenizer=tok, store=store, device_cache_bytes=arena,
+                    compile_decode=args.compile_decode, compile_question=args.compile_question)
     log(f"model ready, copy {bw / 1e9:.0f} GB/s; encoding {sum(len(c.token_ids) for c in sets[max(contexts)])} "
         f"context tokens ({time.time() - t_start:.0f} s)")
     t = time.time()
     store.add(sets[max(contexts)], progress=False)
     log(f"  encoded in {time.time() - t:.1f} s")
+    warm_q = [int(x) for x in args.warm_questions.split(",") if x]
     if gen.paged:  # one graph per question length serves every context (zero-copy page table)
-        wu = gen.warmup(question_lengths=(16, 32, 48, 64))
+        wu = gen.warmup(question_lengths=warm_q)
     else:  # the buckets these requests fall in (as Generator.prefill sizes them), warmed like a server would
         n_q = question_bucket(len(store.question_ids(question)), gen.question_buckets)
         buckets = sorted({size_bucket(len(store.prefix_ids) + sum(len(c.token_ids) for c in s) + n_q
                                       + max(args.decode_tokens + 1, n_q) + 1, gen.max_cache_len, gen.min_bucket)
                           for s in sets.values()})
-        wu = gen.warmup(buckets=buckets, question_lengths=(16, 32, 48, 64))
+        wu = gen.warmup(buckets=buckets, question_lengths=warm_q)
     log(f"  warm-up: {wu}")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     cfg = model.config
     head_params = model.lm_head.weight.numel()
     dec_params = sum(p.numel() for p in model.parameters()) - head_params - model.model.embed_tokens.weight.numel()
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_GBps=bw / 1e9,
-               matmul_TFLOPs=flop_rate / 1e12, paged=gen.paged, warmup=wu,
+               matmul_TFLOPs=flop_rate / 1e12, paged=gen.paged, compile_decode=gen.compile_decode,
+               compile_question=gen.compile_question, warmup=wu,
                weights_bytes=weights, question_tokens=len(store.question_ids(question)),
                new_question_tokens=len(store.question_ids(new_question)), decode_tokens=args.decode_tokens,
                command=" ".join(["python -m blockrag.eval.bench_e2e"] + (argv or sys.argv[1:])), rows=[])

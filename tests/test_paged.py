@@ -116,6 +116,10 @@ def test_paged_kernel_bf16_and_many_slices():
     got = _run(q, layer, cache, "triton")
     assert _err(got, full) < 3e-2
     assert _err(_run(q, layer, cache, "torch"), full) < 3e-2
+    n = q.shape[2]  # the variant rotating the query rows for every page (not only when the delta changes)
+    per_page = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
+                            cache.sin_half, max_pages=cache.capacity, backend="triton", rotate_once=False)
+    assert _err(per_page, full) < 3e-2
 
 
 def test_arena_lru_and_pinned_entries():
@@ -247,6 +251,8 @@ def test_generator_paged_turbo_equals_stitched_on_cpu(tokenizer, tmp_path):
     gen.pad_questions = True  # padded block (as the graphs run it), eagerly
     got, info = gen.prefill(QUESTION, chunks, "turbo", room=8)
     assert info["question_bucket"] == 16 and _err(got[-1], plain.prefill(QUESTION, chunks, "turbo")[0][-1]) < 2e-3
+    if HAS_CUDA:  # (the model runs on the CPU here: no kernel without the interpreter)
+        return
     gen._paged.backend = "triton"  # the kernel itself (interpreter), on the last request
     got, _ = gen.prefill(QUESTION, chunks[:2], "turbo", room=8)
     assert _err(got, plain.prefill(QUESTION, chunks[:2], "turbo")[0]) < 2e-3
@@ -328,3 +334,31 @@ def test_gpu_generator_paged_graphs_equal_eager_stitched(tokenizer, tmp_path):
         assert a.timings["graph_capture_ms"] == 0.0
         assert a.token_ids == b.token_ids
     assert gen.cache_memory()["buffer_bytes"] == 0
+
+
+@needs_cuda
+@torch.no_grad()
+def test_gpu_compiled_paged_question_graph_matches_eager(tokenizer, tmp_path):
+    """torch.compile (inductor) inside the captured question forward over the page table (the attention stays
+    eager): the padded block's last real row gives the eager paged forward's logits."""
+    from tiny_models import MODELS
+
+    from blockrag.attention_kv import Generator, KVCacheStore
+    from blockrag.attention_kv.block_cache import GraphedStep, forward_block
+
+    model = MODELS["llama"](seed=6, vocab=len(tokenizer), attention="sdpa").cuda()
+    store = KVCacheStore(tmp_path / "kv", model, tokenizer, dtype=torch.float32)
+    gen = Generator(model=model, tokenizer=tokenizer, store=store, cuda_graphs=False, max_cache_len=4096)
+    gen.paged = True
+    chunks = _chunks(tokenizer, TEXTS * 3)
+    parts = gen._paged_parts(chunks)
+    cache = gen._paged
+    Lc = sum(p.n_tokens for p in parts)
+    cache.set_request(parts, Lc)
+    q = torch.tensor(store.question_ids(QUESTION), device="cuda")
+    eager = forward_block(model, cache, q, Lc, logits_to_keep=1)[0, -1]
+    step = GraphedStep(model, cache, n=64, compile=True, select_row=True)
+    cache.set_request(parts, Lc)
+    got = step.replay(q, Lc, n_valid=len(q))[0][0]
+    assert (got - eager).abs().max().item() < 2e-3
+    torch._dynamo.reset()

@@ -78,7 +78,7 @@ if HAS_TRITON:
     def _paged_rows(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, CNT, kvh, bh, n_bh, c, n_ch, r0, lo, hi,
                     sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R, qk_scale,
                     BM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr,
-                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FOLD: tl.constexpr):
+                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FOLD: tl.constexpr, ROT_ONCE: tl.constexpr):
         r = r0 + tl.arange(0, BM)
         i = r // G
         h = kvh * G + r % G
@@ -95,16 +95,28 @@ if HAS_TRITON:
         m_i = tl.full([BM], float("-inf"), tl.float32)
         kv_head = KV + kvh.to(tl.int64) * s_head
         tok = offs_t.to(tl.int64)[:, None] * s_tok
+        a1 = q1.to(KV.dtype.element_ty)
+        a2 = q2.to(KV.dtype.element_ty)
+        cur = tl.full([], 0, tl.int64)  # the delta a1/a2 are rotated by (0: as loaded)
         for p in range(lo, hi):
             pg = tl.load(TAB + p).to(tl.int64)
             cnt = tl.load(TAB + tab_stride + p)
             pos0 = tl.load(TAB + 2 * tab_stride + p).to(tl.int64)
             dl = tl.load(TAB + 3 * tab_stride + p).to(tl.int64)
-            # the query rows rotated by -delta: x1' = x1 cos + x2 sin, x2' = x2 cos - x1 sin
-            cs = tl.load(COS + dl * HALF + offs_h)[None, :]
-            sn = tl.load(SIN + dl * HALF + offs_h)[None, :]
-            a1 = (q1 * cs + q2 * sn).to(KV.dtype.element_ty)
-            a2 = (q2 * cs - q1 * sn).to(KV.dtype.element_ty)
+            if ROT_ONCE:
+                # pages of one chunk share their delta: rotate the rows again only when it changes
+                if dl != cur:
+                    cs = tl.load(COS + dl * HALF + offs_h)[None, :]
+                    sn = tl.load(SIN + dl * HALF + offs_h)[None, :]
+                    a1 = (q1 * cs + q2 * sn).to(KV.dtype.element_ty)
+                    a2 = (q2 * cs - q1 * sn).to(KV.dtype.element_ty)
+                    cur = dl
+            else:
+                # the query rows rotated by -delta: x1' = x1 cos + x2 sin, x2' = x2 cos - x1 sin
+                cs = tl.load(COS + dl * HALF + offs_h)[None, :]
+                sn = tl.load(SIN + dl * HALF + offs_h)[None, :]
+                a1 = (q1 * cs + q2 * sn).to(KV.dtype.element_ty)
+                a2 = (q2 * cs - q1 * sn).to(KV.dtype.element_ty)
             base = kv_head + pg * s_page + tok
             k1 = tl.load(base + offs_h[None, :])
             k2 = tl.load(base + HALF + offs_h[None, :])
@@ -141,7 +153,8 @@ if HAS_TRITON:
                    sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, tab_stride,
                    G, Lq, CH, n_ch, R, n_main, n_rg, qk_scale,
                    BM: tl.constexpr, BMT: tl.constexpr, BMT2: tl.constexpr, PAGE: tl.constexpr,
-                   HALF: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                   HALF: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                   ROT_ONCE: tl.constexpr):
         # the number of pages is read on the device: the grid holds n_ch slices for the largest table, and
         # the pages of this request are spread over all of them (CH is then the shortest slice allowed)
         n_pages = tl.load(NP).to(tl.int32)
@@ -159,16 +172,16 @@ if HAS_TRITON:
             if rg < n_main:
                 _paged_rows(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
                             rg * BM, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
-                            qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True)
+                            qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE)
             elif rg == n_main:
                 _paged_rows(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
                             n_main * BM, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G,
-                            Lq, R, qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True)
+                            Lq, R, qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE)
             else:
                 if BMT2 > 0:
                     _paged_rows(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
                                 n_main * BM + BMT, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som,
-                                sod, G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True)
+                                sod, G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE)
 
 
 def paged_ok(q, kv) -> bool:
@@ -182,11 +195,14 @@ def paged_ok(q, kv) -> bool:
 
 
 _SPECS: dict = {}
+# Rotate the query rows once per run of pages sharing a delta (a chunk) instead of once per page
+ROTATE_ONCE_PER_DELTA = True
 
 
 def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: float | None = None,
                  max_pages: int | None = None, backend: str = "auto", block_m: int | None = None,
-                 num_warps: int | None = None, num_stages: int | None = None, out: torch.Tensor | None = None):
+                 num_warps: int | None = None, num_stages: int | None = None, rotate_once: bool | None = None,
+                 out: torch.Tensor | None = None):
     """Attention of ``q`` [1, Hq, Lq, D] (rotated to the positions ``q_pos``, int64 device tensor [Lq]) over
     the pages of ``table`` (see the module doc) in the arena layer ``kv`` [pages, PAGE, 2, Hkv, D].
 
@@ -214,6 +230,7 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
     if not isinstance(n_pages, torch.Tensor):
         n_pages = torch.tensor([int(n_pages)], dtype=torch.int32, device=dev)
     max_pages = int(max_pages or table.shape[1])
+    rotate_once = ROTATE_ONCE_PER_DELTA if rotate_once is None else rotate_once
     key = (Hq, Lq, D, hkv, page, max_pages, q.dtype, str(dev), block_m, num_warps, num_stages)
     spec = _SPECS.get(key)
     if spec is None:
@@ -240,7 +257,8 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
         q, kv, table, n_pages, q_pos, cos_half, sin_half, out, po, pl, cnt,
         q.stride(1), q.stride(2), q.stride(3), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         out.stride(1), out.stride(2), out.stride(3), table.stride(0),
-        Hq // hkv, Lq, spec["chunk"], n_ch, R, spec["n_main"], spec["n_rg"], float(scale) * LOG2E, **c)
+        Hq // hkv, Lq, spec["chunk"], n_ch, R, spec["n_main"], spec["n_rg"], float(scale) * LOG2E,
+        ROT_ONCE=bool(rotate_once), **c)
     return out
 
 
