@@ -171,12 +171,15 @@ class Generator:
     Chunks are ``rag.documents.Chunk``-like (``.id``, ``.text``, ``.token_ids``); missing caches are
     built on the fly (and stored).
 
-    On CUDA: ``cuda_graphs`` (the cached modes reuse one buffer in size buckets — powers of two from 4K
-    tokens up to ``max_cache_len``, default the model's ``max_position_embeddings`` — with the decode step
-    and the question forward captured as CUDA graphs per bucket and per padded question length, so that
-    every context up to ``max_cache_len`` runs graphed; a bucket or question length seen for the first time
-    is captured before its first use: :meth:`warmup` does that ahead; :meth:`cache_memory` reports the
-    buffer); ``device_cache_bytes`` (chunk caches kept on the GPU, default 2 GiB); ``compile_decode``
+    On CUDA: ``turbo``/``block`` read the chunk caches where they lie, through a page table (zero-copy
+    stitching, :mod:`attention_kv.paged_cache`: no per-request copy, no second copy in memory), with one CUDA
+    graph per padded question length and one decode-step graph serving every context up to ``max_cache_len``
+    (default the model's ``max_position_embeddings``); ``blend`` (and requests the paged path cannot take,
+    see ``_use_paged``) use ``cuda_graphs``' stitched buffer in size buckets — powers of two from 4K tokens
+    up to ``max_cache_len`` — with graphs per bucket. A graph seen for the first time is captured before its
+    first use: :meth:`warmup` does that ahead; :meth:`cache_memory` reports the arena and the buffer);
+    ``device_cache_bytes`` (chunk caches kept on the GPU, default 2 GiB; the page arena grows to hold at
+    least one request); ``compile_decode``
     (the decode step is compiled with torch.compile before its capture: 1.1-1.9x faster decoding on an
     H100, paid once with 10-20 s of compilation after the first answer); ``compile_question`` (the same
     for the question forward: ~1.2-1.3x lower TTFT, paid once per new question length). One generation at

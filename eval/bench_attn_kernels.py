@@ -305,6 +305,7 @@ def main(argv=None):
     ap.add_argument("--paged", action="store_true", help="also the paged (zero-copy) kernel")
     ap.add_argument("--no-contiguous", action="store_true", help="skip the contiguous kernel's rows")
     ap.add_argument("--heads", default=",".join(HEADS), help="head layouts of the paged rows")
+    ap.add_argument("--paged-variants", default=None, help="indices into PAGED_VARIANTS (default all)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -317,8 +318,10 @@ def main(argv=None):
     corr = [] if args.no_contiguous else correctness(QUESTION_VARIANTS, DECODE_VARIANTS)
     rows = [] if args.no_contiguous else bench(ceil, lengths)
     if args.paged:
-        prow = bench_paged(ceil, lengths, PAGED_VARIANTS[:1] if args.quick else PAGED_VARIANTS,
-                           heads=args.heads.split(","))
+        pv = PAGED_VARIANTS[:1] if args.quick else PAGED_VARIANTS
+        if args.paged_variants:
+            pv = [PAGED_VARIANTS[int(i)] for i in args.paged_variants.split(",")]
+        prow = bench_paged(ceil, lengths, pv, heads=args.heads.split(","))
         rows += prow
         corr += [dict(variant=r["variant"], heads=r["heads"], Lq=r["Lq"], Lk=r["Lk"], ok=r["ok"],
                       rel_err_vs_reference=r["rel_err_vs_reference"]) for r in prow]
