@@ -26,7 +26,9 @@ heads of each KV head folded into the query rows so no K/V is repeated), ``"matm
 and an fp32 softmax), ``"flash"`` (CUDA, fp16/bf16: PyTorch's flash-attention varlen forward reading the
 padded rows in place, each row's valid keys given by ``seqused_k``; causal alignment at each row's last
 key). The Triton kernels take one length per call, so they are not used here. ``eval/bench_batch.py``
-measures the three on the GPU.
+measures the three on the GPU (H200, 8B heads, 16 rows of 4-8K keys, one token each: sdpa 0.28 ms, flash
+0.36 ms, matmul 1.58 ms). On CUDA the decode step replays a CUDA graph per padded row count (see
+:class:`BatchEngine`); the prefill of joining requests runs eagerly.
 """
 from __future__ import annotations
 
