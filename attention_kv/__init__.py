@@ -54,9 +54,10 @@ pieces (prefetching loaders, the fixed-length question graph) live in ``blockrag
 from .cache_store import ChunkKV, KVCacheMismatch, KVCacheStore
 from .blend import blend_prefill
 from .generate import MODES, GenerationResult, GenerationStream, Generator
+from .batch import BatchRequest
 from .block_cache import BlockKVCache, GraphedStep, forward_block
 from .model import ModelAdapter, UnsupportedModel
 
 __all__ = ["Generator", "GenerationResult", "GenerationStream", "KVCacheStore", "KVCacheMismatch", "ChunkKV",
            "BlockKVCache", "GraphedStep", "forward_block", "blend_prefill", "ModelAdapter", "UnsupportedModel",
-           "MODES"]
+           "MODES", "BatchRequest"]
