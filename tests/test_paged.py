@@ -120,6 +120,9 @@ def test_paged_kernel_bf16_and_many_slices():
     per_page = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                             cache.sin_half, max_pages=cache.capacity, backend="triton", rotate_once=False)
     assert _err(per_page, full) < 3e-2
+    via_tma = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
+                           cache.sin_half, max_pages=cache.capacity, backend="triton", tma=True)
+    assert _err(via_tma, full) < 3e-2
 
 
 def test_arena_lru_and_pinned_entries():

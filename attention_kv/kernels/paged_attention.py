@@ -34,7 +34,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .question_attention import _counters, question_plan
+    from .question_attention import TensorDescriptor, _counters, _tma_ok, question_plan
     from .triton_attention import _dot, _merge_partials, _softmax_step
 
 
@@ -75,10 +75,11 @@ def attend_paged_reference(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, 
 if HAS_TRITON:
 
     @triton.jit
-    def _paged_rows(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, CNT, kvh, bh, n_bh, c, n_ch, r0, lo, hi,
+    def _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, CNT, kvh, bh, n_bh, c, n_ch, r0, lo, hi,
                     sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R, qk_scale,
                     BM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr,
-                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FOLD: tl.constexpr, ROT_ONCE: tl.constexpr):
+                    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FOLD: tl.constexpr, ROT_ONCE: tl.constexpr,
+                    USE_TMA: tl.constexpr):
         r = r0 + tl.arange(0, BM)
         i = r // G
         h = kvh * G + r % G
@@ -117,10 +118,16 @@ if HAS_TRITON:
                 sn = tl.load(SIN + dl * HALF + offs_h)[None, :]
                 a1 = (q1 * cs + q2 * sn).to(KV.dtype.element_ty)
                 a2 = (q2 * cs - q1 * sn).to(KV.dtype.element_ty)
-            base = kv_head + pg * s_page + tok
-            k1 = tl.load(base + offs_h[None, :])
-            k2 = tl.load(base + HALF + offs_h[None, :])
-            v = tl.load(base + s_kv + offs_d[None, :])
+            if USE_TMA:  # the copy engine, at the page's first row of the layer seen as [tokens, 2 * Hkv * D]
+                row0 = (pg * PAGE).to(tl.int32)
+                k1 = KD.load([row0, kvh * (2 * HALF)])
+                k2 = KD.load([row0, kvh * (2 * HALF) + HALF])
+                v = VD.load([row0, (n_bh + kvh) * (2 * HALF)])
+            else:
+                base = kv_head + pg * s_page + tok
+                k1 = tl.load(base + offs_h[None, :])
+                k2 = tl.load(base + HALF + offs_h[None, :])
+                v = tl.load(base + s_kv + offs_d[None, :])
             s = _dot(a1, tl.trans(k1), DOT_PREC, UPCAST)
             s += _dot(a2, tl.trans(k2), DOT_PREC, UPCAST)
             s = s * qk_scale
@@ -149,12 +156,12 @@ if HAS_TRITON:
                 tl.atomic_xchg(CNT, 0)  # ready for the next call (and for CUDA-graph replays)
 
     @triton.jit
-    def _paged_fwd(Q, KV, TAB, NP, QPOS, COS, SIN, O, PO, PL, CNT,
+    def _paged_fwd(Q, KV, KD, VD, TAB, NP, QPOS, COS, SIN, O, PO, PL, CNT,
                    sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, tab_stride,
                    G, Lq, CH, n_ch, R, n_main, n_rg, qk_scale,
                    BM: tl.constexpr, BMT: tl.constexpr, BMT2: tl.constexpr, PAGE: tl.constexpr,
                    HALF: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                   ROT_ONCE: tl.constexpr):
+                   ROT_ONCE: tl.constexpr, USE_TMA: tl.constexpr):
         # the number of pages is read on the device: the grid holds n_ch slices for the largest table, and
         # the pages of this request are spread over all of them (CH is then the shortest slice allowed)
         n_pages = tl.load(NP).to(tl.int32)
@@ -170,18 +177,18 @@ if HAS_TRITON:
         cnt = CNT + kvh * n_rg + rg
         if c < n_act:
             if rg < n_main:
-                _paged_rows(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
+                _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
                             rg * BM, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
-                            qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE)
+                            qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA)
             elif rg == n_main:
-                _paged_rows(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
+                _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
                             n_main * BM, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G,
-                            Lq, R, qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE)
+                            Lq, R, qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA)
             else:
                 if BMT2 > 0:
-                    _paged_rows(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
+                    _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
                                 n_main * BM + BMT, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som,
-                                sod, G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE)
+                                sod, G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA)
 
 
 def paged_ok(q, kv) -> bool:
@@ -197,12 +204,14 @@ def paged_ok(q, kv) -> bool:
 _SPECS: dict = {}
 # Rotate the query rows once per run of pages sharing a delta (a chunk) instead of once per page
 ROTATE_ONCE_PER_DELTA = True
+# Stream pages through the copy engine (TMA) inside CUDA graphs
+USE_TMA = False
 
 
 def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: float | None = None,
                  max_pages: int | None = None, backend: str = "auto", block_m: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, rotate_once: bool | None = None,
-                 out: torch.Tensor | None = None):
+                 tma: bool | None = None, out: torch.Tensor | None = None):
     """Attention of ``q`` [1, Hq, Lq, D] (rotated to the positions ``q_pos``, int64 device tensor [Lq]) over
     the pages of ``table`` (see the module doc) in the arena layer ``kv`` [pages, PAGE, 2, Hkv, D].
 
@@ -253,12 +262,21 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
     else:
         po, pl = spec["po"], spec["pl"]
     cnt = _counters(dev, hkv * spec["n_rg"])
+    if tma is None:
+        # descriptors cost host time per eager launch: inside CUDA graphs only (encoded once), when chosen
+        tma = USE_TMA and (capturing or _interpret())
+    kd = vd = kv
+    tma = bool(tma) and TensorDescriptor is not None and kv.is_contiguous() and _tma_ok(kv) and kv.data_ptr() % 16 == 0
+    if tma:
+        flat = kv.view(kv.shape[0] * page, -1)  # [tokens, 2 * Hkv * D]
+        kd = TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [page, D // 2])
+        vd = TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [page, D])
     _paged_fwd[(spec["n_rg"] * n_ch, hkv)](
-        q, kv, table, n_pages, q_pos, cos_half, sin_half, out, po, pl, cnt,
+        q, kv, kd, vd, table, n_pages, q_pos, cos_half, sin_half, out, po, pl, cnt,
         q.stride(1), q.stride(2), q.stride(3), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         out.stride(1), out.stride(2), out.stride(3), table.stride(0),
         Hq // hkv, Lq, spec["chunk"], n_ch, R, spec["n_main"], spec["n_rg"], float(scale) * LOG2E,
-        ROT_ONCE=bool(rotate_once), **c)
+        ROT_ONCE=bool(rotate_once), USE_TMA=tma, **c)
     return out
 
 
