@@ -166,7 +166,8 @@ def train_adapter(model, examples, out: str | Path, *, steps: int, lr: float = 5
 def save_adapter(wrapped, out: str | Path, base_name: str | None = None) -> None:
     """peft's ``save_pretrained``, with the LoRA weights stored as fp16 (half the file; they are cast back to
     the model's dtype when loaded) and the base model recorded by name (``base_name``, default the bundled
-    generator's hub id), not by the local folder it was loaded from."""
+    generator's hub id), not by the local folder it was loaded from (peft's model card, which names it, is
+    not kept)."""
     from safetensors.torch import load_file, save_file
 
     out = Path(out)
@@ -181,6 +182,9 @@ def save_adapter(wrapped, out: str | Path, base_name: str | None = None) -> None
     cfg = json.loads(cfg_file.read_text())
     cfg["base_model_name_or_path"] = base_name or DEFAULT_GENERATOR
     cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    card = out / "README.md"  # peft's model-card template: it names the local folder the base came from
+    if card.exists():
+        card.unlink()
 
 
 def training_examples(fmt, tokenizer, data: Sequence[str | Path] = (), synthetic_seeds: Sequence[int] = (10, 11),

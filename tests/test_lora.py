@@ -52,6 +52,7 @@ def test_training_lowers_the_loss_and_saves_a_peft_adapter(trained):
     assert hist["steps_done"] == 8 and all(math.isfinite(x) for x in hist["loss"])
     assert sum(hist["loss"][-2:]) < sum(hist["loss"][:2])  # one example, repeated: the loss must fall
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert not (out / "README.md").exists()  # peft's card names the local base folder: not kept
     info = json.loads((out / INFO_FILE).read_text())
     assert info["rank"] == 4 and info["steps"] == 8 and info["cpu_s"] > 0 and info["adapter_bytes"] > 0
     cfg = json.loads((out / "adapter_config.json").read_text())
