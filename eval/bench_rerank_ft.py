@@ -217,6 +217,14 @@ def analyze_cmd(args) -> None:
         if name.startswith("blockrank"):
             out["layer_sweep_tune_dev"] = {k: tune[(k, 1.0)] for k in configs}
         res["rerankers"][name] = out
+    res["not_measured"] = [m for m, missing in (
+        ("pointwise_ft: the train step wrote no pointwise scores", "pointwise_ft" not in models),
+        ("test: the dataset folder has no qrels/test.tsv", "test" not in sets)) if missing]
+    res["commands"] = [f"python -m blockrag.eval.rerank_split --data DATA --depth {args.depth} --out CANDS",
+                       "python -m blockrag.eval.bench_rerank_ft train --data DATA --candidates CANDS --out SCORES "
+                       "--train-budget 45 --steps 500",
+                       "python -m blockrag.eval.bench_rerank_ft analyze --data DATA --candidates CANDS --scores SCORES "
+                       "--out RESULTS"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
     for name, kind in (("blockrank_ft", "blockrank"), ("pointwise_ft", "pointwise")):

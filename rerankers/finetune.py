@@ -42,12 +42,22 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 # ------------------------------------------------------------------------------------------- folders
+BUNDLED = Path(__file__).resolve().parent / "finetuned"   # reranker folders shipped with blockrag, by name
+
+
+def bundled_names() -> list[str]:
+    return sorted(q.parent.name for q in BUNDLED.glob(f"*/{RERANKER_JSON}"))
+
+
 def reranker_folder(name) -> Path | None:
-    """``name`` as a reranker folder (a directory with ``reranker.json``), else None."""
+    """``name`` as a reranker folder (a directory with ``reranker.json``, or the name of a bundled one such as
+    ``blockrank-scifact``), else None."""
     if name is None:
         return None
-    p = Path(str(name)).expanduser()
-    return p if (p / RERANKER_JSON).is_file() else None
+    for p in (Path(str(name)).expanduser(), BUNDLED / str(name)):
+        if (p / RERANKER_JSON).is_file():
+            return p
+    return None
 
 
 def read_settings(folder) -> dict:
@@ -78,9 +88,17 @@ def save_folder(folder, peft_model, kind: str, base: str | None, **settings) -> 
     """Write the adapter (bf16: a few MB) and ``reranker.json``."""
     import torch
 
+    from blockrag.models import DEFAULT_GENERATOR
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(folder)
+    base = base or DEFAULT_GENERATOR
+    cfg_path = folder / "adapter_config.json"       # the base by name, not by the training machine's cache path
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = base
+    cfg_path.write_text(json.dumps(cfg, indent=1))
+    (folder / "README.md").unlink(missing_ok=True)  # peft's model-card template
     path = folder / "adapter_model.safetensors"
     if path.exists():                      # store the adapter in bf16: a quarter of fp32's size
         from safetensors.torch import load_file, save_file

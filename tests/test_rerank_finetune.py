@@ -136,3 +136,46 @@ def test_fuse_interpolates_with_the_first_stage_rank():
     assert np.array_equal(finetune.fuse(s, 1.0), s) and np.array_equal(finetune.fuse(s, None), s)
     assert list(np.argsort(-finetune.fuse(s, 0.0), kind="stable")) == [0, 1, 2, 3]   # w = 0: first-stage order
     assert list(np.argsort(-finetune.fuse(s, 0.9), kind="stable")) == list(np.argsort(-s, kind="stable"))
+
+
+def test_bundled_folder_resolves_by_name():
+    folder = finetune.reranker_folder("blockrank-scifact")
+    assert folder is not None and "blockrank-scifact" in finetune.bundled_names()
+    s = finetune.read_settings(folder)
+    assert s["kind"] == "blockrank" and isinstance(s["layer"], int) and s["query_rows"] in ("tail", "last", "all")
+    assert 0 <= s["fuse_weight"] <= 1
+    assert (folder / "adapter_model.safetensors").stat().st_size < 4_000_000      # a few MB: committed
+    assert finetune.reranker_folder("no-such-reranker") is None
+
+
+def test_cli_passes_rerank_model_to_the_reranker(tmp_path):
+    import json
+
+    from blockrag import registry
+    from blockrag.cli import main
+    from blockrag.retrievers.base import Hit
+
+    seen = {}
+
+    class Recorder:
+        name = "recorder"
+
+        def __init__(self, **opts):
+            seen.update(opts)
+
+        def rerank(self, query, chunks, k=None):
+            return [Hit(c.id, 0.0) for c in chunks][:k]
+
+    root = tmp_path / "ds"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"word{i} text"})
+                                               + "\n" for i in range(4)))
+    (root / "queries.jsonl").write_text(json.dumps({"_id": "q", "text": "word1"}) + "\n")
+    (root / "qrels" / "test.tsv").write_text("q\td1\t1\n")
+    registry.register_reranker("recorder-test", Recorder, llm=False)
+    try:
+        assert main(["eval", "beir", "--data", str(root), "--rerank", "recorder-test", "--rerank-model", "my-folder",
+                     "--rerank-depth", "3"]) == 0
+    finally:
+        registry._RERANKERS.pop("recorder-test")
+    assert seen.get("model_name") == "my-folder"
