@@ -240,8 +240,14 @@ def paged_request(lk, lq, hkv, page, n_layers, seed=0):
                 sin=ang.sin().contiguous(), pages=total, padded_tokens=total * page, n_chunks=len(lens))
 
 
-PAGED_VARIANTS = [("page64", 64, dict(rotate_once=True, tma=False)), ("page64 rotation per page", 64, dict(rotate_once=False, tma=False)),
-                  ("page64 tma", 64, dict(rotate_once=True, tma=True)), ("page128", 128, {})]
+PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs)
+    ("page64", 64, dict(rotate_once=True, tma=False, pair=False)),
+    ("page64 rotation per page", 64, dict(rotate_once=False, tma=False, pair=False)),
+    ("page64 tma", 64, dict(rotate_once=True, tma=True, pair=False)),
+    ("page128", 128, dict(rotate_once=True, tma=False, pair=False)),
+    ("page64 pair", 64, dict(rotate_once=True, tma=False, pair=True)),
+    ("page64 pair tma", 64, dict(rotate_once=True, tma=True, pair=True)),
+]
 
 
 def bench_paged(ceil, lengths, variants, heads=tuple(HEADS)) -> list:

@@ -107,6 +107,10 @@ def test_paged_kernel_matches_full_computation(hq, hkv, Lq):
     assert _err(ref, full) < 2e-5
     got = _run(q, layer, cache, "triton")
     assert _err(got, full) < 2e-5
+    n = q.shape[2]
+    got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
+                       cache.sin_half, max_pages=cache.capacity, backend="triton", pair=True)
+    assert _err(got, full) < 2e-5
 
 
 def test_paged_kernel_bf16_and_many_slices():
@@ -116,13 +120,12 @@ def test_paged_kernel_bf16_and_many_slices():
     got = _run(q, layer, cache, "triton")
     assert _err(got, full) < 3e-2
     assert _err(_run(q, layer, cache, "torch"), full) < 3e-2
-    n = q.shape[2]  # the variant rotating the query rows for every page (not only when the delta changes)
-    per_page = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
-                            cache.sin_half, max_pages=cache.capacity, backend="triton", rotate_once=False)
-    assert _err(per_page, full) < 3e-2
-    via_tma = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
-                           cache.sin_half, max_pages=cache.capacity, backend="triton", tma=True)
-    assert _err(via_tma, full) < 3e-2
+    n = q.shape[2]
+    # the variants: query rows rotated for every page, pages through the copy engine, two pages per step
+    for kw in (dict(rotate_once=False), dict(tma=True), dict(pair=True), dict(pair=True, tma=True)):
+        got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
+                           cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
+        assert _err(got, full) < 3e-2, kw
 
 
 def test_arena_lru_and_pinned_entries():

@@ -75,11 +75,54 @@ def attend_paged_reference(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, 
 if HAS_TRITON:
 
     @triton.jit
+    def _page_entry(TAB, tab_stride, p):
+        """(arena page, valid tokens, first position, delta) of table column ``p``."""
+        pg = tl.load(TAB + p).to(tl.int64)
+        cnt = tl.load(TAB + tab_stride + p)
+        pos0 = tl.load(TAB + 2 * tab_stride + p).to(tl.int64)
+        dl = tl.load(TAB + 3 * tab_stride + p).to(tl.int64)
+        return pg, cnt, pos0, dl
+
+    @triton.jit
+    def _rotate_rows(q1, q2, COS, SIN, dl, offs_h, HALF: tl.constexpr, dtype: tl.constexpr):
+        """The query rows (fp32 halves) rotated by -delta: x1' = x1 cos + x2 sin, x2' = x2 cos - x1 sin."""
+        cs = tl.load(COS + dl * HALF + offs_h)[None, :]
+        sn = tl.load(SIN + dl * HALF + offs_h)[None, :]
+        return (q1 * cs + q2 * sn).to(dtype), (q2 * cs - q1 * sn).to(dtype)
+
+    @triton.jit
+    def _page_kv(KV, KD, VD, pg, kvh, n_bh, kv_head, tok, offs_h, offs_d, s_page, s_kv, PAGE: tl.constexpr,
+                 HALF: tl.constexpr, USE_TMA: tl.constexpr):
+        """K (two halves of D) and V of one page for one KV head."""
+        if USE_TMA:  # the copy engine, at the page's first row of the layer seen as [tokens, 2 * Hkv * D]
+            row0 = (pg * PAGE).to(tl.int32)
+            k1 = KD.load([row0, kvh * (2 * HALF)])
+            k2 = KD.load([row0, kvh * (2 * HALF) + HALF])
+            v = VD.load([row0, (n_bh + kvh) * (2 * HALF)])
+        else:
+            base = kv_head + pg * s_page + tok
+            k1 = tl.load(base + offs_h[None, :])
+            k2 = tl.load(base + HALF + offs_h[None, :])
+            v = tl.load(base + s_kv + offs_d[None, :])
+        return k1, k2, v
+
+    @triton.jit
+    def _page_scores(a1, a2, k1, k2, cnt, pos0, qp, offs_t, qk_scale, DOT_PREC: tl.constexpr,
+                     UPCAST: tl.constexpr):
+        """Scaled scores (log2 units) of the rows over one page; -inf where hidden (past the page's valid
+        tokens, or after the row's own position)."""
+        s = _dot(a1, tl.trans(k1), DOT_PREC, UPCAST)
+        s += _dot(a2, tl.trans(k2), DOT_PREC, UPCAST)
+        s = s * qk_scale
+        vis = (offs_t < cnt)[None, :] & ((pos0 + offs_t)[None, :] <= qp[:, None])
+        return tl.where(vis, s, float("-inf"))
+
+    @triton.jit
     def _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, CNT, kvh, bh, n_bh, c, n_ch, r0, lo, hi,
                     sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R, qk_scale,
                     BM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr,
                     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FOLD: tl.constexpr, ROT_ONCE: tl.constexpr,
-                    USE_TMA: tl.constexpr):
+                    USE_TMA: tl.constexpr, PAIR: tl.constexpr):
         r = r0 + tl.arange(0, BM)
         i = r // G
         h = kvh * G + r % G
@@ -99,41 +142,50 @@ if HAS_TRITON:
         a1 = q1.to(KV.dtype.element_ty)
         a2 = q2.to(KV.dtype.element_ty)
         cur = tl.full([], 0, tl.int64)  # the delta a1/a2 are rotated by (0: as loaded)
-        for p in range(lo, hi):
-            pg = tl.load(TAB + p).to(tl.int64)
-            cnt = tl.load(TAB + tab_stride + p)
-            pos0 = tl.load(TAB + 2 * tab_stride + p).to(tl.int64)
-            dl = tl.load(TAB + 3 * tab_stride + p).to(tl.int64)
-            if ROT_ONCE:
-                # pages of one chunk share their delta: rotate the rows again only when it changes
+        if PAIR:
+            # two pages per step: one softmax rescale per 2 * PAGE keys (a page is a short key tile)
+            for p in range(lo, hi, 2):
+                pb = tl.minimum(p + 1, hi - 1)
+                pg, cnt, pos0, dl = _page_entry(TAB, tab_stride, p)
+                pgb, cntb, posb, dlb = _page_entry(TAB, tab_stride, pb)
+                cntb = tl.where(p + 1 < hi, cntb, 0)  # an odd count: the second page is all masked
                 if dl != cur:
-                    cs = tl.load(COS + dl * HALF + offs_h)[None, :]
-                    sn = tl.load(SIN + dl * HALF + offs_h)[None, :]
-                    a1 = (q1 * cs + q2 * sn).to(KV.dtype.element_ty)
-                    a2 = (q2 * cs - q1 * sn).to(KV.dtype.element_ty)
+                    a1, a2 = _rotate_rows(q1, q2, COS, SIN, dl, offs_h, HALF, KV.dtype.element_ty)
                     cur = dl
-            else:
-                # the query rows rotated by -delta: x1' = x1 cos + x2 sin, x2' = x2 cos - x1 sin
-                cs = tl.load(COS + dl * HALF + offs_h)[None, :]
-                sn = tl.load(SIN + dl * HALF + offs_h)[None, :]
-                a1 = (q1 * cs + q2 * sn).to(KV.dtype.element_ty)
-                a2 = (q2 * cs - q1 * sn).to(KV.dtype.element_ty)
-            if USE_TMA:  # the copy engine, at the page's first row of the layer seen as [tokens, 2 * Hkv * D]
-                row0 = (pg * PAGE).to(tl.int32)
-                k1 = KD.load([row0, kvh * (2 * HALF)])
-                k2 = KD.load([row0, kvh * (2 * HALF) + HALF])
-                v = VD.load([row0, (n_bh + kvh) * (2 * HALF)])
-            else:
-                base = kv_head + pg * s_page + tok
-                k1 = tl.load(base + offs_h[None, :])
-                k2 = tl.load(base + HALF + offs_h[None, :])
-                v = tl.load(base + s_kv + offs_d[None, :])
-            s = _dot(a1, tl.trans(k1), DOT_PREC, UPCAST)
-            s += _dot(a2, tl.trans(k2), DOT_PREC, UPCAST)
-            s = s * qk_scale
-            vis = (offs_t < cnt)[None, :] & ((pos0 + offs_t)[None, :] <= qp[:, None])
-            s = tl.where(vis, s, float("-inf"))
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, True, False, DOT_PREC, UPCAST)
+                if dlb == cur:
+                    b1 = a1
+                    b2 = a2
+                else:
+                    b1, b2 = _rotate_rows(q1, q2, COS, SIN, dlb, offs_h, HALF, KV.dtype.element_ty)
+                k1, k2, v = _page_kv(KV, KD, VD, pg, kvh, n_bh, kv_head, tok, offs_h, offs_d, s_page, s_kv,
+                                     PAGE, HALF, USE_TMA)
+                k1b, k2b, vb = _page_kv(KV, KD, VD, pgb, kvh, n_bh, kv_head, tok, offs_h, offs_d, s_page, s_kv,
+                                        PAGE, HALF, USE_TMA)
+                s = _page_scores(a1, a2, k1, k2, cnt, pos0, qp, offs_t, qk_scale, DOT_PREC, UPCAST)
+                sb = _page_scores(b1, b2, k1b, k2b, cntb, posb, qp, offs_t, qk_scale, DOT_PREC, UPCAST)
+                m_new = tl.maximum(m_i, tl.maximum(tl.max(s, 1), tl.max(sb, 1)))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_use)
+                pa = tl.exp2(s - m_use[:, None])
+                pbb = tl.exp2(sb - m_use[:, None])
+                l_i = l_i * alpha + tl.sum(pa, 1) + tl.sum(pbb, 1)
+                acc = acc * alpha[:, None] + _dot(pa.to(v.dtype), v, DOT_PREC, UPCAST)
+                acc += _dot(pbb.to(vb.dtype), vb, DOT_PREC, UPCAST)
+                m_i = m_new
+        else:
+            for p in range(lo, hi):
+                pg, cnt, pos0, dl = _page_entry(TAB, tab_stride, p)
+                if ROT_ONCE:
+                    # pages of one chunk share their delta: rotate the rows again only when it changes
+                    if dl != cur:
+                        a1, a2 = _rotate_rows(q1, q2, COS, SIN, dl, offs_h, HALF, KV.dtype.element_ty)
+                        cur = dl
+                else:
+                    a1, a2 = _rotate_rows(q1, q2, COS, SIN, dl, offs_h, HALF, KV.dtype.element_ty)
+                k1, k2, v = _page_kv(KV, KD, VD, pg, kvh, n_bh, kv_head, tok, offs_h, offs_d, s_page, s_kv,
+                                     PAGE, HALF, USE_TMA)
+                s = _page_scores(a1, a2, k1, k2, cnt, pos0, qp, offs_t, qk_scale, DOT_PREC, UPCAST)
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, True, False, DOT_PREC, UPCAST)
         # finish: the output directly (one slice) or a partial result, merged by the last slice to arrive
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
@@ -161,7 +213,7 @@ if HAS_TRITON:
                    G, Lq, CH, n_ch, R, n_main, n_rg, qk_scale,
                    BM: tl.constexpr, BMT: tl.constexpr, BMT2: tl.constexpr, PAGE: tl.constexpr,
                    HALF: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                   ROT_ONCE: tl.constexpr, USE_TMA: tl.constexpr):
+                   ROT_ONCE: tl.constexpr, USE_TMA: tl.constexpr, PAIR: tl.constexpr):
         # the number of pages is read on the device: the grid holds n_ch slices for the largest table, and
         # the pages of this request are spread over all of them (CH is then the shortest slice allowed)
         n_pages = tl.load(NP).to(tl.int32)
@@ -179,16 +231,16 @@ if HAS_TRITON:
             if rg < n_main:
                 _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
                             rg * BM, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
-                            qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA)
+                            qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA, PAIR)
             elif rg == n_main:
                 _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
                             n_main * BM, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G,
-                            Lq, R, qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA)
+                            Lq, R, qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA, PAIR)
             else:
                 if BMT2 > 0:
                     _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
                                 n_main * BM + BMT, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som,
-                                sod, G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA)
+                                sod, G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA, PAIR)
 
 
 def paged_ok(q, kv) -> bool:
@@ -206,12 +258,14 @@ _SPECS: dict = {}
 ROTATE_ONCE_PER_DELTA = True
 # Stream pages through the copy engine (TMA) inside CUDA graphs
 USE_TMA = False
+# Two pages per loop step (one online-softmax rescale per two pages)
+PAIR_PAGES = False
 
 
 def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: float | None = None,
                  max_pages: int | None = None, backend: str = "auto", block_m: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, rotate_once: bool | None = None,
-                 tma: bool | None = None, out: torch.Tensor | None = None):
+                 tma: bool | None = None, pair: bool | None = None, out: torch.Tensor | None = None):
     """Attention of ``q`` [1, Hq, Lq, D] (rotated to the positions ``q_pos``, int64 device tensor [Lq]) over
     the pages of ``table`` (see the module doc) in the arena layer ``kv`` [pages, PAGE, 2, Hkv, D].
 
@@ -276,7 +330,7 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
         q.stride(1), q.stride(2), q.stride(3), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         out.stride(1), out.stride(2), out.stride(3), table.stride(0),
         Hq // hkv, Lq, spec["chunk"], n_ch, R, spec["n_main"], spec["n_rg"], float(scale) * LOG2E,
-        ROT_ONCE=bool(rotate_once), USE_TMA=tma, **c)
+        ROT_ONCE=bool(rotate_once), USE_TMA=tma, PAIR=bool(PAIR_PAGES if pair is None else pair), **c)
     return out
 
 
