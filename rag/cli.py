@@ -438,6 +438,9 @@ def _user_error(err: BaseException) -> tuple[int, str]:
         user += (ModelNotAvailable,)
     except ImportError:
         pass
+    kv = sys.modules.get("blockrag.attention_kv.cache_store")  # loaded if a KV cache was opened (no torch import)
+    if kv is not None:
+        user += (kv.KVCacheMismatch,)  # caches of another model or adapter: the message says what to do
     if isinstance(err, user):
         return 2, text
     return 1, f"internal error ({type(err).__name__}): {text} (run with --debug for the traceback)"

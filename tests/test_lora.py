@@ -227,3 +227,11 @@ def test_eval_qa_and_query_use_the_adapter(smol_like, tmp_path, capsys, monkeypa
                "--generator", path, "--adapter", str(adapter), "-k", "1"])
     assert rc == 0
     assert "ttft_ms" in capsys.readouterr().out
+
+
+def test_a_refused_kv_cache_is_a_one_line_user_error():
+    from blockrag.attention_kv.cache_store import KVCacheMismatch
+    from blockrag.cli import _user_error
+
+    code, text = _user_error(KVCacheMismatch("KV cache at x was built with a different revision"))
+    assert code == 2 and text.startswith("KV cache at x")
