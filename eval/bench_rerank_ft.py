@@ -95,15 +95,16 @@ def train_cmd(args) -> None:
     log: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "sets": {
         k: len(v) for k, v in sets.items()}, "tune_train": len(tune_train), "phases": {}}
 
-    def phase(name, t0):
-        log["phases"][name] = round(time.perf_counter() - t0, 1)
-        print(f"[{time.perf_counter() - t_start:.0f} s] {name}: {log['phases'][name]} s", flush=True)
-
     def write(name, obj):
         (args.out / name).write_text(json.dumps(obj))
 
+    def phase(name, t0):                    # the log is rewritten after every phase: a run cut short keeps it
+        log["phases"][name] = round(time.perf_counter() - t0, 1)
+        print(f"[{time.perf_counter() - t_start:.0f} s] {name}: {log['phases'][name]} s", flush=True)
+        write("train_log.json", log)
+
     data = examples(cands, queries, qrels, tune_train, args.depth, random.Random(args.seed))
-    for kind in ("blockrank", "pointwise"):
+    for kind in args.kinds.split(","):
         t0 = time.perf_counter()
         model, tok = load_generator(args.model, dtype=torch.float32, device=device)
         w = model.model.embed_tokens.weight
@@ -275,6 +276,7 @@ def main(argv=None):
     ap.add_argument("--train-budget", type=float, default=None, help="seconds per reranker's training")
     ap.add_argument("--deadline", type=float, default=1e9, help="skip the zero-shot scoring after S s")
     ap.add_argument("--limit", type=int, default=None, help="smoke test: N queries per set")
+    ap.add_argument("--kinds", default="blockrank,pointwise", help="train: which rerankers (comma-separated)")
     args = ap.parse_args(argv)
     train_cmd(args) if args.step == "train" else analyze_cmd(args)
 

@@ -249,8 +249,8 @@ class RerankerWarning(UserWarning):
 # rank; so neither is a default and choosing one warns.
 register_reranker("blockrank", "blockrag.rerankers.blockrank:BlockRankReranker",
                   help="relevance read from in-context attention (one forward for all candidates)",
-                  warning="with the default model (SmolLM2-135M, zero-shot) it lowers SciFact nDCG@10: 0.704 -> "
-                          "0.485 over hybrid top-20 (held-back half of train, 405 queries). Fine-tuned "
+                  warning="with the default model (SmolLM2-135M, zero-shot) it lowered SciFact train nDCG@10: "
+                          "0.704 -> 0.485 over hybrid top-20 (held-back half, 405 queries). Fine-tuned "
                           "(--rerank-model blockrank-scifact, fused with the first-stage rank) 0.704 -> 0.712 "
                           "(+0.008, 95% CI +0.001..+0.015); its attention score alone 0.545")
 register_reranker("pointwise", "blockrag.rerankers.pointwise:PointwiseReranker",
