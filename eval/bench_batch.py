@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from blockrag.eval.bench_attn_kernels import timed
+
 
 def log(*a):
     print(*a, flush=True)
@@ -85,17 +87,7 @@ def make_requests(store, pool, n: int, context: int, decode_tokens: int, q_token
 
 
 def cuda_ms(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
+    return timed(fn, reps=reps, warm=1)
 
 
 @torch.no_grad()

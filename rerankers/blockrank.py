@@ -256,16 +256,13 @@ class BlockRankReranker(LazyGenerator):
                  query_tokens: int = 128, query_rows: str | int | None = None, attn: str = "auto",
                  doc_batch: int = 32, kv_cache: Any = None, model=None, tokenizer=None,
                  instruction: str = INSTRUCTION, question: str = QUESTION, answer_prefix: str = ANSWER_PREFIX):
-        from .finetune import read_settings, reranker_folder
+        from .finetune import folder_settings
 
         self.model_name = model_name
         self._model, self._tokenizer = model, tokenizer
         self.fuse_weight = None
-        self._folder = reranker_folder(model_name)
+        self._folder, settings = folder_settings(model_name, self.name)
         if self._folder is not None:           # a fine-tuned folder brings its own weights and settings
-            settings = read_settings(self._folder)
-            if settings.get("kind") != self.name:
-                raise ValueError(f"{model_name} is a {settings.get('kind')!r} reranker folder, not {self.name!r}")
             self._model = self._tokenizer = None
             layer = settings.get("layer") if layer is None else layer
             query_rows = settings.get("query_rows") if query_rows is None else query_rows

@@ -64,6 +64,17 @@ def read_settings(folder) -> dict:
     return json.loads((Path(folder) / RERANKER_JSON).read_text())
 
 
+def folder_settings(model_name, kind: str) -> tuple[Path | None, dict]:
+    """(folder, settings) when ``model_name`` names a fine-tuned reranker folder of ``kind``, else (None, {})."""
+    folder = reranker_folder(model_name)
+    if folder is None:
+        return None, {}
+    settings = read_settings(folder)
+    if settings.get("kind") != kind:
+        raise ValueError(f"{model_name} is a {settings.get('kind')!r} reranker folder, not {kind!r}")
+    return folder, settings
+
+
 @lru_cache(maxsize=4)
 def _load_folder(folder: str, dtype_name: str | None, device: str | None):
     import torch

@@ -33,16 +33,13 @@ class PointwiseReranker(LazyGenerator):
 
     def __init__(self, model_name: str | None = None, doc_tokens: int = 160, query_tokens: int = 128,
                  batch_size: int = 8, model=None, tokenizer=None):
-        from .finetune import read_settings, reranker_folder
+        from .finetune import folder_settings
 
         self.model_name = model_name
         self._model, self._tokenizer = model, tokenizer
         self.fuse_weight = None
-        self._folder = reranker_folder(model_name)
+        self._folder, settings = folder_settings(model_name, self.name)
         if self._folder is not None:           # a fine-tuned folder brings its own weights and settings
-            settings = read_settings(self._folder)
-            if settings.get("kind") != self.name:
-                raise ValueError(f"{model_name} is a {settings.get('kind')!r} reranker folder, not {self.name!r}")
             self._model = self._tokenizer = None
             doc_tokens = settings.get("doc_tokens", doc_tokens)
             self.fuse_weight = settings.get("fuse_weight")
