@@ -152,6 +152,9 @@ class PagedKVCache:
         """Page table of ``parts`` (in order, at positions 0..n_context-1) followed by the tail."""
         if sum(p.n_tokens for p in parts) != n_context:
             raise ValueError("the parts' tokens do not add up to the context length")
+        if n_context >= self.cos_half.shape[0]:  # the kernel reads the rotation tables at every delta
+            raise ValueError(f"a context of {n_context} positions exceeds the rotation tables "
+                             f"({self.cos_half.shape[0]} positions)")
         P = self.page
         npg = np.array([len(p.pages) for p in parts], dtype=np.int64)
         ntok = np.array([p.n_tokens for p in parts], dtype=np.int64)

@@ -60,7 +60,7 @@ def _setup(lens, Lq, hq, hkv, d, page, dtype, seed=0, n_pages=None, filler=3):
     dims = _Dims(1, hq, hkv, d)
     need = sum(-(-n // page) for n in lens) * 2 + filler * 4 + 16
     arena = PageArena(1, hkv, d, n_pages or need, page, dtype, DEV)
-    cache = _cache(dims, arena)
+    cache = _cache(dims, arena, max_pos=max(4096, sum(lens) + Lq + 64))  # (cos/sin tables cover every delta)
     raw = [torch.randn(1, n, 2, hkv, d, generator=g).to(DEV, dtype) for n in lens]
     parts = []
     for i, r in enumerate(raw):

@@ -21,6 +21,12 @@ The work split follows ``question_attention``: packed rows (query position x the
 head) in 64-row groups plus small tails, pages split into slices across the GPU, the number of pages read on
 the device (one CUDA graph serves every request), and the last slice to finish merges the partial results.
 All pointer offsets are int64.
+
+Variants (launch-time switches, module defaults below): the query rows rotated once per run of pages sharing
+a delta (a chunk; default) or for every page; pages loaded through the copy engine (TMA; inside CUDA graphs
+only, where the descriptors are encoded once; off: not yet timed on a GPU) or with plain loads; one page
+(default) or two pages per loop step (two per step halve the online-softmax rescales, but measured slower on an
+H200: 378 vs 279 us for a 50-token question over 32K keys, ``eval/bench_attn_kernels.py --paged``).
 """
 from __future__ import annotations
 
