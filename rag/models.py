@@ -267,7 +267,8 @@ def shared_generator(name: str | None = None, dtype=None, device: str | None = N
         lock = _shared_locks.setdefault(key, threading.Lock())
     with lock:
         if key not in _shared:
-            pair = load_generator(path, dtype=dtype, device=device, adapter=lora)
+            extra = {} if lora is None else {"adapter": lora}
+            pair = load_generator(path, dtype=dtype, device=device, **extra)
             with _shared_guard:
                 _shared[key] = pair
     return _shared[key]
