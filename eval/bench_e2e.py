@@ -227,6 +227,7 @@ def main(argv=None):
                     help="page arena (device_cache_bytes) in GiB (default: the largest context plus a quarter)")
     ap.add_argument("--compile-decode", action="store_true", help="Generator(compile_decode=True)")
     ap.add_argument("--compile-question", action="store_true", help="Generator(compile_question=True)")
+    ap.add_argument("--paged", action="store_true", help="Generator(paged=True): zero-copy stitching (experimental)")
     ap.add_argument("--warm-questions", default="48,64", help="question lengths warmed (the two asked)")
     ap.add_argument("--hf-static-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -269,7 +270,7 @@ def main(argv=None):
     if arena is None:  # every context's chunks resident at once (the sets share their first chunks)
         ad_ = (model.config.num_hidden_layers, model.config.num_key_value_heads, 128)
         arena = int(max(contexts) * 1.25 * ad_[0] * 2 * ad_[1] * ad_[2] * 2)
-    gen = Generator(model=model, tokenizer=tok, store=store, device_cache_bytes=arena,
+    gen = Generator(model=model, tokenizer=tok, store=store, device_cache_bytes=arena, paged=args.paged,
                     compile_decode=args.compile_decode, compile_question=args.compile_question)
     log(f"model ready, copy {bw / 1e9:.0f} GB/s; encoding {sum(len(c.token_ids) for c in sets[max(contexts)])} "
         f"context tokens ({time.time() - t_start:.0f} s)")

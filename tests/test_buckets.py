@@ -152,6 +152,7 @@ def test_gpu_warmed_buckets_replay_graphs_with_padded_questions(tokenizer, tmp_p
     store = KVCacheStore(tmp_path / "kv", model, tokenizer, dtype=torch.float32)
     eager = Generator(model=model, tokenizer=tokenizer, store=store, cuda_graphs=False)
     gen = Generator(model=model, tokenizer=tokenizer, store=store, max_cache_len=2048)
+    gen.paged = False  # the stitched buffer in size buckets (the paged path has its own tests: test_paged.py)
     gen.min_bucket = 128
     rep = gen.warmup(buckets=[128, 256], question_lengths=[16, 32])
     assert rep["buckets"] == [128, 256] and rep["question_buckets"] == [16, 32] and rep["graphs"] == 6

@@ -319,7 +319,7 @@ def test_gpu_paged_offsets_past_2_31():
 @needs_cuda
 @torch.no_grad()
 def test_gpu_generator_paged_graphs_equal_eager_stitched(tokenizer, tmp_path):
-    """On the GPU the default Generator runs turbo over the page table from CUDA graphs (question and decode),
+    """On the GPU ``Generator(paged=True)`` runs turbo over the page table from CUDA graphs (question and decode),
     with no stitched buffer; answers equal the eager stitched path's, for contexts of several lengths."""
     from tiny_models import MODELS
 
@@ -328,7 +328,7 @@ def test_gpu_generator_paged_graphs_equal_eager_stitched(tokenizer, tmp_path):
     model = MODELS["llama"](seed=5, vocab=len(tokenizer), attention="sdpa").cuda()
     store = KVCacheStore(tmp_path / "kv", model, tokenizer, dtype=torch.float32)
     eager = Generator(model=model, tokenizer=tokenizer, store=store, cuda_graphs=False)
-    gen = Generator(model=model, tokenizer=tokenizer, store=store, max_cache_len=4096)
+    gen = Generator(model=model, tokenizer=tokenizer, store=store, max_cache_len=4096, paged=True)
     assert gen.paged
     rep = gen.warmup(question_lengths=[16, 32])
     assert rep["graphs"] == 3
