@@ -125,7 +125,7 @@ class Handle:
         """generate()'s streaming rule: the text decided so far (cut at a stop string; minus a possible stop
         string's beginning and, with a repetition guard, the last ``guard`` tokens), once it is not a
         partial character."""
-        from .generate import held_back
+        from .decoding import held_back
 
         if self.answer is not None:
             safe = self.answer
@@ -143,12 +143,12 @@ class Handle:
 
 
 def _apply_stops(text, stop):
-    from .generate import apply_stops
+    from .decoding import apply_stops
     return apply_stops(text, stop)
 
 
 def _repeats(ids, n):
-    from .generate import repeats
+    from .decoding import repeats
     return repeats(ids, n)
 
 
@@ -298,7 +298,7 @@ class BatchEngine:
         self.active.pop()
 
     def _finish(self, h: Handle) -> None:
-        from .generate import GenerationResult
+        from .decoding import GenerationResult
 
         h.t_end = time.perf_counter()  # its last token has been read: its computation is over
         ids = [t for t in h.out_ids if t not in self.gen.eos_ids]

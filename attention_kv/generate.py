@@ -20,13 +20,13 @@ from __future__ import annotations
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 from .cache_store import ChunkKV, KVCacheStore
+from .decoding import GenerationResult, apply_stops, held_back, repeats  # noqa: F401 (re-exported)
 from .blend import blend_prefill
 from .block_cache import BlockKVCache, GraphedStep, forward_block
 from .model import ModelAdapter
@@ -40,41 +40,6 @@ WARMUP_QUESTIONS = (16, 32, 48, 64, 96, 128)
 PAGED = "paged"  # the graphs' bucket key of the paged path (one graph per question length serves every context)
 PAGE_TOKENS = 64  # tokens per page of the paged path on CUDA (16 elsewhere: small tiles for the interpreter)
 TAIL_TOKENS = 2304  # paged path: positions after the context for the question (padded) and the answer
-
-
-def apply_stops(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """(``text`` cut before the first stop string, whether one was found). A stop string counts once the
-    answer has begun: matches inside leading whitespace are skipped (a model that opens with a newline is
-    not cut to an empty answer), and so are matches right after a colon (a line such as "The answer is:"
-    announces the next one)."""
-    begin = len(text) - len(text.lstrip())
-    cuts = []
-    for s in stop:
-        i = text.find(s, begin) if s else -1
-        while i >= 0 and text[:i].rstrip().endswith(":"):
-            i = text.find(s, i + len(s))
-        if i >= 0:
-            cuts.append(i)
-    return (text[:min(cuts)], True) if cuts else (text, False)
-
-
-def held_back(text: str, stop: Sequence[str]) -> int:
-    """How many trailing characters of ``text`` could begin a stop string (not streamed until decided)."""
-    n = 0
-    for s in stop:
-        for k in range(min(len(s) - 1, len(text)), n, -1):
-            if text.endswith(s[:k]):
-                n = k
-                break
-    return n
-
-
-def repeats(ids: Sequence[int], n: int) -> bool:
-    """True when the last ``n`` ids already occurred as a window earlier in ``ids`` (a decoding loop)."""
-    if n <= 0 or len(ids) < 2 * n:
-        return False
-    tail = list(ids[-n:])
-    return any(list(ids[i:i + n]) == tail for i in range(len(ids) - 2 * n + 1))
 
 
 def size_buckets(max_len: int, min_bucket: int = MIN_BUCKET) -> list[int]:
@@ -108,20 +73,6 @@ def kv_bytes(adapter: ModelAdapter, n_tokens: int, dtype: torch.dtype) -> int:
     """Bytes of a stitched cache buffer of ``n_tokens`` positions (all layers, K and V)."""
     elem = torch.empty((), dtype=dtype).element_size()
     return adapter.n_layers * n_tokens * 2 * adapter.n_kv_heads * adapter.head_dim * elem
-
-
-@dataclass
-class GenerationResult:
-    answer: str
-    token_ids: list[int]
-    mode: str
-    chunk_ids: list[str]
-    ttft_ms: float
-    decode_tokens_per_s: float
-    n_context_tokens: int
-    n_question_tokens: int
-    n_recomputed: int = 0
-    timings: dict = field(default_factory=dict)
 
 
 class GenerationStream:
