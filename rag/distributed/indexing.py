@@ -118,7 +118,7 @@ def _plan(collection) -> dict:
             dtype = str(next(store.model.parameters()).dtype).replace("torch.", "")
             plan["kv"][name] = {"model": index.model_name, "quant": index.quant,
                                 "system_prompt": index.system_prompt, "model_dtype": dtype,
-                                "identity": store.identity}
+                                "adapter": index.adapter, "identity": store.identity}
     return plan
 
 
@@ -193,7 +193,7 @@ class ShardEncoder:
         if name not in self._kv:
             spec = self.plan["kv"][name]
             model, tok = shared_generator(spec["model"], dtype=getattr(torch, spec["model_dtype"]),
-                                          device=self.device)
+                                          device=self.device, adapter=spec.get("adapter"))
             i = spec["identity"]
             per_token = i["n_layers"] * 2 * i["n_kv_heads"] * i["head_dim"] * 4
             tokens = (self.plan["chunking"]["chunk_tokens"] or 512) + 128

@@ -115,7 +115,7 @@ class GeneratorReplica:
         collection = Collection(store, progress=False)
         kv = collection.index(kv_index)
         on_gpu = torch.cuda.is_available()
-        model, tok = shared_generator(kv.model_name, device="cuda" if on_gpu else "cpu")
+        model, tok = shared_generator(kv.model_name, device="cuda" if on_gpu else "cpu", adapter=kv.adapter)
         self.tier = MemoryTier(tier_bytes, policy, device="cuda" if on_gpu else "cpu", name="gpu" if on_gpu else "host")
         cache = kv.folder / "cache"
         tiers = TierStack([self.tier, BlobTier(StoreFolderBackend(cache / "chunks"), None, policy, scan=False,
