@@ -49,7 +49,7 @@ def cmd_index(args) -> int:
         if refused:  # an index that cannot be opened (other model, corrupt files): rebuilt from the store
             print(f"note: rebuilding index {kind}: {refused}")
         if kind not in collection.indexes or refused:
-            params = {"kv_policy": args.kv_policy} if kind == "kv" else {}
+            params = {"kv_policy": args.kv_policy, "adapter": args.adapter} if kind == "kv" else {}
             collection.build_index(kind, **params)  # empty now; filled by add_documents below
     start = time.perf_counter()
     # the chunker (a tokenizer load, seconds) only when a document is new or changed: a no-op re-index skips it
@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-policy", choices=["precompute", "on-demand"], default="precompute",
                    help="a new kv index: encode every chunk's KV now (precompute) or the first time a "
                         "question needs it (on-demand)")
+    s.add_argument("--adapter", default="default",
+                   help="a new kv index: the LoRA adapter whose KV is cached (default: the bundled block-attention "
+                        "adapter for the bundled generator, as the demo and eval qa use; 'none': the plain model)")
     s.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="chunk and encode on a Ray cluster (ADDRESS, else RAY_ADDRESS or a new local one); "
                         "needs the ray extra")

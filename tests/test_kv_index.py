@@ -38,6 +38,7 @@ def test_on_demand_kv_index_encodes_when_a_question_needs_a_chunk(tmp_path, caps
     c = Collection(store, progress=False)
     kv = c.index("kv")
     assert kv.kv_policy == "on-demand" and len(kv.store) == 2  # chunks recorded ...
+    assert kv.adapter == "default"  # the bundled block-attention adapter, as the demo and eval qa use
     chunks = c.get_chunks([h.chunk_id for h in c.retriever("bm25").retrieve("copper roof lighthouse", 2)])
     assert not any(ch in kv.store for ch in chunks)  # ... but nothing encoded at indexing time
     answer = Pipeline(c, "bm25", k=1, generator=kv.generator(), mode="turbo", max_new_tokens=3).ask(
