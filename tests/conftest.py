@@ -20,6 +20,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    """The generator's tokenizer, or a tokenizer folder named by BLOCKRAG_TEST_TOKENIZER (a GPU machine
+    without the model package)."""
+    path = os.environ.get("BLOCKRAG_TEST_TOKENIZER")
+    if path:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
     from blockrag.models import load_tokenizer
 
     return load_tokenizer()

@@ -7,7 +7,6 @@ answers, and an unwarmed bucket is captured before use (never an eager fallback)
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -50,23 +49,6 @@ def test_cache_bytes_of_the_8b_shape():
 
     assert kv_bytes(Dims, 131072, torch.bfloat16) == 16 * 2 ** 30  # 16 GiB at 128K tokens
     assert kv_bytes(Dims, 32768, torch.bfloat16) == 4 * 2 ** 30
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """The generator's tokenizer, or a tokenizer folder named by BLOCKRAG_TEST_TOKENIZER (a GPU machine
-    without the model package)."""
-    path = os.environ.get("BLOCKRAG_TEST_TOKENIZER")
-    if path:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    from blockrag.models import ModelNotAvailable, load_tokenizer
-
-    try:
-        return load_tokenizer()
-    except (ModelNotAvailable, OSError) as err:  # pragma: no cover
-        pytest.skip(f"no tokenizer: {err}")
 
 
 @pytest.fixture

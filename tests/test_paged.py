@@ -208,21 +208,6 @@ TEXTS = [
 QUESTION = "What roof does the lighthouse have?"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    path = os.environ.get("BLOCKRAG_TEST_TOKENIZER")
-    if path:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    from blockrag.models import ModelNotAvailable, load_tokenizer
-
-    try:
-        return load_tokenizer()
-    except (ModelNotAvailable, OSError) as err:  # pragma: no cover
-        pytest.skip(f"no tokenizer: {err}")
-
-
 def _chunks(tok, texts):
     from blockrag.documents import Chunk
 

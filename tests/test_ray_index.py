@@ -47,15 +47,11 @@ def ray_cluster():
 def tiny_generator(tmp_path_factory):
     """A random 2-layer Llama (tests/tiny_models.py) with SmolLM2's tokenizer, as a local model folder."""
     sys.path.insert(0, str(HERE))
-    from tiny_models import tiny_llama
+    from tiny_models import tiny_llama_folder
 
     from blockrag.models import load_tokenizer
 
-    tok = load_tokenizer()
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(vocab=len(tok), layers=2, hidden=32, head_dim=8).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"), load_tokenizer(), layers=2, hidden=32, head_dim=8)
 
 
 def new_store(folder, generator) -> Collection:

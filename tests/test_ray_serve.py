@@ -52,15 +52,12 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     sys.path.insert(0, str(HERE))
-    from tiny_models import tiny_llama
+    from tiny_models import tiny_llama_folder
 
     from blockrag.eval.bench_ray_serve import build_store
     from blockrag.models import load_tokenizer
 
-    tok = load_tokenizer()
-    gen = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(vocab=len(tok), layers=2, hidden=32, head_dim=8).save_pretrained(gen)
-    tok.save_pretrained(gen)
+    gen = tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"), load_tokenizer(), layers=2, hidden=32, head_dim=8)
     folder = tmp_path_factory.mktemp("serve") / "store"
     build_store(folder, 60, str(gen)).close()
     return folder

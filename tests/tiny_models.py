@@ -51,3 +51,10 @@ def tiny_mistral(seed: int = 0, layers: int = 3, hidden: int = 64, head_dim: int
 
 
 MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "mistral": tiny_mistral}
+
+
+def tiny_llama_folder(path, tokenizer, **kw) -> str:
+    """A random :func:`tiny_llama` (``kw``) saved with ``tokenizer`` as a local model folder."""
+    tiny_llama(vocab=len(tokenizer), **kw).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

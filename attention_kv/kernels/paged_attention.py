@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from .question_attention import partial_buffers
 from .triton_attention import HAS_TRITON, LOG2E, _cdiv, _interpret, _num_sms
 
 if HAS_TRITON:
@@ -310,17 +311,7 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
     c = spec["const"]
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     n_ch, R = spec["n_ch"], spec["R"]
-    if c["DIRECT"]:
-        po = pl = out
-    elif capturing or spec["po"] is None:
-        # scratch owned by the graph when capturing; else one buffer per shape, reused (calls on one device are
-        # stream-ordered, as the arrival counters already assume)
-        po = torch.empty(n_ch * hkv * R * D, dtype=torch.float32, device=dev)
-        pl = torch.empty(n_ch * hkv * R, dtype=torch.float32, device=dev)
-        if not capturing:
-            spec["po"], spec["pl"] = po, pl
-    else:
-        po, pl = spec["po"], spec["pl"]
+    po, pl = partial_buffers(spec, n_ch * hkv * R, D, dev, capturing, out)
     cnt = _counters(dev, hkv * spec["n_rg"])
     if tma is None:
         # descriptors cost host time per eager launch: inside CUDA graphs only (encoded once), when chosen

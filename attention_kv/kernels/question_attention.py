@@ -311,17 +311,7 @@ def attend_question(q, k, v, *, q_start: int | None = None, scale: float | None 
     if spec["check"]:
         check_tile_offsets(c["BLOCK_N"], k, v)
     n_bh, n_ch, R = B * Hkv, spec["n_ch"], spec["R"]
-    if c["DIRECT"]:
-        po = pl = out
-    elif capturing or spec["po"] is None:
-        # scratch owned by the graph when capturing; else one buffer per shape, reused (calls on one device
-        # are stream-ordered, as the arrival counters already assume)
-        po = torch.empty(n_ch * n_bh * R * D, dtype=torch.float32, device=dev)
-        pl = torch.empty(n_ch * n_bh * R, dtype=torch.float32, device=dev)
-        if not capturing:
-            spec["po"], spec["pl"] = po, pl
-    else:
-        po, pl = spec["po"], spec["pl"]
+    po, pl = partial_buffers(spec, n_ch * n_bh * R, D, dev, capturing, out)
     use_tma = c["USE_TMA"] and k.data_ptr() % 16 == 0 and v.data_ptr() % 16 == 0
     kd, vd = (_descriptor(k, c["BLOCK_N"]), _descriptor(v, c["BLOCK_N"])) if use_tma else (k, v)
     cnt = _counters(dev, n_bh * spec["n_rg"]) if c["FOLD"] else pl
@@ -371,3 +361,18 @@ def _launch_spec(B, Hq, Lq, D, Hkv, Lk, q_start, dtype, dev, k, v, block_m, bloc
                  num_warps=num_warps or nw, num_stages=num_stages or ns)
     return dict(p, grid=(p["n_rg"] * p["n_ch"], n_bh), const=const, interp=interp, po=None, pl=None,
                 check=not (tile_offsets_fit(k, bn) and tile_offsets_fit(v, bn)))
+
+
+def partial_buffers(spec: dict, n_rows: int, D: int, dev, capturing: bool, out):
+    """The split-KV scratch of one launch: partial outputs [n_rows, D] and log-sum-exps [n_rows] (fp32), or
+    ``out`` itself when the plan writes directly. Owned by the graph while capturing; else one pair per plan,
+    reused (calls on one device are stream-ordered, as the arrival counters already assume)."""
+    if spec["const"]["DIRECT"]:
+        return out, out
+    if capturing or spec["po"] is None:
+        po = torch.empty(n_rows * D, dtype=torch.float32, device=dev)
+        pl = torch.empty(n_rows, dtype=torch.float32, device=dev)
+        if not capturing:
+            spec["po"], spec["pl"] = po, pl
+        return po, pl
+    return spec["po"], spec["pl"]
