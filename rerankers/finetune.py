@@ -78,15 +78,11 @@ def folder_settings(model_name, kind: str) -> tuple[Path | None, dict]:
 @lru_cache(maxsize=4)
 def _load_folder(folder: str, dtype_name: str | None, device: str | None):
     import torch
-    from peft import PeftModel
 
     from blockrag.models import load_generator
 
-    settings = read_settings(folder)
     dtype = getattr(torch, dtype_name) if dtype_name else None
-    base, tok = load_generator(settings.get("base"), dtype=dtype, device=device)
-    model = PeftModel.from_pretrained(base, folder).merge_and_unload().eval()
-    return model, tok
+    return load_generator(read_settings(folder).get("base"), dtype=dtype, device=device, adapter=folder)
 
 
 def load_folder(folder, dtype=None, device: str | None = None):
@@ -96,36 +92,25 @@ def load_folder(folder, dtype=None, device: str | None = None):
 
 
 def save_folder(folder, peft_model, kind: str, base: str | None, **settings) -> Path:
-    """Write the adapter (bf16: a few MB) and ``reranker.json``."""
-    import torch
-
+    """Write the adapter (:func:`blockrag.attention_kv.lora.save_adapter`: fp16, base by name) and
+    ``reranker.json``."""
+    from blockrag.attention_kv.lora import save_adapter
     from blockrag.models import DEFAULT_GENERATOR
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(folder)
     base = base or DEFAULT_GENERATOR
-    cfg_path = folder / "adapter_config.json"       # the base by name, not by the training machine's cache path
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = base
-    cfg_path.write_text(json.dumps(cfg, indent=1))
-    (folder / "README.md").unlink(missing_ok=True)  # peft's model-card template
-    path = folder / "adapter_model.safetensors"
-    if path.exists():                      # store the adapter in bf16: a quarter of fp32's size
-        from safetensors.torch import load_file, save_file
-
-        save_file({k: v.to(torch.bfloat16) for k, v in load_file(path).items()}, path)
+    save_adapter(peft_model, folder, base_name=base)
     (folder / RERANKER_JSON).write_text(json.dumps({"kind": kind, "base": base, **settings}, indent=1))
     return folder
 
 
 def add_lora(model, r: int = 16, alpha: int = 32, targets: Sequence[str] = LORA_TARGETS, dropout: float = 0.0):
     """A peft LoRA wrapper on the attention projections (the only trainable parameters)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none",
-                     task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    from blockrag.attention_kv.lora import lora_config
+
+    return get_peft_model(model, lora_config(r, alpha, targets, dropout))
 
 
 # ------------------------------------------------------------------------------------------- fusion

@@ -7,7 +7,6 @@ answers, and an unwarmed bucket is captured before use (never an eager fallback)
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 from tiny_models import MODELS

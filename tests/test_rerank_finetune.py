@@ -107,8 +107,13 @@ def test_saved_folder_scores_like_the_trained_model(kind, tmp_path, monkeypatch)
     assert (folder / "adapter_model.safetensors").stat().st_size < 200_000
     import blockrag.models
 
-    monkeypatch.setattr(blockrag.models, "load_generator",
-                        lambda name=None, dtype=None, device=None: (tiny_llama(5, layers=3), CharTokenizer()))
+    from blockrag.attention_kv.lora import merge_adapter
+
+    def load_base(name=None, dtype=None, device=None, adapter=None):  # the tiny base, the folder's adapter merged
+        base = tiny_llama(5, layers=3)
+        return (merge_adapter(base, adapter) if adapter else base), CharTokenizer()
+
+    monkeypatch.setattr(blockrag.models, "load_generator", load_base)
     finetune._load_folder.cache_clear()
     cls = BlockRankReranker if kind == "blockrank" else PointwiseReranker
     other = tiny_llama(9, layers=3)              # a generator's model handed in is not used for a folder
