@@ -31,6 +31,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from blockrag.datasets import load_qa, multihop_questions
+
 from .masks import block_ids, block_mask_4d, visibility
 
 EVAL_SEEDS = (0, 1, 2)
@@ -82,7 +84,7 @@ def make_example(fmt, tokenizer, question: str, answer: str, chunks: Sequence) -
 
 
 def to_chunks(docs, tokenizer) -> list:
-    """``Document`` -> ``Chunk`` with stored token ids (as eval/bench_kv_quality.py indexes them)."""
+    """``Document`` -> ``Chunk`` with stored token ids (one chunk per document)."""
     from blockrag.documents import Chunk
 
     return [Chunk(id=d.id, doc_id=d.id, position=0, text=d.full_text,
@@ -91,29 +93,26 @@ def to_chunks(docs, tokenizer) -> list:
 
 def synthetic_examples(fmt, tokenizer, seeds: Sequence[int], n_passages: int = 6,
                        per_seed: int | None = None) -> list[Example]:
-    """Training examples from ``eval.synthetic.make_multihop`` (gold passages + distractors, shuffled)."""
-    from blockrag.eval.bench_kv_quality import load_questions
-
+    """Training examples from :func:`blockrag.datasets.multihop_questions` (synthetic multi-hop worlds: gold
+    passages + distractors, shuffled)."""
     bad = set(seeds) & set(EVAL_SEEDS)
     if bad:
         raise ValueError(f"training seeds {sorted(bad)} overlap the evaluation seeds {EVAL_SEEDS}")
     out = []
     for seed in seeds:
-        for qtext, ans, docs, _hops in load_questions(seed, per_seed or 10 ** 6, n_passages):
+        for qtext, ans, docs, _hops in multihop_questions(seed, per_seed or 10 ** 6, n_passages):
             out.append(make_example(fmt, tokenizer, qtext, ans, to_chunks(docs, tokenizer)))
     return out
 
 
 def qa_examples(fmt, tokenizer, path, n_distractors: int = 2, distractor_tokens: int | None = 80,
                 seed: int = 0, limit: int | None = None) -> list[Example]:
-    """Training examples from a SQuAD-format QA file (read by :func:`blockrag.eval.qa.load_qa`): the gold
+    """Training examples from a SQuAD-format QA file (read by :func:`blockrag.datasets.load_qa`): the gold
     context plus ``n_distractors`` other contexts of the file (from the same article where it has enough,
     as a retriever would return them), shuffled, each one block, as ``blockrag eval qa`` indexes them (one
     chunk per context, title + text). Distractors are cut to their first ``distractor_tokens`` tokens to keep
     CPU training short; the gold context is kept whole (the answer may be anywhere in it). Answer = the first
     gold answer."""
-    from blockrag.eval.qa import load_qa  # the one SQuAD/JSONL reader
-
     ds = load_qa(path)
     docs = {d.id: d for d in ds.documents}
     chunks = {c.id: c for c in to_chunks(ds.documents, tokenizer)}

@@ -27,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+# the SciFact reader is the product's (the reranker fine-tune trains on it); bench_rerank_ft imports it from here
+from blockrag.datasets import load_beir_split as load_scifact
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "scifact"
 ROW_MODES = ("tail", "last", "all")
 
@@ -48,26 +51,6 @@ def ndcg_at_10(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]
 
 
 # ------------------------------------------------------------------------------------------- data
-def load_scifact(data: Path, split: str = "train"):
-    corpus, queries, qrels = {}, {}, {}
-    with open(data / "corpus.jsonl") as fh:
-        for line in fh:
-            o = json.loads(line)
-            corpus[str(o["_id"])] = (o.get("title") or "") + "\n" + (o.get("text") or "")
-    with open(data / "queries.jsonl") as fh:
-        for line in fh:
-            o = json.loads(line)
-            queries[str(o["_id"])] = o["text"]
-    with open(data / "qrels" / f"{split}.tsv") as fh:
-        for line in fh:
-            p = line.rstrip("\n").split("\t")
-            if len(p) != 3 or not p[2].strip().lstrip("-").isdigit():
-                continue
-            qrels.setdefault(p[0], {})[p[1]] = int(p[2])
-    queries = {q: queries[q] for q in qrels if q in queries}
-    return corpus, queries, qrels
-
-
 def hybrid_candidates(corpus, queries, depth: int) -> dict[str, list[list]]:
     from blockrag.documents import Chunk
     from blockrag.retrievers.bm25 import BM25Retriever

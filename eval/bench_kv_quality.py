@@ -34,6 +34,9 @@ from collections import Counter
 
 import torch
 
+# the product's sampler (blockrag finetune trains on it): [(question, answer, passages, hops)]
+from blockrag.datasets import multihop_questions as load_questions
+
 
 def normalize(s: str) -> list[str]:
     s = s.lower()
@@ -52,39 +55,6 @@ def token_f1(pred: str, gold: str) -> float:
         return 0.0
     prec, rec = n / len(p), n / len(g)
     return 2 * prec * rec / (prec + rec)
-
-
-def load_questions(seed: int, n_questions: int, n_passages: int):
-    """[(question text, gold answer, [Document])] from blockrag.eval.synthetic (a tiny local fallback otherwise)."""
-    rng = random.Random(seed)
-    try:
-        from blockrag.eval.synthetic import make_multihop
-
-        s = make_multihop(seed=seed)
-        qs = list(s.questions)
-        rng.shuffle(qs)
-        out = []
-        for q in qs[:n_questions]:
-            gold = [s.passage(d) for d in q.gold_doc_ids]
-            pool = [p for p in s.passages if p.id not in set(q.gold_doc_ids)]
-            docs = gold + rng.sample(pool, max(0, n_passages - len(gold)))
-            rng.shuffle(docs)
-            out.append((q.text, q.answer, docs, q.hops))
-        return out
-    except ImportError:  # pragma: no cover - fallback generator
-        from blockrag.documents import Document
-
-        out = []
-        for i in range(n_questions):
-            names = ["".join(rng.choice("bdgklmnprstvz") + rng.choice("aeiou") for _ in range(3)).title()
-                     for _ in range(n_passages)]
-            cities = ["".join(rng.choice("bdgklmnprstvz") + rng.choice("aeiou") for _ in range(3)).title()
-                      for _ in range(n_passages)]
-            docs = [Document(id=f"q{i}d{j}", text=f"{names[j]} Labs is headquartered in {cities[j]}.")
-                    for j in range(n_passages)]
-            j = rng.randrange(n_passages)
-            out.append((f"Where is {names[j]} Labs headquartered?", cities[j], docs, 1))
-        return out
 
 
 @torch.no_grad()

@@ -2,13 +2,13 @@
 
     blockrag eval qa --data ../shared/datasets/squad-xquad/dev.json --modes full,turbo,blend -k 5
 
-``run_qa`` reads a SQuAD / XQuAD JSON file or a JSONL file (:func:`load_qa`), indexes every context of the
-file into a store (bm25 + dense + kv, one chunk per context unless ``chunk_tokens`` is set), retrieves the
-top ``k`` passages for each question through :class:`blockrag.pipeline.Pipeline`, and generates an answer in
-every mode from the *same* passages (modes interleaved per question, so that timings share the machine's
-state). Per mode it reports exact match and token F1 (SQuAD normalisation, best over the gold answers),
-"the answer contains a gold answer", agreement with ``full`` (identical normalised answers), median TTFT
-and decode tokens/s, each with a bootstrap 90% interval over questions; and once, the retrieval recall@k
+``run_qa`` reads a SQuAD / XQuAD JSON file or a JSONL file (:func:`blockrag.datasets.load_qa`), indexes every
+context of the file into a store (bm25 + dense + kv, one chunk per context unless ``chunk_tokens`` is set),
+retrieves the top ``k`` passages for each question through :class:`blockrag.pipeline.Pipeline`, and generates
+an answer in every mode from the *same* passages (modes interleaved per question, so that timings share the
+machine's state). Per mode it reports exact match and token F1 (SQuAD normalisation, best over the gold
+answers), "the answer contains a gold answer", agreement with ``full`` (identical normalised answers), median
+TTFT and decode tokens/s, each with a bootstrap 90% interval over questions; and once, the retrieval recall@k
 of the gold context (the same passages feed every mode). ``ratio_to_full`` is mean F1(mode) / mean F1(full)
 with a paired bootstrap interval.
 
@@ -18,7 +18,6 @@ prefix. The prompt is the generator's (``attention_kv.cache_store.prompt_parts``
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -29,11 +28,11 @@ import string
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from blockrag.documents import Document, LoadError
+# the reader is the product's (blockrag finetune trains on QA files); re-exported for the tests and scripts
+from blockrag.datasets import QADataset, QAExample, load_qa  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -47,164 +46,6 @@ QA_MAX_NEW_TOKENS = 32
 
 
 # --------------------------------------------------------------------------------------- data
-@dataclass
-class QAExample:
-    """One question: its gold answers and the ids of the documents (contexts) that hold the answer."""
-
-    id: str
-    question: str
-    answers: list[str]
-    gold_doc_ids: list[str] = field(default_factory=list)
-
-
-@dataclass
-class QADataset:
-    examples: list[QAExample]
-    documents: list[Document]
-    source: str = ""
-
-
-def _doc_id(title: str, text: str) -> str:
-    # content-addressed: a context shared by several questions (or files) is one document
-    return "ctx-" + hashlib.sha256(f"{title}\x00{text}".encode("utf-8")).hexdigest()[:16]
-
-
-class _Builder:
-    def __init__(self, source: str):
-        self.source = source
-        self.docs: dict[str, Document] = {}
-        self.examples: list[QAExample] = []
-
-    def context(self, text: str, title: str = "") -> str:
-        text, title = str(text).strip(), str(title or "").strip()
-        did = _doc_id(title, text)
-        if did not in self.docs and text:
-            self.docs[did] = Document(id=did, text=text, title=title)
-        return did
-
-    def dataset(self) -> QADataset:
-        if not self.examples:
-            raise LoadError(f"{self.source}: no questions found")
-        return QADataset(self.examples, list(self.docs.values()), self.source)
-
-
-def _answers(obj, where: str) -> list[str]:
-    """``answers`` as a list of strings, dicts with ``text``, a dict of lists (HF squad), or a string;
-    ``answer`` (+ ``answer_aliases``) as a fallback."""
-    raw = obj.get("answers", obj.get("answer"))
-    if isinstance(raw, dict):
-        raw = raw.get("text", [])
-    if isinstance(raw, str):
-        raw = [raw]
-    if not isinstance(raw, list):
-        raise LoadError(f"{where}: no 'answers' (a list of strings, or of objects with 'text')")
-    out = [a["text"] if isinstance(a, dict) else a for a in raw]
-    out += list(obj.get("answer_aliases") or [])
-    out = [str(a) for a in out if isinstance(a, (str, int, float)) and str(a).strip()]
-    if not out:
-        raise LoadError(f"{where}: empty 'answers'")
-    return out
-
-
-def _contexts(obj, where: str) -> list[tuple[str, str, bool | None]]:
-    """[(title, text, is_gold or None)] from ``context`` / ``contexts`` / ``paragraphs``.
-
-    Accepted items: a string; ``{"title", "text"|"paragraph_text"|"content", "is_supporting"|"is_gold"}``;
-    a HotpotQA / 2Wiki ``[title, [sentences]]`` pair (gold when its title is in ``supporting_facts``)."""
-    raw = obj.get("contexts", obj.get("context", obj.get("paragraphs")))
-    if raw is None:
-        raise LoadError(f"{where}: needs 'context' (a string) or 'contexts' (a list)")
-    if isinstance(raw, (str, dict)):
-        raw = [raw]
-    supporting = {f[0] for f in obj.get("supporting_facts") or [] if isinstance(f, (list, tuple)) and f}
-    out = []
-    for item in raw:
-        if isinstance(item, str):
-            out.append(("", item, None))
-        elif isinstance(item, dict):
-            text = item.get("text", item.get("paragraph_text", item.get("content")))
-            if isinstance(text, list):
-                text = " ".join(map(str, text))
-            if not isinstance(text, str):
-                raise LoadError(f"{where}: a context object has no 'text'")
-            flag = item.get("is_supporting", item.get("is_gold"))
-            out.append((str(item.get("title", "")), text, None if flag is None else bool(flag)))
-        elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[1], (list, str)):
-            title, sents = item
-            text = "".join(sents) if isinstance(sents, list) else sents
-            out.append((str(title), text, (title in supporting) if supporting else None))
-        else:
-            raise LoadError(f"{where}: cannot read a context of type {type(item).__name__}")
-    if not out:
-        raise LoadError(f"{where}: empty 'contexts'")
-    return out
-
-
-def _add_record(b: _Builder, obj, where: str, default_id: str) -> None:
-    if not isinstance(obj, dict):
-        raise LoadError(f"{where}: expected a JSON object")
-    question = obj.get("question")
-    if not isinstance(question, str) or not question.strip():
-        raise LoadError(f"{where}: no 'question' string")
-    answers = _answers(obj, where)
-    ctxs = _contexts(obj, where)
-    ids = [(b.context(text, title), gold) for title, text, gold in ctxs]
-    gold = [d for d, g in ids if g] or ([d for d, _ in ids] if all(g is None for _, g in ids) else [])
-    if not gold:
-        raise LoadError(f"{where}: no context is marked as supporting the answer")
-    qid = str(obj.get("id", obj.get("_id", default_id)))
-    b.examples.append(QAExample(qid, question.strip(), answers, sorted(set(gold) & set(b.docs))))
-
-
-def load_qa(path: str | Path) -> QADataset:
-    """A SQuAD / XQuAD JSON file (``{"data": [{"title", "paragraphs": [{"context", "qas"}]}]}``), a JSON list
-    of records, or JSONL with one record per line (``question``, ``answers``, ``context`` or ``contexts``).
-    Bad input raises :class:`blockrag.documents.LoadError` naming the file (and line)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"QA data not found: {path}")
-    b = _Builder(str(path))
-    text = path.read_text(encoding="utf-8")
-    obj = None
-    if path.suffix != ".jsonl":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            if path.suffix == ".json":
-                raise LoadError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if isinstance(obj, dict) and "data" in obj:  # SQuAD
-        for a, article in enumerate(obj["data"]):
-            title = article.get("title", "")
-            for p, para in enumerate(article.get("paragraphs", [])):
-                where = f"{path}: data[{a}].paragraphs[{p}]"
-                if not isinstance(para.get("context"), str):
-                    raise LoadError(f"{where}: no 'context' string")
-                did = b.context(para["context"], title)
-                for j, qa in enumerate(para.get("qas", [])):
-                    if qa.get("is_impossible"):
-                        continue  # SQuAD 2.0 unanswerable questions have no gold answer to score
-                    qid = str(qa.get("id", f"{a}-{p}-{j}"))
-                    b.examples.append(QAExample(qid, str(qa.get("question", "")).strip(),
-                                                _answers(qa, f"{where}.qas[{j}]"), [did]))
-        return b.dataset()
-    if isinstance(obj, list):
-        for i, rec in enumerate(obj):
-            _add_record(b, rec, f"{path}: item {i}", str(i))
-        return b.dataset()
-    if isinstance(obj, dict):
-        _add_record(b, obj, f"{path}", "0")
-        return b.dataset()
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LoadError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-        _add_record(b, rec, f"{path}:{lineno}", str(lineno))
-    return b.dataset()
-
-
 def select(examples: Sequence[QAExample], limit: int | None, seed: int = 0) -> list[QAExample]:
     """``limit`` questions in a fixed seeded order (all of them, in that order, when ``limit`` is None)."""
     order = list(examples)

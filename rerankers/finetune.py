@@ -259,10 +259,10 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    from blockrag.eval.bench_blockrank import load_scifact
+    from blockrag.datasets import load_beir_split
     from blockrag.models import load_generator
 
-    corpus, queries, qrels = load_scifact(args.data, "train")
+    corpus, queries, qrels = load_beir_split(args.data, "train")
     split = json.loads(args.candidates.read_text())
     model, tok = load_generator(args.model)
     peft_model = add_lora(model, r=args.rank, alpha=2 * args.rank)
