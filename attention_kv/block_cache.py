@@ -17,7 +17,7 @@ import torch
 
 from .masks import attend_reference, get_attend
 from .model import ModelAdapter
-from .rope import cos_sin, rope_rows_
+from .rope import cos_sin, rope_rows_, stitch_rotated_
 
 
 DEVICE_POSITIONS = 1024  # most tokens of one device-positioned (graphed) forward
@@ -127,10 +127,14 @@ class BlockKVCache:
         return total
 
     def load_gathered(self, parts_gpu: Sequence, start: int = 0) -> int:
-        """Device-resident blocks: one ``torch.cat`` over all layers (no per-chunk copies)."""
+        """Device-resident blocks, all layers at once: with ``rope="stitch"`` one pass copies them and rotates
+        their keys (:func:`~attention_kv.rope.stitch_rotated_`), else one ``torch.cat``."""
         n = sum(p.n_tokens for p in parts_gpu)
-        torch.cat([p.kv for p in parts_gpu], dim=1, out=self.kv[:, 0, start:start + n])
-        self.loaded(start, start + n)
+        if self.rope == "stitch":
+            stitch_rotated_(self.kv, [p.kv for p in parts_gpu], start, self.cos_half, self.sin_half)
+        else:
+            torch.cat([p.kv for p in parts_gpu], dim=1, out=self.kv[:, 0, start:start + n])
+            self.loaded(start, start + n)
         self.length = start + n
         return self.length
 
@@ -263,9 +267,10 @@ def forward_block(model, cache: BlockKVCache, input_ids: torch.Tensor, start: in
     return out
 
 
-def capture_graph(forward, dev, warmup: int):
+def capture_graph(forward, dev, warmup: int, then: Callable[[torch.Tensor], None] | None = None):
     """Warm ``forward`` up on a side stream (first calls compile kernels, allocate), then capture it; returns
-    (graph, last-position logits [1, V], argmax token) — the outputs live in the graph's memory."""
+    (graph, last-position logits [1, V], argmax token) — the outputs live in the graph's memory. ``then(token)``
+    is captured after the forward (device-side bookkeeping for the next replay)."""
     s = torch.cuda.Stream(dev)
     s.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(s), torch.no_grad():
@@ -276,6 +281,8 @@ def capture_graph(forward, dev, warmup: int):
     with torch.cuda.graph(graph), torch.no_grad():
         logits = forward()[:, -1]
         token = logits.argmax(-1)
+        if then is not None:
+            then(token)
     return graph, logits, token
 
 
@@ -288,7 +295,11 @@ class GraphedStep:
     ``select_row=True``: one graph serves every block of up to ``n`` tokens (a padded question):
     ``replay(ids, start, n_valid)`` pads ``ids`` to ``n`` and returns the logits of row ``n_valid - 1``. The
     padding sits after the real tokens, so causality keeps it out of their attention; its K/V land at
-    positions the next tokens (decoded ones) overwrite before any later token can see them."""
+    positions the next tokens (decoded ones) overwrite before any later token can see them.
+
+    A decode step (``n=1``) over a :class:`BlockKVCache` also advances itself on the device: each replay ends by
+    making its argmax token the next input and moving the position and the key count on by one, so that
+    :meth:`run_ahead` can queue step ``i + 1`` before the host has read step ``i``'s token."""
 
     def __init__(self, model, cache: BlockKVCache, n: int = 1, warmup: int = 2, compile: bool = False,
                  select_row: bool = False):
@@ -310,8 +321,13 @@ class GraphedStep:
             n_layers = self.model.n_layers
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * n_layers + 8)
             fwd = torch.compile(self._forward, dynamic=False)
-        self.graph, self.logits, self.token = capture_graph(fwd, dev, warmup + (2 if compile else 0))
+        # self-advancing decode steps need the position and key count as device tensors (the paged cache's
+        # rows and page count do not move on by one)
+        self.advances = n == 1 and getattr(cache, "dev_len", None) is not None and not select_row
+        self.graph, self.logits, self.token = capture_graph(fwd, dev, warmup + (2 if compile else 0),
+                                                            self._advance if self.advances else None)
         cache.length = saved
+        self._host = self._done = None
 
     def _forward(self):
         c = self.cache
@@ -320,6 +336,41 @@ class GraphedStep:
             return self.model.forward(self.ids, self.pos, c.attend, logits_rows=1 if self.row is None else self.row)
         finally:
             c.end_device()
+
+    def _advance(self, token: torch.Tensor) -> None:
+        self.ids.copy_(token.view(1, 1))
+        self.pos.add_(1)
+        self.cache.dev_len.add_(1)
+
+    def run_ahead(self, token: int, start: int, steps: int):
+        """Token ids (ints) of ``steps`` decode steps from ``token`` at position ``start``, the next step always
+        queued on the GPU before this one's token is read: the host's work per token (detokenising, stop
+        rules, streaming) overlaps the GPU's next step. Stopping early (closing the iterator) leaves one step
+        run ahead, whose K/V lies past the answer."""
+        if not self.advances:
+            raise ValueError("run_ahead needs a self-advancing decode graph (n=1 over a BlockKVCache)")
+        if steps < 0 or start + steps > self.cache.max_len - self.n:
+            raise ValueError("the cache buffer is full")
+        if self._host is None:
+            self._host = torch.zeros(2, dtype=torch.long, pin_memory=True)
+            self._done = [torch.cuda.Event(), torch.cuda.Event()]
+        host, done = self._host, self._done
+        self.ids.fill_(int(token))
+        self.cache.set_device_positions(start, 1)
+
+        def launch(i):
+            self.graph.replay()
+            host[i % 2:i % 2 + 1].copy_(self.token, non_blocking=True)
+            done[i % 2].record()
+
+        if steps:
+            launch(0)
+        for i in range(steps):
+            if i + 1 < steps:
+                launch(i + 1)
+            done[i % 2].synchronize()
+            self.cache.length = start + i + 1
+            yield int(host[i % 2])
 
     def replay(self, ids, start: int, n_valid: int | None = None):
         if start + self.n > self.cache.max_len - self.n:

@@ -85,6 +85,7 @@ class ModelAdapter:
         self.scale = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
         self._check_rope(inner)
         self.max_context = self._sliding_window(cfg)
+        self._fused = None  # per layer (qkv weight, qkv bias, gate/up weight, modules) once fuse() ran
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -192,6 +193,69 @@ class ModelAdapter:
         h = h + blk.self_attn.o_proj(out.transpose(1, 2).reshape(B, L, -1))
         return h + blk.mlp(blk.post_attention_layernorm(h))
 
+    # ---------------------------------------------------------------- the fused forward
+    def fuse(self) -> bool:
+        """Put each layer's q/k/v projection weights (and biases) in one tensor and its gate/up weights in
+        another, the modules' own parameters becoming views of them (no extra memory; HF's forward, state
+        dicts and ``load_state_dict`` see the same values), so that :meth:`hidden_states` without autograd runs
+        a layer as two norms, four matrix products and two small fused kernels (:mod:`attention_kv.layer_ops`)
+        instead of ~45 kernels. Returns False, changing nothing, for layers it does not reproduce (not plain
+        ``nn.Linear`` projections, q/k norms, an activation other than SiLU)."""
+        if self._fused is not None:
+            return True
+        act = getattr(self.lm.config, "hidden_act", None)
+        plain = torch.nn.Linear
+        for blk in self.layers:
+            a, m = blk.self_attn, blk.mlp
+            mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+            if (act != "silu" or any(type(x) is not plain for x in mods) or getattr(a, "q_norm", None) is not None
+                    or any(not hasattr(n, "variance_epsilon")
+                           for n in (blk.input_layernorm, blk.post_attention_layernorm))
+                    or a.o_proj.bias is not None or m.down_proj.bias is not None
+                    or len({x.bias is None for x in mods[:3]}) != 1):
+                return False
+        fused = []
+        with torch.no_grad():
+            for blk in self.layers:
+                a, m = blk.self_attn, blk.mlp
+                w_qkv = _share([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+                b_qkv = None if a.q_proj.bias is None else _share([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+                w_gu = _share([m.gate_proj.weight, m.up_proj.weight])
+                fused.append((w_qkv, b_qkv, w_gu, (a.q_proj, m.gate_proj)))
+        self._fused = fused
+        return True
+
+    def _fast(self) -> bool:
+        """Whether :meth:`hidden_states` runs the fused layers: fused, no autograd, modules not replaced since."""
+        f = self._fused
+        if f is None or torch.is_grad_enabled():
+            return False
+        blk = self.layers[0]
+        return blk.self_attn.q_proj is f[0][3][0] and blk.mlp.gate_proj is f[0][3][1]
+
+    def _fused_layer(self, layer: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     attend: Attend | None, rotate_keys: bool) -> torch.Tensor:
+        """:meth:`layer` over the fused weights (same values up to rounding order)."""
+        from . import layer_ops
+
+        blk = self.layers[layer]
+        w_qkv, b_qkv, w_gu, _ = self._fused[layer]
+        B, L, _ = h.shape
+        D, Hq, Hkv = self.head_dim, self.n_heads, self.n_kv_heads
+        ln = blk.input_layernorm
+        qkv = torch.nn.functional.linear(layer_ops.rms_norm(h, ln.weight, ln.variance_epsilon), w_qkv, b_qkv)
+        cos, sin = rope
+        layer_ops.rope_(qkv, cos, sin, Hq + Hkv if rotate_keys else Hq, D)  # the q heads, then the k heads
+        heads = qkv.view(B, L, Hq + 2 * Hkv, D).transpose(1, 2)  # [B, H, L, D] views
+        q, k, v = heads[:, :Hq], heads[:, Hq:Hq + Hkv], heads[:, Hq + Hkv:]
+        out = causal_attention(q, k, v, self.scale) if attend is None else attend(layer, q, k, v)
+        h2, o = h.reshape(B * L, -1), out.transpose(1, 2).reshape(B * L, -1)
+        h = torch.addmm(h2, o, blk.self_attn.o_proj.weight.t()).view(B, L, -1)  # residual added in the product
+        pn = blk.post_attention_layernorm
+        act = layer_ops.silu_mul(torch.nn.functional.linear(layer_ops.rms_norm(h, pn.weight, pn.variance_epsilon),
+                                                            w_gu))
+        return torch.addmm(h.view(B * L, -1), act.view(B * L, -1), blk.mlp.down_proj.weight.t()).view(B, L, -1)
+
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.inner.norm(h)
 
@@ -210,8 +274,9 @@ class ModelAdapter:
         the final norm) for ``ids [B, L]`` at ``positions [L]`` (shared by the batch) or ``[B, L]``."""
         h = self.embed(ids)
         rope = self.rope(positions)
+        layer = self._fused_layer if self._fast() else self.layer
         for l in range(self.n_layers if layers is None else layers):
-            h = self.layer(l, h, rope, attend, rotate_keys)
+            h = layer(l, h, rope, attend, rotate_keys)
         return h
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend | None = None,
@@ -242,6 +307,17 @@ class ModelAdapter:
     def _cache_kw(self) -> str:
         params = inspect.signature(type(self.lm).forward).parameters
         return "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+
+
+def _share(params) -> torch.Tensor:
+    """One tensor holding ``params`` (concatenated on dim 0), each parameter's data becoming its view."""
+    whole = torch.cat([p.detach() for p in params], 0)
+    off = 0
+    for p in params:
+        n = p.shape[0]
+        p.data = whole[off:off + n]
+        off += n
+    return whole
 
 
 def adapter(model) -> ModelAdapter:

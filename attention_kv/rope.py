@@ -63,9 +63,77 @@ try:  # in-place RoPE over a token range of stitched K buffers (one pass; used w
         tl.store(base, (x1 * c - x2 * s).to(k_ptr.dtype.element_ty), mask=m)
         tl.store(base + HALF, (x2 * c + x1 * s).to(k_ptr.dtype.element_ty), mask=m)
 
+    @triton.jit
+    def _stitch_kernel(DST, SRC_ADDR, N_TOK, DST_POS, COS, SIN, dst_layer_stride, dst_tok_stride,
+                       HKV: tl.constexpr, HKV_P2: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr):
+        # BT tokens of one chunk, one layer: K rotated to its stitched position, V copied (one pass)
+        tb = tl.program_id(0)
+        c = tl.program_id(1)
+        layer = tl.program_id(2).to(tl.int64)
+        n = tl.load(N_TOK + c)
+        if tb * BT < n:
+            # the chunk's own tensor (chunks are separate allocations: their addresses come in a table)
+            src = tl.load(SRC_ADDR + c).to(tl.pointer_type(DST.dtype.element_ty))
+            pos0 = tl.load(DST_POS + c)
+            t = (tb * BT + tl.arange(0, BT)).to(tl.int64)
+            h = tl.arange(0, HKV_P2)
+            d = tl.arange(0, HALF)
+            m = (t < n)[:, None, None] & (h < HKV)[None, :, None]
+            row = 2 * HKV * 2 * HALF  # elements per token: K and V of every KV head
+            inner = h[None, :, None] * (2 * HALF) + d[None, None, :]
+            s = src + layer * n * row + t[:, None, None] * row + inner
+            p = pos0 + t
+            o = DST + layer * dst_layer_stride + p[:, None, None] * dst_tok_stride + inner
+            k1 = tl.load(s, mask=m).to(tl.float32)
+            k2 = tl.load(s + HALF, mask=m).to(tl.float32)
+            cs = p[:, None, None] * HALF + d[None, None, :]
+            cos = tl.load(COS + cs, mask=m, other=1.0)
+            sin = tl.load(SIN + cs, mask=m, other=0.0)
+            tl.store(o, (k1 * cos - k2 * sin).to(DST.dtype.element_ty), mask=m)
+            tl.store(o + HALF, (k2 * cos + k1 * sin).to(DST.dtype.element_ty), mask=m)
+            vo = HKV * 2 * HALF
+            tl.store(o + vo, tl.load(s + vo, mask=m), mask=m)
+            tl.store(o + vo + HALF, tl.load(s + vo + HALF, mask=m), mask=m)
+
     _HAS_TRITON = True
 except Exception:  # pragma: no cover
     _HAS_TRITON = False
+
+
+def stitch_rotated_(kv: torch.Tensor, parts: list, start: int, cos_half: torch.Tensor,
+                    sin_half: torch.Tensor) -> int:
+    """Copy the blocks ``parts`` (tensors ``[layers, n, 2, Hkv, D]`` with un-rotated K, on ``kv``'s device) into
+    ``kv [layers, 1, max_len, 2, Hkv, D]`` at positions ``start..`` with K rotated to those positions, in one
+    pass over the bytes (a concatenation and then a RoPE pass read and wrote the keys twice, and
+    ``torch.cat`` into the strided buffer ran at about a third of copy bandwidth on an H200). Returns the
+    end position."""
+    n = [int(p.shape[1]) for p in parts]
+    end = start + sum(n)
+    if end == start:
+        return end
+    use_triton = _HAS_TRITON and (kv.is_cuda or _interpret()) and all(
+        p.is_contiguous() and p.dtype == kv.dtype for p in parts) and kv.stride(-1) == 1 and kv.stride(4) == kv.shape[5] \
+        and kv.stride(3) == kv.shape[4] * kv.shape[5]
+    if not use_triton:
+        torch.cat(parts, dim=1, out=kv[:, 0, start:end])
+        rope_rows_(kv[:, :, :, 0], cos_half, sin_half, start, end)
+        return end
+    offs = [start]
+    for x in n[:-1]:
+        offs.append(offs[-1] + x)
+    table = torch.tensor([[p.data_ptr() for p in parts], n, offs], dtype=torch.int64).to(kv.device)
+    nl, _, _, _, hkv, d = kv.shape
+    bt = 8
+    _stitch_kernel[(triton.cdiv(max(n), bt), len(parts), nl)](
+        kv, table[0], table[1], table[2], cos_half, sin_half, kv.stride(0), kv.stride(2),
+        HKV=hkv, HKV_P2=triton.next_power_of_2(hkv), HALF=d // 2, BT=bt, num_warps=4)
+    return end
+
+
+def _interpret() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def rope_rows_(k: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, start: int, end: int) -> None:

@@ -43,6 +43,37 @@ def test_graphed_question_and_decode_match_eager():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("fused", [False, True])
+def test_run_ahead_decode_equals_step_by_step(fused):
+    """GraphedStep.run_ahead (each step queued before the previous token is read, positions advanced on the
+    device) gives the same tokens as eager greedy steps, with plain and fused layers (ModelAdapter.fuse)."""
+    from blockrag.attention_kv.block_cache import BlockKVCache, GraphedStep, forward_block
+    from blockrag.attention_kv.model import ModelAdapter
+
+    model = tiny_llama()
+    if fused:
+        assert ModelAdapter.of(model).fuse()
+    cache = BlockKVCache(model, 512, rope="stitch")
+    g = torch.Generator().manual_seed(3)
+    ctx = torch.randint(3, 300, (90,), generator=g).cuda()
+    step = GraphedStep(model, cache, n=1)
+    assert step.advances
+    forward_block(model, cache, ctx, 0)
+    toks = [int(forward_block(model, cache, ctx[-1:], 90)[0, -1].argmax())]
+    for i in range(12):
+        toks.append(int(forward_block(model, cache, torch.tensor([toks[-1]], device="cuda"), 91 + i)[0, -1].argmax()))
+    forward_block(model, cache, ctx, 0)
+    forward_block(model, cache, ctx[-1:], 90)
+    assert list(step.run_ahead(toks[0], 91, 12)) == toks[1:]
+    it = step.run_ahead(toks[0], 91, 12)  # stopped early, then a fresh run from the same place
+    assert [next(it) for _ in range(3)] == toks[1:4]
+    it.close()
+    assert list(step.run_ahead(toks[0], 91, 5)) == toks[1:6]
+    with pytest.raises(ValueError):
+        list(step.run_ahead(toks[0], 500, 20))
+
+
+@torch.no_grad()
 def test_compiled_decode_step_matches_eager():
     """torch.compile (inductor) inside the captured decode step: same logits as the eager step."""
     from blockrag.attention_kv.block_cache import BlockKVCache, GraphedStep, forward_block
