@@ -1,11 +1,13 @@
 """Short-question and decode attention kernels against their floors, on the cache layout the product uses.
 
     python -m blockrag.eval.bench_attn_kernels --out eval/results/attn_kernels_h200.json [--lengths 32768]
+        [--heads 32/8,28/4]   # query heads / KV heads, default both (names llama3-8b, qwen2-7b also accepted)
 
 Needs a CUDA GPU. One run: (1) the ceilings: device-to-device copy bandwidth (bytes read + written) and the
 bf16 matmul rate (8192^3, random data); (2) correctness of every variant against float64 on random shapes
 (ragged lengths, both head layouts, output poisoned with NaN first); (3) timings: a 50-token question and one
-decoded token over a 32K cache, Llama-3-8B heads (32 q / 8 KV) and Qwen2-7B heads (28 q / 4 KV), d=128, bf16.
+decoded token over a 32K cache, Llama-3-8B heads (32 q / 8 KV) and Qwen2-7B heads (28 q / 4 KV), d=128, bf16
+(``--heads`` picks the layouts of all three parts).
 
 Layout and call are the generator's: K and V interleaved per token (``kv[layer, token, 2, Hkv, D]``), the
 whole buffer (twice the valid length: the worst case of power-of-two size buckets) passed with the valid
@@ -29,7 +31,7 @@ from blockrag.attention_kv.kernels.question_attention import attend_question
 
 D = 128
 DT = torch.bfloat16
-HEADS = {"llama3-8b": (32, 8), "qwen2-7b": (28, 4)}
+HEADS = {"llama3-8b": (32, 8), "qwen2-7b": (28, 4)}  # the default layouts (--heads)
 N_LAYERS = 8
 
 # (name, knobs of attend_question); the first one is the default. Dropped after one H200 run (us at 32K, Llama
@@ -102,10 +104,31 @@ def kv_buffer(n_layers, max_len, hkv):
     return kv, ks, vs
 
 
-def correctness(variants_q, variants_d) -> list:
+def parse_heads(spec: str) -> dict:
+    """``"32/8,28/4"`` (query heads / KV heads) or known names -> {name: (Hq, Hkv)}; a layout of
+    ``HEADS`` keeps its model name in the results."""
+    names = {v: k for k, v in HEADS.items()}
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if item in HEADS:
+            hq, hkv = HEADS[item]
+        else:
+            try:
+                hq, hkv = (int(x) for x in item.split("/"))
+            except ValueError:
+                raise SystemExit(f"--heads: expected Hq/Hkv (e.g. 28/4) or one of {list(HEADS)}, got {item!r}")
+            if hkv <= 0 or hq % hkv:
+                raise SystemExit(f"--heads: {item}: query heads must be a multiple of KV heads")
+        out[names.get((hq, hkv), f"{hq}/{hkv}")] = (hq, hkv)
+    if not out:
+        raise SystemExit("--heads: no layout given")
+    return out
+
+
+def correctness(variants_q, variants_d, heads=HEADS) -> list:
     rows = []
     torch.manual_seed(0)
-    for head_name, (hq, hkv) in HEADS.items():
+    for head_name, (hq, hkv) in heads.items():
         for lq, variants in ((50, variants_q), (1, variants_d)):
             for n_valid in (3001, 12345):
                 max_len = n_valid + 777
@@ -151,9 +174,9 @@ def graph_of(calls):
     return g
 
 
-def bench(ceil, lengths) -> list:
+def bench(ceil, lengths, heads=HEADS) -> list:
     rows = []
-    for head_name, (hq, hkv) in HEADS.items():
+    for head_name, (hq, hkv) in heads.items():
         for lk in lengths:
             # a power-of-two size bucket holding Lk keys plus the question: up to twice the valid length
             max_len = 2 * lk
@@ -250,13 +273,11 @@ PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs)
 ]
 
 
-def bench_paged(ceil, lengths, variants, heads=tuple(HEADS)) -> list:
+def bench_paged(ceil, lengths, variants, heads=HEADS) -> list:
     """The zero-copy path's kernel (kernels/paged_attention.py) on the same protocol, and its correctness
     against the PyTorch reference of the same page table."""
     rows = []
-    for head_name, (hq, hkv) in HEADS.items():
-        if head_name not in heads:
-            continue
+    for head_name, (hq, hkv) in heads.items():
         for lk in lengths:
             kv_bytes = 2 * lk * hkv * D * 2
             for lq in (50, 1):
@@ -310,9 +331,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="default variants only")
     ap.add_argument("--paged", action="store_true", help="also the paged (zero-copy) kernel")
     ap.add_argument("--no-contiguous", action="store_true", help="skip the contiguous kernel's rows")
-    ap.add_argument("--heads", default=",".join(HEADS), help="head layouts of the paged rows")
+    ap.add_argument("--heads", default="32/8,28/4",
+                    help="head layouts, query heads / KV heads, comma-separated (default: Llama-3-8B and Qwen2-7B)")
     ap.add_argument("--paged-variants", default=None, help="indices into PAGED_VARIANTS (default all)")
     args = ap.parse_args(argv)
+    heads = parse_heads(args.heads)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     global QUESTION_VARIANTS, DECODE_VARIANTS
@@ -321,18 +344,18 @@ def main(argv=None):
     ceil = ceilings()
     log(f"ceilings: {ceil}")
     lengths = [int(x) for x in args.lengths.split(",")]
-    corr = [] if args.no_contiguous else correctness(QUESTION_VARIANTS, DECODE_VARIANTS)
-    rows = [] if args.no_contiguous else bench(ceil, lengths)
+    corr = [] if args.no_contiguous else correctness(QUESTION_VARIANTS, DECODE_VARIANTS, heads)
+    rows = [] if args.no_contiguous else bench(ceil, lengths, heads)
     if args.paged:
         pv = PAGED_VARIANTS[:1] if args.quick else PAGED_VARIANTS
         if args.paged_variants:
             pv = [PAGED_VARIANTS[int(i)] for i in args.paged_variants.split(",")]
-        prow = bench_paged(ceil, lengths, pv, heads=args.heads.split(","))
+        prow = bench_paged(ceil, lengths, pv, heads=heads)
         rows += prow
         corr += [dict(variant=r["variant"], heads=r["heads"], Lq=r["Lq"], Lk=r["Lk"], ok=r["ok"],
                       rel_err_vs_reference=r["rel_err_vs_reference"]) for r in prow]
-    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=ceil, correctness=corr,
-               timings=rows)
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=ceil,
+               heads={k: list(v) for k, v in heads.items()}, correctness=corr, timings=rows)
     try:
         import triton
 

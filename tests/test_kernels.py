@@ -33,10 +33,11 @@ except Exception:  # pragma: no cover
 if HAS_TRITON and not HAS_CUDA:
     mod = sys.modules.get("blockrag.attention_kv.kernels.triton_attention")
     if mod is not None and type(mod._attn_fwd).__name__ != "InterpretedFunction":
-        importlib.reload(mod)
-        qmod = sys.modules.get("blockrag.attention_kv.kernels.question_attention")
-        if qmod is not None:
-            importlib.reload(qmod)
+        # the shared jitted helpers first, then the modules that bind them at import
+        for name in ("triton_common", "question_attention", "paged_attention", "triton_attention"):
+            m = sys.modules.get(f"blockrag.attention_kv.kernels.{name}")
+            if m is not None:
+                importlib.reload(m)
 
 from blockrag.attention_kv.kernels import attend, attend_reference, make_block_ids  # noqa: E402
 from blockrag.attention_kv.kernels.question_attention import attend_question, question_plan, row_groups  # noqa: E402

@@ -21,7 +21,8 @@ from .reference import (
     make_block_ids,
     visibility_mask,
 )
-from .triton_attention import HAS_TRITON, attend_triton
+from .triton_attention import attend_triton
+from .triton_common import HAS_TRITON
 
 __all__ = [
     "attend",

@@ -34,15 +34,24 @@ import math
 
 import torch
 
-from .question_attention import partial_buffers
-from .triton_attention import HAS_TRITON, LOG2E, _cdiv, _interpret, _num_sms
+from .question_attention import question_plan
+from .triton_common import (
+    HAS_TRITON,
+    LOG2E,
+    TensorDescriptor,
+    _cdiv,
+    _counters,
+    _interpret,
+    _num_sms,
+    _tma_ok,
+    partial_buffers,
+)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .question_attention import TensorDescriptor, _counters, _tma_ok, question_plan
-    from .triton_attention import _dot, _merge_partials, _softmax_step
+    from .triton_common import _dot, _merge_partials, _softmax_step
 
 
 def attend_paged_reference(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: float | None = None):

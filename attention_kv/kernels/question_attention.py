@@ -28,20 +28,26 @@ import math
 
 import torch
 
-from .triton_attention import HAS_TRITON, LAST_LAUNCH, LOG2E, _cdiv, _interpret, _num_sms
-from .triton_attention import check_tile_offsets, tile_offsets_fit
+from .triton_common import (
+    HAS_TRITON,
+    LAST_LAUNCH,
+    LOG2E,
+    TensorDescriptor,
+    _cdiv,
+    _counters,
+    _interpret,
+    _num_sms,
+    _tma_ok,
+    check_tile_offsets,
+    partial_buffers,
+    tile_offsets_fit,
+)
 
-TensorDescriptor = None
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_attention import _dot, _merge_partials, _softmax_step
-
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except Exception:  # pragma: no cover - Triton < 3.4: plain loads only
-        TensorDescriptor = None
+    from .triton_common import _dot, _merge_partials, _softmax_step
 
 MAX_ROWS = 512  # packed rows (query positions x query heads per KV head) this kernel is meant for
 
@@ -225,26 +231,6 @@ if HAS_TRITON:
         tl.store(ptrs, out.to(O.dtype.element_ty), mask=ok[:, None])
 
 
-_COUNTERS: dict = {}
-
-
-def _counters(dev, n: int) -> torch.Tensor:
-    """Per-device arrival counters for the folded reduction (each left at zero by the program that merges).
-    Calls on one device are assumed to be ordered (one stream), as in a model's forward pass."""
-    key = str(dev)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=dev)
-        _COUNTERS[key] = buf
-    return buf
-
-
-def _tma_ok(t: torch.Tensor) -> bool:
-    """The copy engine needs a 16-byte aligned base, 16-byte multiple strides and a unit last stride."""
-    if TensorDescriptor is None or t.stride(-1) != 1:
-        return False
-    es = t.element_size()
-    return all((st * es) % 16 == 0 for st in t.stride()[:-1])
 
 
 def _descriptor(t: torch.Tensor, block_n: int):
@@ -361,18 +347,3 @@ def _launch_spec(B, Hq, Lq, D, Hkv, Lk, q_start, dtype, dev, k, v, block_m, bloc
                  num_warps=num_warps or nw, num_stages=num_stages or ns)
     return dict(p, grid=(p["n_rg"] * p["n_ch"], n_bh), const=const, interp=interp, po=None, pl=None,
                 check=not (tile_offsets_fit(k, bn) and tile_offsets_fit(v, bn)))
-
-
-def partial_buffers(spec: dict, n_rows: int, D: int, dev, capturing: bool, out):
-    """The split-KV scratch of one launch: partial outputs [n_rows, D] and log-sum-exps [n_rows] (fp32), or
-    ``out`` itself when the plan writes directly. Owned by the graph while capturing; else one pair per plan,
-    reused (calls on one device are stream-ordered, as the arrival counters already assume)."""
-    if spec["const"]["DIRECT"]:
-        return out, out
-    if capturing or spec["po"] is None:
-        po = torch.empty(n_rows * D, dtype=torch.float32, device=dev)
-        pl = torch.empty(n_rows, dtype=torch.float32, device=dev)
-        if not capturing:
-            spec["po"], spec["pl"] = po, pl
-        return po, pl
-    return spec["po"], spec["pl"]

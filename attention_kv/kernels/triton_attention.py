@@ -24,37 +24,34 @@ Design (one kernel for prefill and for the short question block):
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
 
-try:  # Triton is optional: the torch reference works everywhere.
-    import triton
-    import triton.language as tl
+from .question_attention import MAX_ROWS, attend_question
+from .triton_common import (  # noqa: F401 - re-exported: imported from this module elsewhere
+    HAS_TRITON,
+    LAST_LAUNCH,
+    LOG2E,
+    _cdiv,
+    _interpret,
+    _num_sms,
+    check_tile_offsets,
+    tile_offsets_fit,
+    tl,
+    triton,
+)
 
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    HAS_TRITON = False
+if HAS_TRITON:
+    from .triton_common import _dot, _merge_partials, _softmax_step
 
 try:
     from triton.language.extra import libdevice  # precise sin/cos on the GPU
 except Exception:  # pragma: no cover
     libdevice = None
 
-LOG2E = 1.4426950408889634
 _BIG = 1 << 30
 _BIG_C = tl.constexpr(_BIG) if HAS_TRITON else _BIG  # a global read inside @triton.jit must be constexpr
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 if HAS_TRITON:
@@ -77,82 +74,6 @@ if HAS_TRITON:
             c = tl.cos(x)
             s = tl.sin(x)
         return c, s
-
-    @triton.jit
-    def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-        # UPCAST: the Triton interpreter (3.9) computes bf16 x bf16 dots wrongly; do them in fp32 there.
-        if UPCAST:
-            r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            r = tl.dot(a, b, input_precision=DOT_PREC)
-        return r
-
-    @triton.jit
-    def _softmax_step(acc, l_i, m_i, s, v, MASKED: tl.constexpr, LAZY: tl.constexpr, DOT_PREC: tl.constexpr,
-                      UPCAST: tl.constexpr):
-        """One online-softmax update with the scaled (log2 units) scores ``s`` of a key tile; MASKED: ``s``
-        holds -inf for hidden keys and a row may have seen no key yet."""
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-        elif LAZY:
-            # lazy rescaling: keep the running max unless some row's max grew by more than 2^8; the
-            # probabilities stay <= 256 (exact in fp32 sums, fine in bf16) and the rescale of acc is skipped
-            if tl.max(m_new - m_i, 0) > 8.0:
-                alpha = tl.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-            else:
-                m_new = m_i
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            acc = acc + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-        else:
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC, UPCAST)
-        return acc, l_i, m_new
-
-    @triton.jit
-    def _merge_partials(PO, PL, rows0, step, n, ok, BM: tl.constexpr, D: tl.constexpr):
-        """Merge ``n`` partial results of a block of rows: slice ``c``'s rows sit at ``rows0 + c * step`` in
-        the partial outputs ``PO`` [rows, D] and log-sum-exps ``PL``. Returns (acc, l, m); out = acc / l.
-        Loads bypass L1 (``.cg``): partials may have just been written by other programs."""
-        # Several slices per step (about 16K values in flight): a loop of one slice at a time waits one L2
-        # round trip per slice, which cost a decoded token over 32 slices ~10 us (measured, H200)
-        if BM * D <= 8192:
-            r = _merge_grouped(PO, PL, rows0, step, n, ok, BM, D, 16384 // (BM * D))
-        else:
-            r = _merge_grouped(PO, PL, rows0, step, n, ok, BM, D, 1)
-        return r
-
-    @triton.jit
-    def _merge_grouped(PO, PL, rows0, step, n, ok, BM: tl.constexpr, D: tl.constexpr, CB: tl.constexpr):
-        offs_d = tl.arange(0, D)
-        m = tl.full([BM], float("-inf"), tl.float32)
-        l = tl.zeros([BM], tl.float32)
-        acc = tl.zeros([BM, D], tl.float32)
-        for c0 in range(0, n, CB):
-            cc = c0 + tl.arange(0, CB)
-            okc = (cc < n)[:, None] & ok[None, :]  # [CB, BM]
-            # (int64: every offset below may pass 2^31 elements)
-            row = rows0.to(tl.int64)[None, :] + cc.to(tl.int64)[:, None] * step
-            lse = tl.load(PL + row, mask=okc, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(PO + row[:, :, None] * D + offs_d[None, None, :], mask=okc[:, :, None], other=0.0,
-                        cache_modifier=".cg")
-            m_new = tl.maximum(m, tl.max(lse, 0))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m - m_use)
-            w = tl.exp2(lse - m_use[None, :])  # [CB, BM]; 0 for masked slices
-            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
-            l = l * alpha + tl.sum(w, 0)
-            m = m_new
-        return acc, l, m
 
     @triton.jit
     def _fwd_inner(
@@ -459,34 +380,6 @@ if HAS_TRITON:
 # host side
 
 
-def tile_offsets_fit(t: torch.Tensor, block_n: int) -> bool:
-    """Whether the kernels' int32 offsets fit for K or V ``t`` [..., keys, D] read in tiles of ``block_n`` keys.
-
-    The kernels compute the batch, head and first-key offset of every tile in int64 (a cache past 2^31
-    elements, a strided view of a larger buffer); only the offsets inside one tile, (block_n - 1) * key
-    stride + (D - 1) * dim stride, are int32."""
-    return (block_n - 1) * abs(t.stride(-2)) + (t.shape[-1] - 1) * abs(t.stride(-1)) < 2 ** 31
-
-
-def check_tile_offsets(block_n: int, *tensors) -> None:
-    """Clear error for a layout whose per-tile offsets would overflow int32 (a key stride of > 16M elements)."""
-    for t in tensors:
-        if not tile_offsets_fit(t, block_n):
-            raise ValueError(f"key stride {t.stride(-2)} too large for {block_n}-key tiles (int32 offsets)")
-
-
-_SMS: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
-
-
 def default_config(D: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes / launch parameters. Small tiles under the interpreter (speed of the CPU tests)."""
     if device.type != "cuda" or _interpret():
@@ -566,18 +459,6 @@ def _work_plan(cnt: np.ndarray, n_bh: int, n_sm: int, programs_per_sm: float, ch
 
 
 _PLAN_CACHE: dict = {}
-class _LaunchRecord(dict):
-    """Opt-in (benchmarks set ``LAST_LAUNCH.enabled = True``): the compiled kernels of the last call, for their
-    registers / spills. Off by default: product calls keep no global state."""
-
-    enabled = False
-
-    def __setitem__(self, key, value):
-        if self.enabled:
-            super().__setitem__(key, value)
-
-
-LAST_LAUNCH = _LaunchRecord()
 _DUMMY: dict = {}
 _PLAN_CACHE_MAX = 64
 
@@ -718,8 +599,6 @@ def attend_triton(q, k, v, *, q_start: int | None = None, q_block=None, k_block=
     else:
         invf = dummy_f
         kp = qp = dummy_i
-
-    from .question_attention import MAX_ROWS, attend_question  # (that module imports helpers from this one)
 
     if (not main_blocks and not want_mass and not rope_k and not rope_q and block_m is None
             and G * Lq <= MAX_ROWS):
