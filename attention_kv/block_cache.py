@@ -198,9 +198,10 @@ class BlockKVCache:
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the current tokens' (rotated) K/V [1, Hkv, n, D] of ``layer``; return the layer's K/V views
         [1, Hkv, kv_len, D] that the attention reads."""
-        if self._dyn:
-            kv = torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)], dim=1)
-            self.kv[layer, 0].index_copy_(0, self.dev_pos[:self._dyn], kv.to(self.dtype))
+        if self._dyn:  # K and V scattered straight from the projection's views (no stacked copy)
+            rows = self.dev_pos[:self._dyn]
+            self.k[layer, 0].index_copy_(0, rows, k[0].transpose(0, 1).to(self.dtype))
+            self.v[layer, 0].index_copy_(0, rows, v[0].transpose(0, 1).to(self.dtype))
             return self.k[layer].transpose(1, 2), self.v[layer].transpose(1, 2)
         if self._rows is None:
             s, e = self._span
@@ -226,7 +227,11 @@ class BlockKVCache:
         if self._dyn:
             from .kernels.question_attention import attend_question
 
-            return attend_question(q, k, v, kv_len=self.dev_len, scale=scaling)
+            # the output laid out [B, L, Hq, D] (returned as its [B, Hq, L, D] view): the o-projection then
+            # reads it without a transposing copy
+            B, Hq, L, D = q.shape
+            out = torch.empty(B, L, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+            return attend_question(q, k, v, kv_len=self.dev_len, scale=scaling, out=out)
         L = k.shape[2]
         if self.rope == "kernel":
             rope = dict(inv_freq=self.inv_freq, k_positions=self.kpos[layer_idx, :L])

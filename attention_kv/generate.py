@@ -199,7 +199,7 @@ class Generator:
         # table read by the attention (RoPE re-positioning applied to the query rows); the stitched buffer is
         # then used only by blend and by requests the paged path cannot take (see _use_paged). Opt-in until its
         # GPU tests pass (graph capture and offsets past 2^31 failed on an H200).
-        self.paged = bool(paged) and self.cuda_graphs
+        self.paged = bool(paged) and self.cuda_graphs and self._paged_kernel_ok()
         self.page_tokens = PAGE_TOKENS if self.device.type == "cuda" else 16
         self.tail_tokens = TAIL_TOKENS
         self._arena: PageArena | None = None
@@ -273,13 +273,15 @@ class Generator:
         question (tokens to decode).
         """
         store = self.store
-        q_ids = store.question_ids(question) + list(extra_ids)
         block = mode in ("turbo", "block")
+        early = None
         if block:  # only the context's length is needed (no per-request list of every context token)
             sep = len(store.sep_ids)
             Lc = len(store.prefix_ids) + sum(len(c.token_ids) + sep if getattr(c, "token_ids", None)
                                              else len(store.chunk_token_ids(c)) for c in chunks)
-        else:
+            early = self._stitch_early(chunks, Lc, room, cache_max_len)
+        q_ids = store.question_ids(question) + list(extra_ids)
+        if not block:
             block_ids = [store.chunk_token_ids(c) for c in chunks]
             ctx_ids = list(store.prefix_ids) + [t for b in block_ids for t in b]
             Lc = len(ctx_ids)
@@ -298,7 +300,10 @@ class Generator:
         if block and self._use_paged(Lc, n_q, room, cache_max_len):
             return self._prefill_paged(chunks, q_ids, Lc, Lq, Lq_b, last_only, info)
         # the question (padded) and the room after it; a graph's capture also writes its last n_q slots
-        cache, bucket = self._cache_for(Lc + n_q + max(room, n_q) + 1, cache_max_len)
+        need = Lc + n_q + max(room, n_q) + 1
+        if early is not None and need > early[0].max_len:  # a question longer than every bucket: restitch
+            early = None
+        cache, bucket = early if early is not None else self._cache_for(need, cache_max_len)
         info["bucket"], info["question_bucket"] = bucket, Lq_b
         graph = None
         if bucket is not None and self.cuda_graphs:
@@ -310,7 +315,9 @@ class Generator:
             if self._captures != n0:
                 info["capture_ms"] = (time.perf_counter() - t) * 1e3
         stream = None
-        if self.device_cache_bytes:
+        if early is not None:
+            pass  # stitched already (see _stitch_early)
+        elif self.device_cache_bytes:
             cache.load_gathered(self._device_parts(chunks))
         else:
             parts = [store.prefix_kv()] + store.get_many(chunks)
@@ -442,6 +449,22 @@ class Generator:
                 self._dev_used -= self._dev_tier.pop(key).nbytes
         return out
 
+    def _stitch_early(self, chunks, Lc: int, room: int, cache_max_len: int | None):
+        """(cache, bucket) with the context already stitched, or None: when the device tier serves the stitched
+        path and every question bucket lands in the same size bucket, the context is queued for stitching
+        before the question is tokenised, so the host's tokenising overlaps the GPU's copy. (A graph first
+        seen afterwards is then captured over the loaded context: its warm-up and capture write only the
+        buffer's last slots.)"""
+        if not (self.device_cache_bytes and self.share_buffers and not self.paged and cache_max_len is None):
+            return None
+        qs = sorted(self.question_buckets)
+        lo, hi = (size_bucket(Lc + n + max(room, n) + 1, self.max_cache_len, self.min_bucket) for n in (qs[0], qs[-1]))
+        if lo is None or lo != hi:
+            return None
+        cache, bucket = self._cache_for(Lc + qs[-1] + max(room, qs[-1]) + 1, None)
+        cache.load_gathered(self._device_parts(chunks))
+        return cache, bucket
+
     def _store_key(self, chunk) -> str:
         """``store.key(chunk)``, memoised on the chunk's id and token ids (hashing every passage's ids with
         sha256 on each request cost ~10-20 ms of TTFT at 128K tokens of context)."""
@@ -492,6 +515,16 @@ class Generator:
         return (self._paged is not None and cache is self._paged) or any(c is cache for c in self._caches.values())
 
     # ------------------------------------------------------------------ the paged path (zero-copy stitching)
+    def _paged_kernel_ok(self) -> bool:
+        """Whether the paged kernel takes this model's heads (its PyTorch reference syncs with the host, so
+        it cannot be captured in a graph: shapes the kernel refuses keep the stitched path)."""
+        from .kernels.paged_attention import paged_ok
+
+        ad, dt = self.adapter, self._cache_dtype()
+        q = torch.empty(1, ad.n_heads, 1, ad.head_dim, dtype=dt, device=self.device)
+        kv = torch.empty(1, PAGE_TOKENS, 2, ad.n_kv_heads, ad.head_dim, dtype=dt, device=self.device)
+        return paged_ok(q, kv)
+
     def _use_paged(self, n_context: int, n_q: int, room: int, cache_max_len: int | None) -> bool:
         """The one place deciding between the paged path and the stitched buffer for turbo/block: paged unless
         it is off, an explicit buffer size is asked for, the question plus the answer's room overflow the tail,

@@ -223,15 +223,36 @@ class ModelAdapter:
                 w_gu = _share([m.gate_proj.weight, m.up_proj.weight])
                 fused.append((w_qkv, b_qkv, w_gu, (a.q_proj, m.gate_proj)))
         self._fused = fused
+        self._fused_ptrs = self._param_ptrs()
         return True
 
+    def _param_ptrs(self) -> tuple:
+        """Where every fused parameter's data lies (a replaced ``.data`` — a LoRA merge, a dtype cast — moves it)."""
+        out = []
+        for blk in self.layers:
+            a, m = blk.self_attn, blk.mlp
+            for mod in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                out.append(mod.weight.data_ptr())
+                if mod.bias is not None:
+                    out.append(mod.bias.data_ptr())
+        return tuple(out)
+
     def _fast(self) -> bool:
-        """Whether :meth:`hidden_states` runs the fused layers: fused, no autograd, modules not replaced since."""
+        """Whether :meth:`hidden_states` runs the fused layers: fused, no autograd, modules not replaced since.
+        Parameters whose data were replaced after fusing (the fused tensors would be stale) are fused again
+        (outside graph capture; during one the plain layers run)."""
         f = self._fused
         if f is None or torch.is_grad_enabled():
             return False
         blk = self.layers[0]
-        return blk.self_attn.q_proj is f[0][3][0] and blk.mlp.gate_proj is f[0][3][1]
+        if not (blk.self_attn.q_proj is f[0][3][0] and blk.mlp.gate_proj is f[0][3][1]):
+            return False
+        if self._param_ptrs() != self._fused_ptrs:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                return False
+            self._fused = None
+            return self.fuse()
+        return True
 
     def _fused_layer(self, layer: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                      attend: Attend | None, rotate_keys: bool) -> torch.Tensor:

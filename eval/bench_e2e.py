@@ -292,7 +292,8 @@ def main(argv=None):
     head_params = model.lm_head.weight.numel()
     dec_params = sum(p.numel() for p in model.parameters()) - head_params - model.model.embed_tokens.weight.numel()
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_GBps=bw / 1e9,
-               matmul_TFLOPs=flop_rate / 1e12, paged=gen.paged, compile_decode=gen.compile_decode,
+               matmul_TFLOPs=flop_rate / 1e12, paged=gen.paged, fused_layers=gen.fused_layers,
+               compile_decode=gen.compile_decode,
                compile_question=gen.compile_question, warmup=wu,
                weights_bytes=weights, question_tokens=len(store.question_ids(question)),
                new_question_tokens=len(store.question_ids(new_question)), decode_tokens=args.decode_tokens,

@@ -171,3 +171,38 @@ def test_store_keys_are_memoised_per_content(tiny, tmp_path):
     other = KVCacheStore(tmp_path / "kv2", model, tok, dtype=torch.float32, prefix="Another prefix.")
     gen.store = other
     assert gen._store_key(chunks[1]) == other.key(chunks[1]) != store.key(chunks[1])
+
+
+@torch.no_grad()
+def test_context_stitched_before_the_question_is_tokenised(tiny, tmp_path):
+    """With the device tier (switched on for the CPU) the context is stitched before the question is tokenised
+    when every question bucket falls in one size bucket: same logits and answers as the plain path; near a
+    bucket boundary (and for a question longer than every bucket) the usual order runs."""
+    from blockrag.attention_kv import Generator, KVCacheStore
+
+    model, tok = tiny
+    store = KVCacheStore(tmp_path / "kv", model, tok, dtype=torch.float32)
+    plain = Generator(model=model, tokenizer=tok, store=store, cuda_graphs=False)
+    plain.share_buffers = plain.pad_questions = False
+    gen = Generator(model=model, tokenizer=tok, store=store, cuda_graphs=False, max_cache_len=2048,
+                    device_cache_bytes=1 << 30)
+    gen.share_buffers = gen.pad_questions = True
+    gen.min_bucket = 1024  # one bucket below max_cache_len holds the context with every question bucket
+    chunks = _chunks(tok, TEXTS)
+    early = []
+    orig = gen._stitch_early
+    gen._stitch_early = lambda *a: early.append(orig(*a)) or early[-1]
+    for n in (1, 6):
+        ref, _ = plain.prefill(QUESTION, chunks[:n], "turbo")
+        got, info = gen.prefill(QUESTION, chunks[:n], "turbo", room=8)
+        assert early[-1] is not None and info["bucket"] == early[-1][1]
+        assert (got - ref).abs().max().item() < TOL
+        assert gen.generate(QUESTION, chunks[:n], max_new_tokens=6).token_ids == \
+            plain.generate(QUESTION, chunks[:n], max_new_tokens=6).token_ids
+    long_q = " ".join(["why"] * 400) + "?"  # past the largest question bucket: restitched into a larger bucket
+    ref, _ = plain.prefill(long_q, chunks[:2], "turbo")
+    got, info = gen.prefill(long_q, chunks[:2], "turbo", room=8)
+    assert info["question_bucket"] is None and (got - ref).abs().max().item() < TOL
+    gen.min_bucket = 64  # buckets of 64, 128, ...: the question buckets span several
+    got, info = gen.prefill(QUESTION, chunks[:1], "turbo", room=8)
+    assert early[-1] is None

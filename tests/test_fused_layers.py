@@ -80,6 +80,24 @@ def test_fused_views_share_memory_and_autograd_uses_plain_path():
     assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad.abs().sum() > 0
 
 
+def test_replaced_parameter_data_is_fused_again():
+    """A parameter whose ``.data`` is replaced after fusing (what a LoRA merge or a cast does) is not served
+    from the stale fused tensor: the forward re-fuses and matches the plain path."""
+    model = MODELS["qwen2"](seed=7)
+    ad = ModelAdapter.of(model)
+    assert ad.fuse()
+    up = model.model.layers[2].mlp.up_proj
+    with torch.no_grad():
+        up.weight.data = up.weight.data + 0.5  # a new tensor, not a write into the view
+        model.model.layers[1].self_attn.k_proj.bias.data = torch.randn_like(model.model.layers[1].self_attn.k_proj.bias)
+        plain = copy.deepcopy(model)
+        ModelAdapter.of(plain)._fused = None  # (the copy carries the adapter: run it unfused)
+        ids = torch.randint(0, 300, (1, 11))
+        ref = ModelAdapter.of(plain).forward(ids, torch.arange(11))
+        assert (ad.forward(ids, torch.arange(11)) - ref).abs().max().item() < TOL
+        assert up.weight.data_ptr() == ad._fused[2][2][up.weight.shape[0]:].data_ptr()  # a view again
+
+
 def test_fuse_refuses_replaced_modules():
     """A projection that is not a plain Linear (a peft wrapper, a quantised layer): not fused; replaced after
     fusing: the plain path runs again."""

@@ -282,7 +282,7 @@ def test_gpu_paged_offsets_past_2_31():
     arena.entries = OrderedDict()
     dims = _Dims(1, 32, hkv, d)
     cache = _cache(dims, arena, tail=128)
-    assert min(cache.tail_pages) * per_page > 2 ** 31
+    assert int(min(cache.tail_pages)) * per_page > 2 ** 31  # (int: numpy int32 would wrap)
     g = torch.Generator().manual_seed(5)
     raw = [torch.randn(1, n, 2, hkv, d, generator=g).cuda().bfloat16() for n in (700, 333)]
     parts = [arena.put(f"c{i}", r, cache.cos, cache.sin) for i, r in enumerate(raw)]
@@ -310,7 +310,7 @@ def test_gpu_generator_paged_graphs_equal_eager_stitched(tokenizer, tmp_path):
 
     from blockrag.attention_kv import Generator, KVCacheStore
 
-    model = MODELS["llama"](seed=5, vocab=len(tokenizer), attention="sdpa").cuda()
+    model = MODELS["llama"](seed=5, vocab=len(tokenizer), attention="sdpa", hidden=128, head_dim=32).cuda()
     store = KVCacheStore(tmp_path / "kv", model, tokenizer, dtype=torch.float32)
     eager = Generator(model=model, tokenizer=tokenizer, store=store, cuda_graphs=False)
     gen = Generator(model=model, tokenizer=tokenizer, store=store, max_cache_len=4096, paged=True)
@@ -337,7 +337,7 @@ def test_gpu_compiled_paged_question_graph_matches_eager(tokenizer, tmp_path):
     from blockrag.attention_kv import Generator, KVCacheStore
     from blockrag.attention_kv.block_cache import GraphedStep, forward_block
 
-    model = MODELS["llama"](seed=6, vocab=len(tokenizer), attention="sdpa").cuda()
+    model = MODELS["llama"](seed=6, vocab=len(tokenizer), attention="sdpa", hidden=128, head_dim=32).cuda()
     store = KVCacheStore(tmp_path / "kv", model, tokenizer, dtype=torch.float32)
     gen = Generator(model=model, tokenizer=tokenizer, store=store, cuda_graphs=False, max_cache_len=4096)
     gen.paged = True
