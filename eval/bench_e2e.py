@@ -143,7 +143,7 @@ def ours_ttft(gen, question, chunks, max_new_tokens: int):
     torch.cuda.synchronize()
     t = time.perf_counter()
     s = gen.generate(question, chunks, max_new_tokens=max_new_tokens, stream=True)
-    next(s)
+    next(s, None)  # (None: no printable piece at all — random weights — then the time of the whole answer)
     first = (time.perf_counter() - t) * 1e3
     for _ in s:
         pass
@@ -334,7 +334,7 @@ def main(argv=None):
                 f"bucket {r.timings['cache_bucket']}, graphs q={r.timings['question_graph']} "
                 f"d={r.timings['decode_graph']}")
         except Exception as ex:  # noqa: BLE001 - reported in the table, the run goes on
-            row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:300]}"
+            row["error"] = f"{type(ex).__name__}: {(str(ex).splitlines() or [''])[0][:300]}"
             log(f"  {L}: ours FAILED {row['error']}")
             row.setdefault("n_context", L)
             row.setdefault("ttft_floor_ms", None)
@@ -353,7 +353,7 @@ def main(argv=None):
                 row["hf_reuse_ms"] = statistics.median(rs)
                 log(f"  {L}: HF full {row['hf_full_ms']:.0f} ms, reuse {row['hf_reuse_ms']:.1f} ms")
             except Exception as ex:  # noqa: BLE001
-                row["hf_error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:300]}"
+                row["hf_error"] = f"{type(ex).__name__}: {(str(ex).splitlines() or [''])[0][:300]}"
                 log(f"  {L}: HF FAILED {row['hf_error']}")
             del ctx, q, full
             torch.cuda.empty_cache()
@@ -387,6 +387,9 @@ def main(argv=None):
             if hit:
                 got = json.loads(hit[-1][len("HF_STATIC "):])
                 row["hf_static_tok_s"] = got["tok_s"]
+                if got["tok_s"] is None:  # the peer's own failure line (hf_static_decode logs it)
+                    why = [ln.strip() for ln in out.stdout.splitlines() if "failed:" in ln]
+                    row["hf_static_error"] = why[-1][:300] if why else "no tokens/s reported"
                 log(f"  {row['target']}: HF StaticCache + torch.compile decode {got['tok_s']} tok/s")
             else:
                 row["hf_static_error"] = (out.stderr or out.stdout).strip().splitlines()[-1][:300] if (

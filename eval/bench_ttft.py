@@ -139,18 +139,21 @@ def hf_static_decode(model, ids, n: int, device) -> float | None:
     compilation fails (the error is logged)."""
     from transformers import StaticCache
 
+    from blockrag.attention_kv.model import ModelAdapter
+
+    kw = ModelAdapter.of(model)._cache_kw  # the cache argument's name in this transformers version
     L = ids.shape[1]
     try:
         cache = StaticCache(config=model.config, max_cache_len=L + n + 16)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                    cache_position=torch.arange(L, device=device))
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                    cache_position=torch.arange(L, device=device), **{kw: cache})
         fwd = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
         t = time.time()
 
         def step(tok, i):
             p = torch.full((1,), L + i, device=device, dtype=torch.long)
-            return fwd(input_ids=tok.view(1, 1), position_ids=p[None], cache_position=p, past_key_values=cache,
-                       use_cache=True).logits[0, -1].argmax()
+            return fwd(input_ids=tok.view(1, 1), position_ids=p[None], cache_position=p, use_cache=True,
+                       **{kw: cache}).logits[0, -1].argmax()
 
         tok = out.logits[0, -1].argmax()
         for i in range(4):  # compile, then record the CUDA graph
