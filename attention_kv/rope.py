@@ -42,6 +42,16 @@ try:  # in-place RoPE over a token range of stitched K buffers (one pass; used w
     import triton.language as tl
 
     @triton.jit
+    def _rotated_copy(src, dst, COS, SIN, cs, m, HALF: tl.constexpr):
+        """dst = src rotated (two halves of HALF columns) by the fp32 tables at offsets ``cs`` (dst may be src)."""
+        x1 = tl.load(src, mask=m).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=m).to(tl.float32)
+        c = tl.load(COS + cs, mask=m, other=1.0)
+        s = tl.load(SIN + cs, mask=m, other=0.0)
+        tl.store(dst, (x1 * c - x2 * s).to(dst.dtype.element_ty), mask=m)
+        tl.store(dst + HALF, (x2 * c + x1 * s).to(dst.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _rope_rows_kernel(k_ptr, cos_ptr, sin_ptr, layer_stride, tok_stride, head_stride, start, end,
                           HALF: tl.constexpr, HKV: tl.constexpr, HKV_P2: tl.constexpr, BT: tl.constexpr):
         # BT tokens x all KV heads of one layer per program (one token per program was launch-bound: ~1M
@@ -55,13 +65,7 @@ try:  # in-place RoPE over a token range of stitched K buffers (one pass; used w
         t64 = t.to(tl.int64)
         base = (k_ptr + layer * layer_stride + t64[:, None, None] * tok_stride + h[None, :, None] * head_stride
                 + d[None, None, :])
-        x1 = tl.load(base, mask=m).to(tl.float32)
-        x2 = tl.load(base + HALF, mask=m).to(tl.float32)
-        cs = t64[:, None, None] * HALF + d[None, None, :]
-        c = tl.load(cos_ptr + cs, mask=m, other=1.0)
-        s = tl.load(sin_ptr + cs, mask=m, other=0.0)
-        tl.store(base, (x1 * c - x2 * s).to(k_ptr.dtype.element_ty), mask=m)
-        tl.store(base + HALF, (x2 * c + x1 * s).to(k_ptr.dtype.element_ty), mask=m)
+        _rotated_copy(base, base, cos_ptr, sin_ptr, t64[:, None, None] * HALF + d[None, None, :], m, HALF)
 
     @triton.jit
     def _stitch_kernel(DST, SRC_ADDR, N_TOK, DST_POS, COS, SIN, dst_layer_stride, dst_tok_stride,
@@ -84,13 +88,7 @@ try:  # in-place RoPE over a token range of stitched K buffers (one pass; used w
             s = src + layer * n * row + t[:, None, None] * row + inner
             p = pos0 + t
             o = DST + layer * dst_layer_stride + p[:, None, None] * dst_tok_stride + inner
-            k1 = tl.load(s, mask=m).to(tl.float32)
-            k2 = tl.load(s + HALF, mask=m).to(tl.float32)
-            cs = p[:, None, None] * HALF + d[None, None, :]
-            cos = tl.load(COS + cs, mask=m, other=1.0)
-            sin = tl.load(SIN + cs, mask=m, other=0.0)
-            tl.store(o, (k1 * cos - k2 * sin).to(DST.dtype.element_ty), mask=m)
-            tl.store(o + HALF, (k2 * cos + k1 * sin).to(DST.dtype.element_ty), mask=m)
+            _rotated_copy(s, o, COS, SIN, p[:, None, None] * HALF + d[None, None, :], m, HALF)
             vo = HKV * 2 * HALF
             tl.store(o + vo, tl.load(s + vo, mask=m), mask=m)
             tl.store(o + vo + HALF, tl.load(s + vo + HALF, mask=m), mask=m)
