@@ -168,9 +168,14 @@ def _counters(dev, n: int) -> torch.Tensor:
     key = str(dev)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
+        if buf is not None:  # CUDA graphs captured with it still count in it: never free it
+            _RETIRED.append(buf)
         buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=dev)
         _COUNTERS[key] = buf
     return buf
+
+
+_RETIRED: list = []  # counter buffers replaced by larger ones (kept alive for the graphs that captured them)
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
