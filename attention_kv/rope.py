@@ -98,6 +98,12 @@ except Exception:  # pragma: no cover
     _HAS_TRITON = False
 
 
+def _interpret() -> bool:
+    from .kernels.triton_common import _interpret as interpret  # the one reading of TRITON_INTERPRET
+
+    return interpret()
+
+
 def stitch_rotated_(kv: torch.Tensor, parts: list, start: int, cos_half: torch.Tensor,
                     sin_half: torch.Tensor) -> int:
     """Copy the blocks ``parts`` (tensors ``[layers, n, 2, Hkv, D]`` with un-rotated K, on ``kv``'s device) into
@@ -126,12 +132,6 @@ def stitch_rotated_(kv: torch.Tensor, parts: list, start: int, cos_half: torch.T
         kv, table[0], table[1], table[2], cos_half, sin_half, kv.stride(0), kv.stride(2),
         HKV=hkv, HKV_P2=triton.next_power_of_2(hkv), HALF=d // 2, BT=bt, num_warps=4)
     return end
-
-
-def _interpret() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def rope_rows_(k: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, start: int, end: int) -> None:
