@@ -270,12 +270,15 @@ class ModelAdapter:
         heads = qkv.view(B, L, Hq + 2 * Hkv, D).transpose(1, 2)  # [B, H, L, D] views
         q, k, v = heads[:, :Hq], heads[:, Hq:Hq + Hkv], heads[:, Hq + Hkv:]
         out = causal_attention(q, k, v, self.scale) if attend is None else attend(layer, q, k, v)
-        h2, o = h.reshape(B * L, -1), out.transpose(1, 2).reshape(B * L, -1)
-        h = torch.addmm(h2, o, blk.self_attn.o_proj.weight.t()).view(B, L, -1)  # residual added in the product
+        # the residual adds ride in the products, in place (an out-of-place addmm first copies its input: two
+        # extra kernels per layer); h is this forward's own residual stream (hidden_states made it)
+        h2, o = h.view(B * L, -1), out.transpose(1, 2).reshape(B * L, -1)
+        h2.addmm_(o, blk.self_attn.o_proj.weight.t())
         pn = blk.post_attention_layernorm
         act = layer_ops.silu_mul(torch.nn.functional.linear(layer_ops.rms_norm(h, pn.weight, pn.variance_epsilon),
                                                             w_gu))
-        return torch.addmm(h.view(B * L, -1), act.view(B * L, -1), blk.mlp.down_proj.weight.t()).view(B, L, -1)
+        h2.addmm_(act.view(B * L, -1), blk.mlp.down_proj.weight.t())
+        return h
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.inner.norm(h)
@@ -295,7 +298,10 @@ class ModelAdapter:
         the final norm) for ``ids [B, L]`` at ``positions [L]`` (shared by the batch) or ``[B, L]``."""
         h = self.embed(ids)
         rope = self.rope(positions)
-        layer = self._fused_layer if self._fast() else self.layer
+        fused = self._fast()
+        layer = self._fused_layer if fused else self.layer
+        if fused and (h._base is not None or not h.is_contiguous()):
+            h = h.clone(memory_format=torch.contiguous_format)  # the fused layers add into the stream in place
         for l in range(self.n_layers if layers is None else layers):
             h = layer(l, h, rope, attend, rotate_keys)
         return h

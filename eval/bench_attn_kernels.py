@@ -46,6 +46,9 @@ DECODE_VARIANTS = [
     ("default", {}),
     ("bn64 s4 pps1", dict(block_n=64, num_stages=4, programs_per_sm=1)),
     ("bn128 s3 pps0.5", dict(block_n=128, num_stages=3, programs_per_sm=0.5)),
+    ("bn128 s3 pps2", dict(block_n=128, num_stages=3, programs_per_sm=2)),
+    ("bn128 s3 pps4", dict(block_n=128, num_stages=3, programs_per_sm=4)),
+    ("bn64 s3 pps2 w2", dict(block_n=64, num_stages=3, programs_per_sm=2, num_warps=2)),
 ]
 
 
@@ -130,6 +133,8 @@ def correctness(variants_q, variants_d, heads=HEADS) -> list:
     torch.manual_seed(0)
     for head_name, (hq, hkv) in heads.items():
         for lq, variants in ((50, variants_q), (64, variants_q[:1]), (1, variants_d)):
+            if not variants:
+                continue
             for n_valid in (3001, 12345):
                 max_len = n_valid + 777
                 _, ks, vs = kv_buffer(1, max_len, hkv)
@@ -185,6 +190,8 @@ def bench(ceil, lengths, heads=HEADS) -> list:
             kv_bytes = 2 * lk * hkv * D * 2
             # 50 tokens (the question), 64 (the same padded to its bucket: what the generator runs), 1
             for lq, variants in ((50, QUESTION_VARIANTS), (64, QUESTION_VARIANTS[:1]), (1, DECODE_VARIANTS)):
+                if not variants:
+                    continue
                 q = torch.randn(1, hq, lq, D, device="cuda", dtype=DT)
                 outs = [torch.empty_like(q) for _ in range(N_LAYERS)]
                 flops = 4 * hq * lq * lk * D
@@ -334,6 +341,7 @@ def main(argv=None):
     ap.add_argument("--no-contiguous", action="store_true", help="skip the contiguous kernel's rows")
     ap.add_argument("--heads", default="32/8,28/4",
                     help="head layouts, query heads / KV heads, comma-separated (default: Llama-3-8B and Qwen2-7B)")
+    ap.add_argument("--decode-only", action="store_true", help="only the one-token (decode) rows")
     ap.add_argument("--paged-variants", default=None, help="indices into PAGED_VARIANTS (default all)")
     args = ap.parse_args(argv)
     heads = parse_heads(args.heads)
@@ -342,6 +350,8 @@ def main(argv=None):
     global QUESTION_VARIANTS, DECODE_VARIANTS
     if args.quick:
         QUESTION_VARIANTS, DECODE_VARIANTS = QUESTION_VARIANTS[:1], DECODE_VARIANTS[:1]
+    if args.decode_only:
+        QUESTION_VARIANTS = []
     ceil = ceilings()
     log(f"ceilings: {ceil}")
     lengths = [int(x) for x in args.lengths.split(",")]

@@ -133,6 +133,7 @@ def decode_speed(step, first_token, n: int, device, warmup: int = 2) -> float:
     return n / (time.perf_counter() - t)
 
 
+@torch.no_grad()  # (with autograd on, inductor's CUDA graphs leave their fast path: "pending backwards")
 def hf_static_decode(model, ids, n: int, device) -> float | None:
     """HF's own fast decoding path: a ``StaticCache`` sized to the context plus the new tokens and the
     forward compiled with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs). Tokens/s, or None if

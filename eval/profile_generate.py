@@ -1,7 +1,9 @@
 """Where a request's time goes on the GPU, through the public Generator: per context length, the phases of a
 turbo prefill (synchronised one by one: tokenising, chunk caches from the device tier, stitching, the
 question graph), the decode step's GPU time (graph replays back to back) against the streamed tokens/s, and
-the kernels of one eager question forward and one eager decode step (torch.profiler, top kernels by time).
+the kernels of one eager question forward and one eager decode step (torch.profiler, top kernels by time),
+and the timeline of one whole ``generate(max_new_tokens=1)`` call: when the GPU first gets work, how long it is
+busy, and the gaps where it waits for the host (with the kernels on either side).
 
     python -m blockrag.eval.profile_generate --tokenizer TOK --passages corpus.jsonl --contexts 2048,32768
 
@@ -45,6 +47,103 @@ def _kernels(fn, top: int = 12) -> dict:
     rows.sort(key=lambda r: -r[2])
     return {"gpu_ms": sum(r[2] for r in rows), "kernels": sum(r[1] for r in rows),
             "top": [{"name": n, "count": c, "ms": round(ms, 3)} for n, c, ms in rows[:top]]}
+
+
+def _timeline(fn, min_gap_us: float = 20.0) -> dict:
+    """One call of ``fn()`` under torch.profiler (CPU + CUDA): wall ms, the first kernel's start and the last
+    kernel's end after the call began, GPU busy ms (union of kernel intervals) and the idle gaps longer than
+    ``min_gap_us`` (offset, length, kernels before / after)."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("blockrag_call"):
+            fn()
+        torch.cuda.synchronize()
+    evs = prof.events()
+    call = next(e for e in evs if e.name == "blockrag_call" and e.device_type.name == "CPU")
+    t0, t1 = call.time_range.start, call.time_range.end
+    ks = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in evs
+                if e.device_type.name == "CUDA" and e.name != "blockrag_call" and e.time_range.end > e.time_range.start)
+    busy, gaps, cur_end, prev = 0.0, [], None, None
+    for a, b, name in ks:
+        if cur_end is None or a > cur_end:
+            if cur_end is not None and a - cur_end >= min_gap_us:
+                gaps.append({"at_us": round(cur_end - t0, 1), "gap_us": round(a - cur_end, 1), "after": prev,
+                             "before": name})
+            busy += b - a
+            cur_end = b
+        elif b > cur_end:
+            busy += b - cur_end
+            cur_end = b
+        prev = name
+    return {"wall_ms": round((t1 - t0) / 1e3, 3), "first_kernel_us": round(ks[0][0] - t0, 1) if ks else None,
+            "last_kernel_end_us": round(cur_end - t0, 1) if ks else None, "gpu_busy_ms": round(busy / 1e3, 3),
+            "kernels": len(ks), "gaps": gaps[:40]}
+
+
+def _marks(gen, question, chunks, repeats: int = 5) -> dict:
+    """Host and GPU clocks of one ``generate(max_new_tokens=1, stream=True)`` call, without a profiler: the
+    steps of the stitched turbo path are wrapped to note the host time (perf_counter) and to record a CUDA
+    event before and after each; a GPU time is measured from an event recorded as the call starts (the GPU is
+    idle then, so it fires at once). Medians over ``repeats`` calls, ms after the call began."""
+    import blockrag.attention_kv.block_cache as bc
+    from blockrag.attention_kv.block_cache import GraphedStep
+
+    marks: list = []
+
+    def note(name):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        marks.append((name, time.perf_counter(), e))
+
+    def wrap(obj, attr, name):
+        orig = getattr(obj, attr)
+
+        def f(*a, **k):
+            note(name + "_begin")
+            out = orig(*a, **k)
+            note(name + "_end")
+            return out
+        setattr(obj, attr, f)
+        return orig
+
+    saved = [(bc, "stitch_rotated_", wrap(bc, "stitch_rotated_", "stitch")),
+             (gen, "_device_parts", wrap(gen, "_device_parts", "device_parts")),
+             (gen.store, "question_ids", wrap(gen.store, "question_ids", "question_ids"))]
+    orig_replay = GraphedStep.replay
+
+    def replay(self, *a, **k):
+        if self.n > 1:
+            note("question_graph_begin")
+        out = orig_replay(self, *a, **k)
+        if self.n > 1:
+            note("question_graph_end")
+        return out
+    GraphedStep.replay = replay
+    runs = []
+    try:
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            marks.clear()
+            note("call")
+            for _piece in gen.generate(question, chunks, max_new_tokens=1, stream=True):
+                note("first_piece")
+                break
+            torch.cuda.synchronize()
+            h0, e0 = marks[0][1], marks[0][2]
+            runs.append({n: ((t - h0) * 1e3, e0.elapsed_time(e)) for n, t, e in marks[1:]})
+    finally:
+        GraphedStep.replay = orig_replay
+        for obj, attr, orig in saved:
+            if obj is gen or obj is gen.store:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, orig)
+    names = [n for n in runs[0] if all(n in r for r in runs)]
+    return {n: {"host_ms": round(statistics.median(r[n][0] for r in runs), 3),
+                "gpu_ms": round(statistics.median(r[n][1] for r in runs), 3)} for n in names}
 
 
 @torch.no_grad()
@@ -116,6 +215,9 @@ def main(argv=None):
         pad = torch.cat([q, q[-1:].expand(qb - len(q_ids))])
         row["question_eager"] = _kernels(lambda: forward_block(model, cache, pad, Lc, logits_to_keep=1))
         row["decode_eager"] = _kernels(lambda: forward_block(model, cache, q[-1:], Lc + qb, logits_to_keep=1))
+        # the whole public call, one new token (TTFT's path), on a timeline
+        row["marks"] = _marks(gen, question, chunks)
+        row["timeline"] = _timeline(lambda: gen.generate(question, chunks, max_new_tokens=1))
         res["rows"].append(row)
         print(json.dumps(row, indent=1), flush=True)
         Path(args.out).write_text(json.dumps(res, indent=1))

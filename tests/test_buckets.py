@@ -171,6 +171,14 @@ def test_store_keys_are_memoised_per_content(tiny, tmp_path):
     other = KVCacheStore(tmp_path / "kv2", model, tok, dtype=torch.float32, prefix="Another prefix.")
     gen.store = other
     assert gen._store_key(chunks[1]) == other.key(chunks[1]) != store.key(chunks[1])
+    # the same object: memoised by identity, yet a new token_ids list (or an edited end) gets a new key
+    gen.store = store
+    c = chunks[2]
+    assert gen._store_key(c) == store.key(c)
+    c.token_ids = c.token_ids[:-1]
+    assert gen._store_key(c) == store.key(c) != store.key(_chunks(tok, TEXTS[2:3])[0])
+    c.token_ids[-1] = (c.token_ids[-1] + 1) % len(tok)  # edited in place at its end
+    assert gen._store_key(c) == store.key(c)
 
 
 @torch.no_grad()
