@@ -303,8 +303,16 @@ class Generator:
             return self._prefill_paged(chunks, q_ids, Lc, Lq, Lq_b, last_only, info)
         # the question (padded) and the room after it; a graph's capture also writes its last n_q slots
         need = Lc + n_q + max(room, n_q) + 1
-        if early is not None and need > early[0].max_len:  # a question longer than every bucket: restitch
-            early = None
+        if early is not None and size_bucket(need, self.max_cache_len, self.min_bucket) != early[1]:
+            # the question moved the request to another bucket: a view of the same buffer holds the stitched
+            # context too (buckets are views of its first positions) unless the buffer had to grow
+            buf = self._kv_buf
+            cache, bucket = self._cache_for(need, cache_max_len)
+            if bucket is not None and self._kv_buf is buf:
+                cache.length = early[0].length
+                early = (cache, bucket)
+            else:
+                early = None  # restitch
         cache, bucket = early if early is not None else self._cache_for(need, cache_max_len)
         info["bucket"], info["question_bucket"] = bucket, Lq_b
         graph = None
@@ -453,17 +461,23 @@ class Generator:
 
     def _stitch_early(self, chunks, Lc: int, room: int, cache_max_len: int | None):
         """(cache, bucket) with the context already stitched, or None: when the device tier serves the stitched
-        path and every question bucket lands in the same size bucket, the context is queued for stitching
-        before the question is tokenised, so the host's tokenising overlaps the GPU's copy. (A graph first
-        seen afterwards is then captured over the loaded context: its warm-up and capture write only the
-        buffer's last slots.)"""
+        path, the context is queued for stitching before the question is tokenised, so the host's tokenising
+        overlaps the GPU's copy. It goes to the bucket of the shortest question; a longer question that lands in
+        a larger bucket reads it there as well, as long as the shared buffer already holds that bucket (buckets
+        are views of the buffer's first positions; a buffer that would have to grow is not grown for it: the
+        usual order runs). (A graph first seen afterwards is then captured over the loaded context: its
+        warm-up and capture write only the buffer's last slots.)"""
         if not (self.device_cache_bytes and self.share_buffers and not self.paged and cache_max_len is None):
             return None
         qs = sorted(self.question_buckets)
         lo, hi = (size_bucket(Lc + n + max(room, n) + 1, self.max_cache_len, self.min_bucket) for n in (qs[0], qs[-1]))
-        if lo is None or lo != hi:
+        if lo is None:
             return None
-        cache, bucket = self._cache_for(Lc + qs[-1] + max(room, qs[-1]) + 1, None)
+        if lo != hi:
+            held = 0 if self._kv_buf is None else int(self._kv_buf.shape[2])
+            if hi is None or held < hi:
+                return None
+        cache, bucket = self._cache_for(Lc + qs[0] + max(room, qs[0]) + 1, None)
         cache.load_gathered(self._device_parts(chunks))
         return cache, bucket
 

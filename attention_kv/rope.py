@@ -104,8 +104,11 @@ def _interpret() -> bool:
     return interpret()
 
 
+STITCH_TOKENS, STITCH_WARPS = 8, 4  # tokens x (K and V of every KV head) per program, warps per program
+
+
 def stitch_rotated_(kv: torch.Tensor, parts: list, start: int, cos_half: torch.Tensor,
-                    sin_half: torch.Tensor) -> int:
+                    sin_half: torch.Tensor, *, block_tokens: int | None = None, num_warps: int | None = None) -> int:
     """Copy the blocks ``parts`` (tensors ``[layers, n, 2, Hkv, D]`` with un-rotated K, on ``kv``'s device) into
     ``kv [layers, 1, max_len, 2, Hkv, D]`` at positions ``start..`` with K rotated to those positions, in one
     pass over the bytes (a concatenation and then a RoPE pass read and wrote the keys twice, and
@@ -127,10 +130,10 @@ def stitch_rotated_(kv: torch.Tensor, parts: list, start: int, cos_half: torch.T
         offs.append(offs[-1] + x)
     table = torch.tensor([[p.data_ptr() for p in parts], n, offs], dtype=torch.int64).to(kv.device)
     nl, _, _, _, hkv, d = kv.shape
-    bt = 8
+    bt = block_tokens or STITCH_TOKENS
     _stitch_kernel[(triton.cdiv(max(n), bt), len(parts), nl)](
         kv, table[0], table[1], table[2], cos_half, sin_half, kv.stride(0), kv.stride(2),
-        HKV=hkv, HKV_P2=triton.next_power_of_2(hkv), HALF=d // 2, BT=bt, num_warps=4)
+        HKV=hkv, HKV_P2=triton.next_power_of_2(hkv), HALF=d // 2, BT=bt, num_warps=num_warps or STITCH_WARPS)
     return end
 
 

@@ -212,5 +212,34 @@ def test_context_stitched_before_the_question_is_tokenised(tiny, tmp_path):
     got, info = gen.prefill(long_q, chunks[:2], "turbo", room=8)
     assert info["question_bucket"] is None and (got - ref).abs().max().item() < TOL
     gen.min_bucket = 64  # buckets of 64, 128, ...: the question buckets span several
-    got, info = gen.prefill(QUESTION, chunks[:1], "turbo", room=8)
-    assert early[-1] is None
+    # the buffer (grown above) holds them all: stitched early into the shortest question's bucket and read from
+    # the larger bucket a longer question needs (a view of the same buffer), without restitching
+    mid_q = " ".join(["why"] * 100) + "?"
+    for q in (QUESTION, mid_q):
+        ref, _ = plain.prefill(q, chunks[:1], "turbo")
+        got, info = gen.prefill(q, chunks[:1], "turbo", room=8)
+        assert early[-1] is not None and (got - ref).abs().max().item() < TOL
+    assert info["bucket"] > early[-1][1]  # mid_q moved to a larger bucket
+    assert gen.generate(mid_q, chunks[:1], max_new_tokens=6).token_ids == \
+        plain.generate(mid_q, chunks[:1], max_new_tokens=6).token_ids
+    # a buffer that would have to grow for the largest question bucket: the usual order
+    fresh = Generator(model=model, tokenizer=tok, store=store, cuda_graphs=False, max_cache_len=2048,
+                      device_cache_bytes=1 << 30)
+    fresh.share_buffers = fresh.pad_questions = True
+    fresh.min_bucket = 64
+    assert fresh._stitch_early(chunks[:1], 40, 8, None) is None
+
+
+def test_question_ids_from_the_backend_equal_the_tokenizer_call(tiny, tmp_path):
+    """The store tokenises questions through the fast tokenizer's backend once it agreed on the first one: the
+    same ids as the tokenizer's own call for every question (and the call itself when the backend disagrees)."""
+    from blockrag.attention_kv import KVCacheStore
+
+    model, tok = tiny
+    store = KVCacheStore(tmp_path / "kv", model, tok, dtype=torch.float32)
+    qs = [QUESTION, "  leading spaces and ünïcödé?", "tabs\tand\nnew lines", "<|im_end|> inside", ""]
+    want = [tok(store.question_template.format(question=q), add_special_tokens=False)["input_ids"] for q in qs]
+    assert [store.question_ids(q) for q in qs] == want
+    assert store._fast_encode not in (None, False)  # the backend is in use after the first question
+    store._fast_encode = False
+    assert [store.question_ids(q) for q in qs] == want

@@ -173,6 +173,10 @@ KERNEL_CHECK = textwrap.dedent("""
         err = (got.float() - ref.float()).abs().max().item()
         assert err < (1e-5 if dt == torch.float32 else 2e-2), (dt, err)
         assert torch.equal(got[:, :, 7:39, 1], ref[:, :, 7:39, 1])  # V copied exactly
+        for bt, nw in ((16, 4), (32, 8)):  # other program sizes (eval/bench_stitch.py): the same bytes
+            other = torch.zeros_like(got)
+            stitch_rotated_(other, parts, 7, ch, sh, block_tokens=bt, num_warps=nw)
+            assert torch.equal(other, got), (dt, bt)
     print("KERNELS OK")
 """)
 

@@ -334,6 +334,11 @@ def _launch_spec(B, Hq, Lq, D, Hkv, Lk, q_start, dtype, dev, k, v, block_m, bloc
         bm, bn, nw, ns, pps = 128, 128, 8, 3, 1.0
     else:  # best of a sweep on an H100 (Llama-3-8B heads, 50-token question and single decoded token)
         bm, bn, nw, ns, pps = 64, 128, 4, 3, 1.0
+        if Lq == 1:
+            # a decoded token: half as many key slices (the last program merges every slice's partial result,
+            # one after another). H200, 32K keys, graphs: Qwen2-7B heads 39.9 vs 51.0 us, Llama-3-8B 50.8 vs
+            # 52.1; equal at 2K; pps 2 / 4: 1.4-1.9x slower (eval/bench_attn_kernels.py --decode-only)
+            pps = 0.5
     bm = block_m or bm
     bn = block_n or bn
     n_bh = B * Hkv
