@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +178,8 @@ def graph_of(calls):
     return g
 
 
-def bench(ceil, lengths, heads=HEADS) -> list:
+def bench(ceil, lengths, heads=HEADS, on_row=None) -> list:
+    """Timing rows; ``on_row(rows)`` after each one (the caller saves partial results)."""
     rows = []
     for head_name, (hq, hkv) in heads.items():
         for lk in lengths:
@@ -213,6 +215,8 @@ def bench(ceil, lengths, heads=HEADS) -> list:
                              pct_copy_bw=100 * kv_bytes / (us * 1e-6) / 1e9 / ceil["copy_GBps"],
                              TFLOPs=flops / (us * 1e-6) / 1e12)
                     rows.append(r)
+                    if on_row:
+                        on_row(rows)
                     log(f"  {head_name:10s} Lq={lq:3d} Lk={lk} {name:24s} {us:7.1f} us  x{r['x_floor']:.2f} floor "
                         f"{r['pct_copy_bw']:5.1f}% copy BW {r['TFLOPs']:5.0f} TFLOP/s")
                 # SDPA on contiguous K/V (its best case: no interleaving), as a peer
@@ -229,6 +233,8 @@ def bench(ceil, lengths, heads=HEADS) -> list:
                                      floor_us=floor_us, x_floor=us / floor_us,
                                      pct_copy_bw=100 * kv_bytes / (us * 1e-6) / 1e9 / ceil["copy_GBps"],
                                      TFLOPs=flops / (us * 1e-6) / 1e12))
+                    if on_row:
+                        on_row(rows)
                     del g
                 except Exception as ex:  # noqa: BLE001
                     log(f"  SDPA: {type(ex).__name__}: {str(ex).splitlines()[0][:150]}")
@@ -354,7 +360,22 @@ def main(argv=None):
     log(f"ceilings: {ceil}")
     lengths = [int(x) for x in args.lengths.split(",")]
     corr = [] if args.no_contiguous else correctness(QUESTION_VARIANTS, DECODE_VARIANTS, heads)
-    rows = [] if args.no_contiguous else bench(ceil, lengths, heads)
+
+    def save(rows_so_far, done=False):  # after every row: a run stopped by a time limit keeps what it timed
+        res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=ceil,
+                   heads={k: list(v) for k, v in heads.items()}, correctness=corr, timings=rows_so_far,
+                   complete=done, command=" ".join(["python -m blockrag.eval.bench_attn_kernels"]
+                                                   + (argv if argv is not None else sys.argv[1:])))
+        try:
+            import triton
+
+            res["triton"] = triton.__version__
+        except Exception:  # noqa: BLE001
+            pass
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+    rows = [] if args.no_contiguous else bench(ceil, lengths, heads, on_row=save)
     if args.paged:
         pv = PAGED_VARIANTS[:1] if args.quick else PAGED_VARIANTS
         if args.paged_variants:
@@ -363,16 +384,7 @@ def main(argv=None):
         rows += prow
         corr += [dict(variant=r["variant"], heads=r["heads"], Lq=r["Lq"], Lk=r["Lk"], ok=r["ok"],
                       rel_err_vs_reference=r["rel_err_vs_reference"]) for r in prow]
-    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=ceil,
-               heads={k: list(v) for k, v in heads.items()}, correctness=corr, timings=rows)
-    try:
-        import triton
-
-        res["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        pass
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+    save(rows, done=True)
     log(table(ceil, rows))
     if not all(r["ok"] for r in corr):
         raise SystemExit("correctness check failed")
