@@ -303,17 +303,18 @@ class Generator:
             return self._prefill_paged(chunks, q_ids, Lc, Lq, Lq_b, last_only, info)
         # the question (padded) and the room after it; a graph's capture also writes its last n_q slots
         need = Lc + n_q + max(room, n_q) + 1
+        chosen = early
         if early is not None and size_bucket(need, self.max_cache_len, self.min_bucket) != early[1]:
             # the question moved the request to another bucket: a view of the same buffer holds the stitched
-            # context too (buckets are views of its first positions) unless the buffer had to grow
+            # context too (buckets are views of its first positions) unless the buffer had to grow (or the
+            # request left the buckets): then it is stitched again below
             buf = self._kv_buf
-            cache, bucket = self._cache_for(need, cache_max_len)
-            if bucket is not None and self._kv_buf is buf:
-                cache.length = early[0].length
-                early = (cache, bucket)
+            chosen = self._cache_for(need, cache_max_len)
+            if chosen[1] is not None and self._kv_buf is buf:
+                chosen[0].length = early[0].length
             else:
-                early = None  # restitch
-        cache, bucket = early if early is not None else self._cache_for(need, cache_max_len)
+                early = None
+        cache, bucket = chosen if chosen is not None else self._cache_for(need, cache_max_len)
         info["bucket"], info["question_bucket"] = bucket, Lq_b
         graph = None
         if bucket is not None and self.cuda_graphs:
