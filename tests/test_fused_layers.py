@@ -80,6 +80,26 @@ def test_fused_views_share_memory_and_autograd_uses_plain_path():
     assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad.abs().sum() > 0
 
 
+def test_fused_model_saves_and_reloads(tmp_path):
+    """Fused parameters share storage (views of one tensor): ``save_pretrained`` still writes every weight and the
+    reloaded model gives the same logits; the residual stream is not left changed by the in-place adds."""
+    from transformers import AutoModelForCausalLM
+
+    model = MODELS["qwen2"](seed=3)
+    ad = ModelAdapter.of(model)
+    assert ad.fuse()
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+        h0 = ad.embed(ids)
+        ad.hidden_states(ids, torch.arange(9))
+        assert torch.equal(h0, ad.embed(ids))  # the embeddings the stream started from are untouched
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert (again(ids).logits - ref).abs().max().item() < TOL  # (the reload may pick another attention)
+
+
 def test_replaced_parameter_data_is_fused_again():
     """A parameter whose ``.data`` is replaced after fusing (what a LoRA merge or a cast does) is not served
     from the stale fused tensor: the forward re-fuses and matches the plain path."""
