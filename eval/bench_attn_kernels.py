@@ -282,6 +282,9 @@ PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs)
     ("page128", 128, dict(rotate_once=True, tma=False, pair=False)),
     ("page64 pair", 64, dict(rotate_once=True, tma=False, pair=True)),
     ("page64 pair tma", 64, dict(rotate_once=True, tma=True, pair=True)),
+    # the contiguous kernel's choice for 256+ packed rows (128-row groups over 8 warps: 1.34x there); not yet timed
+    ("page64 bm128 w8", 64, dict(rotate_once=True, tma=False, pair=False, block_m=128, num_warps=8)),
+    ("page128 bm128 w8 tma", 128, dict(rotate_once=True, tma=True, pair=False, block_m=128, num_warps=8)),
 ]
 
 
