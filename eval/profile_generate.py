@@ -1,9 +1,11 @@
 """Where a request's time goes on the GPU, through the public Generator: per context length, the phases of a
 turbo prefill (synchronised one by one: tokenising, chunk caches from the device tier, stitching, the
 question graph), the decode step's GPU time (graph replays back to back) against the streamed tokens/s, and
-the kernels of one eager question forward and one eager decode step (torch.profiler, top kernels by time),
-and the timeline of one whole ``generate(max_new_tokens=1)`` call: when the GPU first gets work, how long it is
-busy, and the gaps where it waits for the host (with the kernels on either side).
+the kernels of one eager question forward and one eager decode step (torch.profiler, top kernels by time);
+then two views of one whole public ``generate()`` call: "marks" (host and GPU clocks where each step of the
+stitched path begins and ends, from CUDA events: no profiler overhead) and "timeline" (torch.profiler: when the
+GPU first gets work, how long it is busy, and the gaps where it waits for the host, with the kernels on either
+side; the profiler itself slows the host, so its gaps read longer than the marks').
 
     python -m blockrag.eval.profile_generate --tokenizer TOK --passages corpus.jsonl --contexts 2048,32768
 
