@@ -5,6 +5,8 @@
   copies on a side stream with one CUDA event per layer) followed by question / generated tokens. Its
   :meth:`~BlockKVCache.attend` is the seam's attention callback: it writes the current tokens' K/V at the
   declared positions and calls ``attention_kv.kernels.attend`` over the buffer.
+* :class:`StagedLoad`: a side stream that stitches a request's context in layer groups, one event per group,
+  so that a question forward (its CUDA graph waits on the events) overlaps the copy of the later layers.
 * :func:`forward_block`: one seam forward of a contiguous block of tokens (question, or a decoded token).
 * :class:`GraphedStep`: a CUDA graph of that forward with positions and cache length on the device
   (:func:`capture_graph` warms a forward up and captures it).
@@ -23,6 +25,45 @@ from .rope import cos_sin, rope_rows_, stitch_rotated_
 DEVICE_POSITIONS = 1024  # most tokens of one device-positioned (graphed) forward
 
 
+def stage_groups(n_layers: int) -> list[tuple[int, int]]:
+    """Layer groups of a staged load, doubling: 32 layers -> [0,1) [1,2) [2,4) [4,8) [8,16) [16,32). The copy
+    of a group takes less time than the forward of the layers before it, so the forward seldom waits; few
+    groups keep the host's launches few."""
+    bounds = [0]
+    while bounds[-1] < n_layers:
+        bounds.append(min(n_layers, max(1, 2 * bounds[-1])))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class StagedLoad:
+    """``StagedLoad(n_layers, device)``: the side stream and the per-group events of staged stitching.
+
+    The events are *external* (``torch.cuda.Event(external=True)``): a question forward captured in a CUDA
+    graph over a cache holding this object waits on them at each group's first layer (event-wait nodes), and
+    each request's load records them again before the graph is replayed. Whoever reads the cache outside such
+    a graph, frees a chunk the load reads, or drops the buffer calls :meth:`join` first."""
+
+    def __init__(self, n_layers: int, device):
+        self.device = torch.device(device)
+        self.groups = stage_groups(n_layers)
+        self.first = {l0: g for g, (l0, _) in enumerate(self.groups)}
+        self.stream = torch.cuda.Stream(self.device)
+        self.events = [torch.cuda.Event(external=True) for _ in self.groups]
+        self.pending = False
+        self.loads = 0  # staged loads queued so far
+
+    def wait(self, layer: int) -> None:
+        g = self.first.get(layer)
+        if g is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.events[g])
+
+    def join(self) -> None:
+        """Order the current stream after every queued group."""
+        if self.pending:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            self.pending = False
+
+
 class BlockKVCache:
     """Static stitched cache: ``prefix + chunks`` (loaded) followed by question / generated tokens.
 
@@ -34,11 +75,12 @@ class BlockKVCache:
     """
 
     def __init__(self, model, max_len: int, device=None, dtype=None, backend: str = "auto", rope: str = "kernel",
-                 kv: torch.Tensor | None = None):
+                 kv: torch.Tensor | None = None, stages: StagedLoad | None = None):
         """``rope="kernel"``: context keys stay un-rotated and the attention kernel rotates them as it loads
         them (no stitching pass); ``rope="stitch"``: keys are rotated once while stitching (one extra pass).
         ``kv``: an existing buffer ``[layers, 1, >= max_len, 2, Hkv, D]`` whose first ``max_len`` positions
-        this cache uses (caches of several sizes sharing one allocation)."""
+        this cache uses (caches of several sizes sharing one allocation). ``stages``: the buffer's
+        :class:`StagedLoad` (shared by the caches over one allocation), for ``load_gathered(staged=True)``."""
         if rope not in ("kernel", "stitch"):
             raise ValueError("rope must be 'kernel' or 'stitch'")
         ad = ModelAdapter.of(model)
@@ -76,6 +118,7 @@ class BlockKVCache:
         self.q_block = None
         self._events = None
         self.layer_ready: Callable[[int], None] | None = None  # opt-in hook before each layer's attention
+        self.stages = stages if rope == "stitch" and self.device.type == "cuda" else None
         self._rows = None
         self._span = None
         self._dyn = 0  # > 0: the next forward's tokens sit at device positions dev_pos[:_dyn] (graph replays)
@@ -126,11 +169,23 @@ class BlockKVCache:
         self.length = total
         return total
 
-    def load_gathered(self, parts_gpu: Sequence, start: int = 0) -> int:
+    def load_gathered(self, parts_gpu: Sequence, start: int = 0, staged: bool = False) -> int:
         """Device-resident blocks, all layers at once: with ``rope="stitch"`` one pass copies them and rotates
-        their keys (:func:`~attention_kv.rope.stitch_rotated_`), else one ``torch.cat``."""
+        their keys (:func:`~attention_kv.rope.stitch_rotated_`), else one ``torch.cat``.
+
+        ``staged`` (with :attr:`stages`): the copy is queued on the side stream in layer groups, each group
+        recording its event; a question graph over this cache waits per group, anything else after
+        ``stages.join()``."""
         n = sum(p.n_tokens for p in parts_gpu)
-        if self.rope == "stitch":
+        st = self.stages if staged else None
+        if st is not None:
+            st.stream.wait_stream(torch.cuda.current_stream(self.device))  # earlier readers of the buffer
+            with torch.cuda.stream(st.stream):
+                stitch_rotated_(self.kv, [p.kv for p in parts_gpu], start, self.cos_half, self.sin_half,
+                                layer_groups=st.groups, after_group=lambda g: st.events[g].record(st.stream))
+            st.pending = True
+            st.loads += 1
+        elif self.rope == "stitch":
             stitch_rotated_(self.kv, [p.kv for p in parts_gpu], start, self.cos_half, self.sin_half)
         else:
             torch.cat([p.kv for p in parts_gpu], dim=1, out=self.kv[:, 0, start:start + n])
@@ -224,6 +279,8 @@ class BlockKVCache:
             torch.cuda.current_stream(self.device).wait_event(self._events[layer_idx])
         if self.layer_ready is not None:
             self.layer_ready(layer_idx)
+        if self.stages is not None and self._dyn > 1 and torch.cuda.is_current_stream_capturing():
+            self.stages.wait(layer_idx)  # a question graph: event-wait nodes for a staged load's groups
         if self._dyn:
             from .kernels.question_attention import attend_question
 

@@ -29,7 +29,7 @@ import torch
 from .cache_store import ChunkKV, KVCacheStore
 from .decoding import GenerationResult, apply_stops, held_back, repeats  # noqa: F401 (re-exported)
 from .blend import blend_prefill
-from .block_cache import BlockKVCache, GraphedStep, forward_block
+from .block_cache import BlockKVCache, GraphedStep, StagedLoad, forward_block
 from .model import ModelAdapter
 from .paged_cache import PageArena, PagedKVCache
 
@@ -40,6 +40,8 @@ QUESTION_BUCKETS = (16, 32, 48, 64, 80, 96, 128, 160, 192, 256)
 WARMUP_QUESTIONS = (16, 32, 48, 64, 96, 128)
 PAGED = "paged"  # the graphs' bucket key of the paged path (one graph per question length serves every context)
 PAGE_TOKENS = 64  # tokens per page of the paged path on CUDA (16 elsewhere: small tiles for the interpreter)
+# The stitching copy on a side stream in layer groups while the question graph runs (waiting per group)
+STAGED_STITCH = True
 TAIL_TOKENS = 2304  # paged path: positions after the context for the question (padded) and the answer
 
 
@@ -210,6 +212,10 @@ class Generator:
         self.min_bucket = MIN_BUCKET
         self.question_buckets = QUESTION_BUCKETS
         self._kv_buf: torch.Tensor | None = None  # the shared allocation (largest bucket used so far)
+        # the shared buffer's staged stitching (side stream + per-layer-group events shared by its buckets'
+        # caches and graphs); None: every load is queued on the current stream
+        self._stages = StagedLoad(self.adapter.n_layers, self.device) if self.cuda_graphs else None
+        self.staged_stitch = STAGED_STITCH
         self._caches: dict[int, BlockKVCache] = {}  # bucket -> cache over the first positions of _kv_buf
         self._graphs: dict[tuple[int, int], GraphedStep] = {}  # (bucket, tokens) -> graph; 1 = decode step
         self._epoch = 0  # requests that used the shared buffer (a suspended stream must not resume after another)
@@ -329,18 +335,21 @@ class Generator:
         if early is not None:
             pass  # stitched already (see _stitch_early)
         elif self.device_cache_bytes:
-            cache.load_gathered(self._device_parts(chunks))
+            cache.load_gathered(self._device_parts(chunks), staged=graph is not None and self.staged_stitch)
         else:
             parts = [store.prefix_kv()] + store.get_many(chunks)
             stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
             cache.load(parts, 0, stream=stream)
         info["cache"] = cache
         q = torch.tensor(q_ids, device=dev)
+        if graph is None:
+            self._join_loads()  # the eager forwards below do not wait per layer group
         if graph is not None:
             cache.drop_events()
             if stream is not None:  # the graph does not wait on per-layer events
                 torch.cuda.current_stream(dev).wait_stream(stream)
             logits = graph.replay(q, Lc, n_valid=Lq)[0]
+            self._join_loads()  # (the graph waited for each group; later work is ordered after all of them)
             info["question_graph"] = True
         elif block and Lq_b is not None and Lq_b > Lq:
             # the same padded block, eagerly (CPU / no graphs): real rows exact, padding never seen
@@ -434,6 +443,7 @@ class Generator:
     # ------------------------------------------------------------------ internals
     def _device_parts(self, chunks) -> list[ChunkKV]:
         """Prefix + chunk caches as device tensors (dequantised), from the device tier or copied into it."""
+        self._join_loads()  # the tier may evict a chunk that a staged load still reads
         store = self.store
         ckeys = [self._store_key(c) for c in chunks]
         missing = [c for c, k in zip(chunks, ckeys) if k not in self._dev_tier and c not in store]
@@ -479,8 +489,14 @@ class Generator:
             if hi is None or held < hi:
                 return None
         cache, bucket = self._cache_for(Lc + qs[0] + max(room, qs[0]) + 1, None)
-        cache.load_gathered(self._device_parts(chunks))
+        cache.load_gathered(self._device_parts(chunks), staged=self.staged_stitch)
         return cache, bucket
+
+    def _join_loads(self) -> None:
+        """Order the current stream after a staged load (before anything but a question graph reads the
+        buffer, a chunk it reads may be freed, or the buffer is dropped)."""
+        if self._stages is not None:
+            self._stages.join()
 
     def _store_key(self, chunk) -> str:
         """``store.key(chunk)``, memoised (hashing every passage's ids with sha256 on each request cost ~10-20 ms
@@ -522,7 +538,8 @@ class Generator:
         cache = self._caches.get(bucket)
         if cache is None:
             self._reserve(bucket)
-            cache = BlockKVCache(self.model, bucket, device=self.device, rope=self.rope, kv=self._kv_buf)
+            cache = BlockKVCache(self.model, bucket, device=self.device, rope=self.rope, kv=self._kv_buf,
+                                 stages=self._stages)
             self._caches[bucket] = cache
         return cache, bucket
 
@@ -531,6 +548,7 @@ class Generator:
         over the old one are dropped (captured again when next needed)."""
         if self._kv_buf is not None and self._kv_buf.shape[2] >= n_tokens:
             return
+        self._join_loads()  # a staged load may still be writing the buffer about to be dropped
         self._graphs = {k: g for k, g in self._graphs.items() if k[0] == PAGED}  # (over the arena: kept)
         self._caches.clear()
         self._kv_buf = None

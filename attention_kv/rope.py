@@ -5,6 +5,8 @@ A model's RoPE parameters come from the model seam (``ModelAdapter.inv_freq``). 
 """
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 
 
@@ -68,12 +70,12 @@ try:  # in-place RoPE over a token range of stitched K buffers (one pass; used w
         _rotated_copy(base, base, cos_ptr, sin_ptr, t64[:, None, None] * HALF + d[None, None, :], m, HALF)
 
     @triton.jit
-    def _stitch_kernel(DST, SRC_ADDR, N_TOK, DST_POS, COS, SIN, dst_layer_stride, dst_tok_stride,
+    def _stitch_kernel(DST, SRC_ADDR, N_TOK, DST_POS, COS, SIN, dst_layer_stride, dst_tok_stride, layer0,
                        HKV: tl.constexpr, HKV_P2: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr):
         # BT tokens of one chunk, one layer: K rotated to its stitched position, V copied (one pass)
         tb = tl.program_id(0)
         c = tl.program_id(1)
-        layer = tl.program_id(2).to(tl.int64)
+        layer = tl.program_id(2).to(tl.int64) + layer0
         n = tl.load(N_TOK + c)
         if tb * BT < n:
             # the chunk's own tensor (chunks are separate allocations: their addresses come in a table)
@@ -108,32 +110,47 @@ STITCH_TOKENS, STITCH_WARPS = 8, 4  # tokens x (K and V of every KV head) per pr
 
 
 def stitch_rotated_(kv: torch.Tensor, parts: list, start: int, cos_half: torch.Tensor,
-                    sin_half: torch.Tensor, *, block_tokens: int | None = None, num_warps: int | None = None) -> int:
+                    sin_half: torch.Tensor, *, block_tokens: int | None = None, num_warps: int | None = None,
+                    layer_groups: Sequence[tuple[int, int]] | None = None,
+                    after_group: Callable[[int], None] | None = None) -> int:
     """Copy the blocks ``parts`` (tensors ``[layers, n, 2, Hkv, D]`` with un-rotated K, on ``kv``'s device) into
     ``kv [layers, 1, max_len, 2, Hkv, D]`` at positions ``start..`` with K rotated to those positions, in one
     pass over the bytes (a concatenation and then a RoPE pass read and wrote the keys twice, and
     ``torch.cat`` into the strided buffer ran at about a third of copy bandwidth on an H200). Returns the
-    end position."""
+    end position.
+
+    ``layer_groups``: ``(first, end)`` layer ranges copied one launch each, in order (default: all layers in
+    one launch); ``after_group(g)`` runs on the host after group ``g`` is queued (a staged load records its
+    event there)."""
     n = [int(p.shape[1]) for p in parts]
     end = start + sum(n)
+    nl = kv.shape[0]
+    groups = list(layer_groups) if layer_groups is not None else [(0, nl)]
     if end == start:
+        for g in range(len(groups)):
+            if after_group is not None:
+                after_group(g)
         return end
     use_triton = _HAS_TRITON and (kv.is_cuda or _interpret()) and all(
         p.is_contiguous() and p.dtype == kv.dtype for p in parts) and kv.stride(-1) == 1 and kv.stride(4) == kv.shape[5] \
         and kv.stride(3) == kv.shape[4] * kv.shape[5]
-    if not use_triton:
-        torch.cat(parts, dim=1, out=kv[:, 0, start:end])
-        rope_rows_(kv[:, :, :, 0], cos_half, sin_half, start, end)
-        return end
-    offs = [start]
-    for x in n[:-1]:
-        offs.append(offs[-1] + x)
-    table = torch.tensor([[p.data_ptr() for p in parts], n, offs], dtype=torch.int64).to(kv.device)
-    nl, _, _, _, hkv, d = kv.shape
-    bt = block_tokens or STITCH_TOKENS
-    _stitch_kernel[(triton.cdiv(max(n), bt), len(parts), nl)](
-        kv, table[0], table[1], table[2], cos_half, sin_half, kv.stride(0), kv.stride(2),
-        HKV=hkv, HKV_P2=triton.next_power_of_2(hkv), HALF=d // 2, BT=bt, num_warps=num_warps or STITCH_WARPS)
+    if use_triton:
+        offs = [start]
+        for x in n[:-1]:
+            offs.append(offs[-1] + x)
+        table = torch.tensor([[p.data_ptr() for p in parts], n, offs], dtype=torch.int64).to(kv.device)
+        hkv, d = kv.shape[4], kv.shape[5]
+        bt = block_tokens or STITCH_TOKENS
+    for g, (l0, l1) in enumerate(groups):
+        if l1 > l0 and use_triton:
+            _stitch_kernel[(triton.cdiv(max(n), bt), len(parts), l1 - l0)](
+                kv, table[0], table[1], table[2], cos_half, sin_half, kv.stride(0), kv.stride(2), l0,
+                HKV=hkv, HKV_P2=triton.next_power_of_2(hkv), HALF=d // 2, BT=bt, num_warps=num_warps or STITCH_WARPS)
+        elif l1 > l0:
+            torch.cat([p[l0:l1] for p in parts], dim=1, out=kv[l0:l1, 0, start:end])
+            rope_rows_(kv[l0:l1, :, :, 0], cos_half, sin_half, start, end)
+        if after_group is not None:
+            after_group(g)
     return end
 
 

@@ -285,6 +285,14 @@ PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs)
     # the contiguous kernel's choice for 256+ packed rows (128-row groups over 8 warps: 1.34x there); not yet timed
     ("page64 bm128 w8", 64, dict(rotate_once=True, tma=False, pair=False, block_m=128, num_warps=8)),
     ("page128 bm128 w8 tma", 128, dict(rotate_once=True, tma=True, pair=False, block_m=128, num_warps=8)),
+    # whole-D key tiles (one dot per page; the rows rotated on the full width)
+    ("page64 full", 64, dict(full=True)),
+    ("page64 full rotation per page", 64, dict(full=True, rotate_once=False)),
+    ("page64 full bm128 w8", 64, dict(full=True, block_m=128, num_warps=8)),
+    ("page128 full bm128 w8", 128, dict(full=True, block_m=128, num_warps=8)),
+    ("page128 full bm128 w8 tma", 128, dict(full=True, tma=True, block_m=128, num_warps=8)),
+    ("page128 full bm128 w8 s2", 128, dict(full=True, block_m=128, num_warps=8, num_stages=2)),
+    ("page64 full tma", 64, dict(full=True, tma=True)),
 ]
 
 

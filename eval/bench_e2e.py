@@ -228,6 +228,9 @@ def main(argv=None):
     ap.add_argument("--compile-decode", action="store_true", help="Generator(compile_decode=True)")
     ap.add_argument("--compile-question", action="store_true", help="Generator(compile_question=True)")
     ap.add_argument("--paged", action="store_true", help="Generator(paged=True): zero-copy stitching (experimental)")
+    ap.add_argument("--compare-unstaged", action="store_true",
+                    help="also time each context with the stitching copy queued before the question forward "
+                         "(Generator.staged_stitch = False), in the same run")
     ap.add_argument("--warm-questions", default="48,64", help="question lengths warmed (the two asked)")
     ap.add_argument("--hf-static-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -293,7 +296,7 @@ def main(argv=None):
     dec_params = sum(p.numel() for p in model.parameters()) - head_params - model.model.embed_tokens.weight.numel()
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, copy_GBps=bw / 1e9,
                matmul_TFLOPs=flop_rate / 1e12, paged=gen.paged, fused_layers=gen.fused_layers,
-               compile_decode=gen.compile_decode,
+               compile_decode=gen.compile_decode, staged_stitch=gen.staged_stitch,
                compile_question=gen.compile_question, warmup=wu,
                weights_bytes=weights, question_tokens=len(store.question_ids(question)),
                new_question_tokens=len(store.question_ids(new_question)), decode_tokens=args.decode_tokens,
@@ -314,6 +317,14 @@ def main(argv=None):
                        ttft_ms=statistics.median(ttfts), ttft_all_ms=ttfts, first_piece_ms=statistics.median(pieces),
                        first_piece_all_ms=pieces, decode_tok_s=statistics.median(decs),
                        timings=r.timings, n_decoded=len(r.token_ids))
+            if args.compare_unstaged:
+                gen.staged_stitch = False
+                row["ttft_unstaged_all_ms"] = [ours_ttft(gen, question, chunks, args.decode_tokens)[2].ttft_ms
+                                               for _ in range(args.repeats)]
+                row["ttft_unstaged_ms"] = statistics.median(row["ttft_unstaged_all_ms"])
+                gen.staged_stitch = True
+                log(f"  {L}: stitching copy before the question forward (not staged): "
+                    f"{row['ttft_unstaged_ms']:.1f} ms TTFT")
             ms, _, r2 = ours_ttft(gen, new_question, chunks, 4)
             row.update(first_call_ms=r2.ttft_ms, first_call_piece_ms=ms,
                        first_call_capture_ms=r2.timings["graph_capture_ms"],

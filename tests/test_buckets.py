@@ -151,6 +151,14 @@ def test_gpu_warmed_buckets_replay_graphs_with_padded_questions(tokenizer, tmp_p
     b = eager.generate(QUESTION, many, max_new_tokens=8)
     assert a.timings["cache_bucket"] > 256 and a.timings["graph_capture_ms"] > 0
     assert a.timings["question_graph"] and a.timings["decode_graph"] and a.token_ids == b.token_ids
+    # the stitching copy staged on a side stream (the question graph waits per layer group) or not: equal
+    loads = gen._stages.loads
+    for staged in (True, False):
+        gen.staged_stitch = staged
+        a = gen.generate(QUESTION, many, max_new_tokens=8)
+        assert a.timings["question_graph"] and a.token_ids == b.token_ids
+        assert not gen._stages.pending
+    assert gen._stages.loads == loads + 1
 
 
 def test_store_keys_are_memoised_per_content(tiny, tmp_path):

@@ -197,6 +197,10 @@ KERNEL_CHECK = textwrap.dedent("""
             other = torch.zeros_like(got)
             stitch_rotated_(other, parts, 7, ch, sh, block_tokens=bt, num_warps=nw)
             assert torch.equal(other, got), (dt, bt)
+        # a staged load's layer groups, one launch each: the same bytes, a callback after each group
+        other, seen = torch.zeros_like(got), []
+        stitch_rotated_(other, parts, 7, ch, sh, layer_groups=[(0, 1), (1, 3)], after_group=seen.append)
+        assert torch.equal(other, got) and seen == [0, 1]
     print("KERNELS OK")
 """)
 

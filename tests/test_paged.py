@@ -111,6 +111,10 @@ def test_paged_kernel_matches_full_computation(hq, hkv, Lq):
     got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                        cache.sin_half, max_pages=cache.capacity, backend="triton", pair=True)
     assert _err(got, full) < 2e-5
+    for kw in (dict(full=True), dict(full=True, rotate_once=False)):  # whole-D key tiles
+        got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
+                           cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
+        assert _err(got, full) < 2e-5, kw
 
 
 def test_paged_kernel_bf16_and_many_slices():
@@ -122,7 +126,8 @@ def test_paged_kernel_bf16_and_many_slices():
     assert _err(_run(q, layer, cache, "torch"), full) < 3e-2
     n = q.shape[2]
     # the variants: query rows rotated for every page, pages through the copy engine, two pages per step
-    for kw in (dict(rotate_once=False), dict(tma=True), dict(pair=True), dict(pair=True, tma=True)):
+    for kw in (dict(rotate_once=False), dict(tma=True), dict(pair=True), dict(pair=True, tma=True),
+               dict(full=True), dict(full=True, tma=True), dict(full=True, rotate_once=False)):
         got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                            cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
         assert _err(got, full) < 3e-2, kw
@@ -262,6 +267,11 @@ def test_gpu_paged_kernel_bf16(hq, hkv, Lq):
     assert _err(got, full) < 3e-2
     ref = _run(q, layer, cache, "torch")
     assert _err(got, ref) < 3e-2
+    n = q.shape[2]
+    for kw in (dict(full=True), dict(full=True, rotate_once=False), dict(full=True, block_m=128, num_warps=8)):
+        got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
+                           cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
+        assert _err(got, ref) < 3e-2, kw
 
 
 @needs_cuda

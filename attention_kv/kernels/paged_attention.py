@@ -202,7 +202,14 @@ if HAS_TRITON:
                                      PAGE, HALF, USE_TMA)
                 s = _page_scores(a1, a2, k1, k2, cnt, pos0, qp, offs_t, qk_scale, DOT_PREC, UPCAST)
                 acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, True, False, DOT_PREC, UPCAST)
-        # finish: the output directly (one slice) or a partial result, merged by the last slice to arrive
+        _paged_finish(acc, l_i, m_i, O, PO, PL, CNT, h, i, ok, bh, n_bh, c, n_ch, r0, R, soh, som, sod, BM, HALF,
+                      DIRECT)
+
+    @triton.jit
+    def _paged_finish(acc, l_i, m_i, O, PO, PL, CNT, h, i, ok, bh, n_bh, c, n_ch, r0, R, soh, som, sod,
+                      BM: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr):
+        """The output directly (one slice) or a partial result, merged by the last slice to arrive."""
+        offs_d = tl.arange(0, 2 * HALF)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -224,12 +231,68 @@ if HAS_TRITON:
                 tl.atomic_xchg(CNT, 0)  # ready for the next call (and for CUDA-graph replays)
 
     @triton.jit
+    def _paged_rows_full(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, CNT, kvh, bh, n_bh, c, n_ch, r0,
+                         lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R, qk_scale,
+                         BM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr,
+                         DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ROT_ONCE: tl.constexpr,
+                         USE_TMA: tl.constexpr):
+        """As :func:`_paged_rows` with whole-D key tiles (one ``[rows, D] x [D, PAGE]`` dot per page instead of
+        two over the halves): the rows keep a copy with their halves swapped, so that rotating them by -delta
+        is ``q * [cos, cos] + q_swapped * [sin, -sin]`` on the full width."""
+        r = r0 + tl.arange(0, BM)
+        i = r // G
+        h = kvh * G + r % G
+        ok = i < Lq
+        offs_d = tl.arange(0, 2 * HALF)
+        offs_t = tl.arange(0, PAGE)
+        half_d = offs_d % HALF
+        sign = tl.where(offs_d < HALF, 1.0, -1.0)[None, :]
+        q_row = Q + h.to(tl.int64)[:, None] * sqh + i.to(tl.int64)[:, None] * sqm
+        qf = tl.load(q_row + offs_d[None, :] * sqd, mask=ok[:, None], other=0.0).to(tl.float32)
+        qs = tl.load(q_row + ((offs_d + HALF) % (2 * HALF))[None, :] * sqd, mask=ok[:, None], other=0.0)
+        qs = qs.to(tl.float32) * sign
+        qp = tl.load(QPOS + i, mask=ok, other=0).to(tl.int64)
+        acc = tl.zeros([BM, 2 * HALF], tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        kv_head = KV + kvh.to(tl.int64) * s_head
+        tok = offs_t.to(tl.int64)[:, None] * s_tok
+        a = qf.to(KV.dtype.element_ty)
+        cur = tl.full([], 0, tl.int64)
+        for p in range(lo, hi):
+            pg, cnt, pos0, dl = _page_entry(TAB, tab_stride, p)
+            if ROT_ONCE:
+                if dl != cur:
+                    cs = tl.load(COS + dl * HALF + half_d)[None, :]
+                    sn = tl.load(SIN + dl * HALF + half_d)[None, :]
+                    a = (qf * cs + qs * sn).to(KV.dtype.element_ty)
+                    cur = dl
+            else:
+                cs = tl.load(COS + dl * HALF + half_d)[None, :]
+                sn = tl.load(SIN + dl * HALF + half_d)[None, :]
+                a = (qf * cs + qs * sn).to(KV.dtype.element_ty)
+            if USE_TMA:
+                row0 = (pg * PAGE).to(tl.int32)
+                k = VD.load([row0, kvh * (2 * HALF)])
+                v = VD.load([row0, (n_bh + kvh) * (2 * HALF)])
+            else:
+                base = kv_head + pg * s_page + tok
+                k = tl.load(base + offs_d[None, :])
+                v = tl.load(base + s_kv + offs_d[None, :])
+            s = _dot(a, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+            vis = (offs_t < cnt)[None, :] & ((pos0 + offs_t)[None, :] <= qp[:, None])
+            s = tl.where(vis, s, float("-inf"))
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, True, False, DOT_PREC, UPCAST)
+        _paged_finish(acc, l_i, m_i, O, PO, PL, CNT, h, i, ok, bh, n_bh, c, n_ch, r0, R, soh, som, sod, BM, HALF,
+                      DIRECT)
+
+    @triton.jit
     def _paged_fwd(Q, KV, KD, VD, TAB, NP, QPOS, COS, SIN, O, PO, PL, CNT,
                    sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, tab_stride,
                    G, Lq, CH, n_ch, R, n_main, n_rg, qk_scale,
                    BM: tl.constexpr, BMT: tl.constexpr, BMT2: tl.constexpr, PAGE: tl.constexpr,
                    HALF: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                   ROT_ONCE: tl.constexpr, USE_TMA: tl.constexpr, PAIR: tl.constexpr):
+                   ROT_ONCE: tl.constexpr, USE_TMA: tl.constexpr, PAIR: tl.constexpr, FULL: tl.constexpr):
         # the number of pages is read on the device: the grid holds n_ch slices for the largest table, and
         # the pages of this request are spread over all of them (CH is then the shortest slice allowed)
         n_pages = tl.load(NP).to(tl.int32)
@@ -244,19 +307,37 @@ if HAS_TRITON:
         hi = tl.minimum(lo + CH, n_pages)
         cnt = CNT + kvh * n_rg + rg
         if c < n_act:
-            if rg < n_main:
-                _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
-                            rg * BM, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
-                            qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA, PAIR)
-            elif rg == n_main:
-                _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
-                            n_main * BM, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G,
-                            Lq, R, qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA, PAIR)
+            r0 = tl.where(rg < n_main, rg * BM, n_main * BM + tl.where(rg == n_main, 0, BMT))
+            if FULL:
+                if rg < n_main:
+                    _paged_rows_full(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
+                                     c, n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod,
+                                     G, Lq, R, qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, ROT_ONCE, USE_TMA)
+                elif rg == n_main:
+                    _paged_rows_full(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
+                                     c, n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod,
+                                     G, Lq, R, qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, ROT_ONCE, USE_TMA)
+                else:
+                    if BMT2 > 0:
+                        _paged_rows_full(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh,
+                                         n_bh, c, n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh,
+                                         som, sod, G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST,
+                                         ROT_ONCE, USE_TMA)
             else:
-                if BMT2 > 0:
-                    _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
-                                n_main * BM + BMT, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som,
-                                sod, G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA, PAIR)
+                if rg < n_main:
+                    _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c,
+                                n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
+                                qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA, PAIR)
+                elif rg == n_main:
+                    _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c,
+                                n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
+                                qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE, USE_TMA, PAIR)
+                else:
+                    if BMT2 > 0:
+                        _paged_rows(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
+                                    c, n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod,
+                                    G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, True, ROT_ONCE,
+                                    USE_TMA, PAIR)
 
 
 def paged_ok(q, kv) -> bool:
@@ -276,12 +357,15 @@ ROTATE_ONCE_PER_DELTA = True
 USE_TMA = False
 # Two pages per loop step (one online-softmax rescale per two pages)
 PAIR_PAGES = False
+# Whole-D key tiles (one dot per page) instead of two dots over the halves of D
+FULL_D = False
 
 
 def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: float | None = None,
                  max_pages: int | None = None, backend: str = "auto", block_m: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, rotate_once: bool | None = None,
-                 tma: bool | None = None, pair: bool | None = None, out: torch.Tensor | None = None):
+                 tma: bool | None = None, pair: bool | None = None, full: bool | None = None,
+                 out: torch.Tensor | None = None):
     """Attention of ``q`` [1, Hq, Lq, D] (rotated to the positions ``q_pos``, int64 device tensor [Lq]) over
     the pages of ``table`` (see the module doc) in the arena layer ``kv`` [pages, PAGE, 2, Hkv, D].
 
@@ -330,13 +414,14 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
     if tma:
         flat = kv.view(kv.shape[0] * page, -1)  # [tokens, 2 * Hkv * D]
         kd = TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [page, D // 2])
-        vd = TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [page, D])
+        vd = TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [page, D])  # V, and whole-D K
     _paged_fwd[(spec["n_rg"] * n_ch, hkv)](
         q, kv, kd, vd, table, n_pages, q_pos, cos_half, sin_half, out, po, pl, cnt,
         q.stride(1), q.stride(2), q.stride(3), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
         out.stride(1), out.stride(2), out.stride(3), table.stride(0),
         Hq // hkv, Lq, spec["chunk"], n_ch, R, spec["n_main"], spec["n_rg"], float(scale) * LOG2E,
-        ROT_ONCE=bool(rotate_once), USE_TMA=tma, PAIR=bool(PAIR_PAGES if pair is None else pair), **c)
+        ROT_ONCE=bool(rotate_once), USE_TMA=tma, PAIR=bool(PAIR_PAGES if pair is None else pair),
+        FULL=bool(FULL_D if full is None else full), **c)
     return out
 
 
