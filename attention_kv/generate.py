@@ -40,8 +40,10 @@ QUESTION_BUCKETS = (16, 32, 48, 64, 80, 96, 128, 160, 192, 256)
 WARMUP_QUESTIONS = (16, 32, 48, 64, 96, 128)
 PAGED = "paged"  # the graphs' bucket key of the paged path (one graph per question length serves every context)
 PAGE_TOKENS = 64  # tokens per page of the paged path on CUDA (16 elsewhere: small tiles for the interpreter)
-# The stitching copy on a side stream in layer groups while the question graph runs (waiting per group)
-STAGED_STITCH = True
+# The stitching copy on a side stream in layer groups while the question graph runs (waiting per group).
+# Off: no gain measured (H200, 8B shape, staged vs not, eval/results/e2e_staged_compare_h200.json: 7.8 vs 7.7 ms
+# at 8K, 11.1 vs 11.4 at 32K, 26.7 vs 26.6 at 128K; the forward's kernels leave the copy no idle SMs to run on)
+STAGED_STITCH = False
 TAIL_TOKENS = 2304  # paged path: positions after the context for the question (padded) and the answer
 
 

@@ -26,7 +26,10 @@ Variants (launch-time switches, module defaults below): the query rows rotated o
 a delta (a chunk; default) or for every page; pages loaded through the copy engine (TMA; inside CUDA graphs
 only, where the descriptors are encoded once; off: not yet timed on a GPU) or with plain loads; one page
 (default) or two pages per loop step (two per step halve the online-softmax rescales, but measured slower on an
-H200: 378 vs 279 us for a 50-token question over 32K keys, ``eval/bench_attn_kernels.py --paged``).
+H200: 378 vs 279 us for a 50-token question over 32K keys, ``eval/bench_attn_kernels.py --paged``); whole-D key
+tiles (``full``: one dot per page, the rows rotated on the full width) measured no faster (H200, same question:
+272 half-D vs 287 whole-D at 64-token pages, 322-352 with 128-row groups or 128-token pages, 549 rotating the
+rows for every page: the rotation, not the dot, is the cost; ``eval/results/attn_paged_full_h200.json``).
 """
 from __future__ import annotations
 
