@@ -293,6 +293,29 @@ PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs)
     ("page128 full bm128 w8 tma", 128, dict(full=True, tma=True, block_m=128, num_warps=8)),
     ("page128 full bm128 w8 s2", 128, dict(full=True, block_m=128, num_warps=8, num_stages=2)),
     ("page64 full tma", 64, dict(full=True, tma=True)),
+    # runs of pages sharing a delta as an outer loop, their pages as a branch-free inner loop
+    ("page64 seg", 64, dict(seg=True)),
+    ("page64 seg bm128 w8", 64, dict(seg=True, block_m=128, num_warps=8)),
+    ("page128 seg bm128 w8", 128, dict(seg=True, block_m=128, num_warps=8)),
+    ("page64 seg s2", 64, dict(seg=True, num_stages=2)),
+    ("page128 seg", 128, dict(seg=True)),
+    # more pipeline stages: the page-table load feeding each page's K/V address takes stages of its own (with 3
+    # the K/V buffers are 2 deep for 64-row groups and 1 deep for the tails; with 5, 3 and 2)
+    ("page64 s5", 64, dict(num_stages=5)),
+    ("page64 full s4", 64, dict(full=True, num_stages=4)),
+    ("page64 full s5", 64, dict(full=True, num_stages=5)),
+    ("page64 seg s5", 64, dict(seg=True, num_stages=5)),
+    ("page64 full bm128 w8 s5", 64, dict(full=True, block_m=128, num_warps=8, num_stages=5)),
+    ("page128 full s5", 128, dict(full=True, num_stages=5)),
+    # two or three programs per SM (a program's loop is latency-bound: ~1.9 us per page, as the contiguous
+    # kernel's per 128-key tile)
+    ("page64 pps2", 64, dict(programs_per_sm=2.0)),
+    ("page64 pps3", 64, dict(programs_per_sm=3.0)),
+    ("page64 seg pps2", 64, dict(seg=True, programs_per_sm=2.0)),
+    ("page64 full pps2", 64, dict(full=True, programs_per_sm=2.0)),
+    ("page64 s5 pps2", 64, dict(num_stages=5, programs_per_sm=2.0)),
+    ("page64 seg w8 pps2", 64, dict(seg=True, num_warps=8, programs_per_sm=2.0)),
+    ("page64 seg pps4", 64, dict(seg=True, programs_per_sm=4.0)),
 ]
 
 

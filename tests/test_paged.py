@@ -111,7 +111,7 @@ def test_paged_kernel_matches_full_computation(hq, hkv, Lq):
     got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                        cache.sin_half, max_pages=cache.capacity, backend="triton", pair=True)
     assert _err(got, full) < 2e-5
-    for kw in (dict(full=True), dict(full=True, rotate_once=False)):  # whole-D key tiles
+    for kw in (dict(full=True), dict(full=True, rotate_once=False), dict(seg=True)):  # whole-D key tiles
         got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                            cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
         assert _err(got, full) < 2e-5, kw
@@ -127,7 +127,7 @@ def test_paged_kernel_bf16_and_many_slices():
     n = q.shape[2]
     # the variants: query rows rotated for every page, pages through the copy engine, two pages per step
     for kw in (dict(rotate_once=False), dict(tma=True), dict(pair=True), dict(pair=True, tma=True),
-               dict(full=True), dict(full=True, tma=True), dict(full=True, rotate_once=False)):
+               dict(full=True), dict(full=True, tma=True), dict(full=True, rotate_once=False), dict(seg=True)):
         got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                            cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
         assert _err(got, full) < 3e-2, kw
@@ -268,7 +268,8 @@ def test_gpu_paged_kernel_bf16(hq, hkv, Lq):
     ref = _run(q, layer, cache, "torch")
     assert _err(got, ref) < 3e-2
     n = q.shape[2]
-    for kw in (dict(full=True), dict(full=True, rotate_once=False), dict(full=True, block_m=128, num_warps=8)):
+    for kw in (dict(full=True), dict(full=True, rotate_once=False), dict(full=True, block_m=128, num_warps=8),
+               dict(seg=True), dict(seg=True, block_m=128, num_warps=8)):
         got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                            cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
         assert _err(got, ref) < 3e-2, kw

@@ -94,6 +94,31 @@ def attend_paged_reference(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, 
 if HAS_TRITON:
 
     @triton.jit
+    def _rows_start(Q, QPOS, kvh, r0, G, Lq, sqh, sqm, BM: tl.constexpr, D: tl.constexpr):
+        """A program's packed rows: query position ``i``, head ``h``, validity, row pointers, positions and
+        the empty online-softmax state."""
+        r = r0 + tl.arange(0, BM)
+        i = r // G
+        h = kvh * G + r % G
+        ok = i < Lq
+        q_row = Q + h.to(tl.int64)[:, None] * sqh + i.to(tl.int64)[:, None] * sqm
+        qp = tl.load(QPOS + i, mask=ok, other=0).to(tl.int64)
+        acc = tl.zeros([BM, D], tl.float32)
+        l_i = tl.zeros([BM], tl.float32)
+        m_i = tl.full([BM], float("-inf"), tl.float32)
+        return i, h, ok, q_row, qp, acc, l_i, m_i
+
+    @triton.jit
+    def _rows_and_swapped(q_row, ok, sqd, HALF: tl.constexpr):
+        """The rows ``[x1, x2]`` (fp32) and ``qs = [x2, -x1]``, so that rotating them by -delta is
+        ``q * [cos, cos] + qs * [sin, sin]`` on the full width."""
+        offs_d = tl.arange(0, 2 * HALF)
+        sign = tl.where(offs_d < HALF, 1.0, -1.0)[None, :]
+        qf = tl.load(q_row + offs_d[None, :] * sqd, mask=ok[:, None], other=0.0).to(tl.float32)
+        qs = tl.load(q_row + ((offs_d + HALF) % (2 * HALF))[None, :] * sqd, mask=ok[:, None], other=0.0)
+        return qf, qs.to(tl.float32) * sign
+
+    @triton.jit
     def _page_entry(TAB, tab_stride, p):
         """(arena page, valid tokens, first position, delta) of table column ``p``."""
         pg = tl.load(TAB + p).to(tl.int64)
@@ -142,20 +167,12 @@ if HAS_TRITON:
                     BM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr,
                     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FOLD: tl.constexpr, ROT_ONCE: tl.constexpr,
                     USE_TMA: tl.constexpr, PAIR: tl.constexpr):
-        r = r0 + tl.arange(0, BM)
-        i = r // G
-        h = kvh * G + r % G
-        ok = i < Lq
+        i, h, ok, q_row, qp, acc, l_i, m_i = _rows_start(Q, QPOS, kvh, r0, G, Lq, sqh, sqm, BM, 2 * HALF)
         offs_h = tl.arange(0, HALF)
         offs_d = tl.arange(0, 2 * HALF)
         offs_t = tl.arange(0, PAGE)
-        q_row = Q + h.to(tl.int64)[:, None] * sqh + i.to(tl.int64)[:, None] * sqm
         q1 = tl.load(q_row + offs_h[None, :] * sqd, mask=ok[:, None], other=0.0).to(tl.float32)
         q2 = tl.load(q_row + (offs_h + HALF)[None, :] * sqd, mask=ok[:, None], other=0.0).to(tl.float32)
-        qp = tl.load(QPOS + i, mask=ok, other=0).to(tl.int64)
-        acc = tl.zeros([BM, 2 * HALF], tl.float32)
-        l_i = tl.zeros([BM], tl.float32)
-        m_i = tl.full([BM], float("-inf"), tl.float32)
         kv_head = KV + kvh.to(tl.int64) * s_head
         tok = offs_t.to(tl.int64)[:, None] * s_tok
         a1 = q1.to(KV.dtype.element_ty)
@@ -242,22 +259,11 @@ if HAS_TRITON:
         """As :func:`_paged_rows` with whole-D key tiles (one ``[rows, D] x [D, PAGE]`` dot per page instead of
         two over the halves): the rows keep a copy with their halves swapped, so that rotating them by -delta
         is ``q * [cos, cos] + q_swapped * [sin, -sin]`` on the full width."""
-        r = r0 + tl.arange(0, BM)
-        i = r // G
-        h = kvh * G + r % G
-        ok = i < Lq
+        i, h, ok, q_row, qp, acc, l_i, m_i = _rows_start(Q, QPOS, kvh, r0, G, Lq, sqh, sqm, BM, 2 * HALF)
         offs_d = tl.arange(0, 2 * HALF)
         offs_t = tl.arange(0, PAGE)
         half_d = offs_d % HALF
-        sign = tl.where(offs_d < HALF, 1.0, -1.0)[None, :]
-        q_row = Q + h.to(tl.int64)[:, None] * sqh + i.to(tl.int64)[:, None] * sqm
-        qf = tl.load(q_row + offs_d[None, :] * sqd, mask=ok[:, None], other=0.0).to(tl.float32)
-        qs = tl.load(q_row + ((offs_d + HALF) % (2 * HALF))[None, :] * sqd, mask=ok[:, None], other=0.0)
-        qs = qs.to(tl.float32) * sign
-        qp = tl.load(QPOS + i, mask=ok, other=0).to(tl.int64)
-        acc = tl.zeros([BM, 2 * HALF], tl.float32)
-        l_i = tl.zeros([BM], tl.float32)
-        m_i = tl.full([BM], float("-inf"), tl.float32)
+        qf, qs = _rows_and_swapped(q_row, ok, sqd, HALF)
         kv_head = KV + kvh.to(tl.int64) * s_head
         tok = offs_t.to(tl.int64)[:, None] * s_tok
         a = qf.to(KV.dtype.element_ty)
@@ -290,12 +296,55 @@ if HAS_TRITON:
                       DIRECT)
 
     @triton.jit
+    def _paged_rows_seg(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, CNT, kvh, bh, n_bh, c, n_ch, r0,
+                        lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R, qk_scale,
+                        BM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr,
+                        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr):
+        """Whole-D key tiles in two nested loops: the outer one over runs of pages sharing a delta (a chunk's
+        pages; a run is cut after ``SCAN`` pages), rotating the rows once per run; the inner one over the
+        run's pages with the rotated rows loop-invariant, so nothing but K/V loads, dots and the softmax is
+        left in it (the flat loop's "rotate if the delta changed" branch is evaluated on every page)."""
+        i, h, ok, q_row, qp, acc, l_i, m_i = _rows_start(Q, QPOS, kvh, r0, G, Lq, sqh, sqm, BM, 2 * HALF)
+        offs_d = tl.arange(0, 2 * HALF)
+        offs_t = tl.arange(0, PAGE)
+        offs_s = tl.arange(0, SCAN)
+        half_d = offs_d % HALF
+        qf, qs = _rows_and_swapped(q_row, ok, sqd, HALF)
+        kv_head = KV + kvh.to(tl.int64) * s_head
+        tok = offs_t.to(tl.int64)[:, None] * s_tok
+        DELTA = TAB + 3 * tab_stride
+        p = lo
+        while p < hi:
+            dl = tl.load(DELTA + p)
+            # the run's end: the first of the next SCAN pages with another delta (deltas are >= 0)
+            nxt = tl.load(DELTA + p + offs_s, mask=p + offs_s < hi, other=-1)
+            e = p + tl.min(tl.where(nxt != dl, offs_s, SCAN), 0)
+            cs = tl.load(COS + dl.to(tl.int64) * HALF + half_d)[None, :]
+            sn = tl.load(SIN + dl.to(tl.int64) * HALF + half_d)[None, :]
+            a = (qf * cs + qs * sn).to(KV.dtype.element_ty)
+            for j in range(p, e):
+                pg = tl.load(TAB + j).to(tl.int64)
+                cnt = tl.load(TAB + tab_stride + j)
+                pos0 = tl.load(TAB + 2 * tab_stride + j).to(tl.int64)
+                base = kv_head + pg * s_page + tok
+                k = tl.load(base + offs_d[None, :])
+                v = tl.load(base + s_kv + offs_d[None, :])
+                s = _dot(a, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+                vis = (offs_t < cnt)[None, :] & ((pos0 + offs_t)[None, :] <= qp[:, None])
+                s = tl.where(vis, s, float("-inf"))
+                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, True, False, DOT_PREC, UPCAST)
+            p = e
+        _paged_finish(acc, l_i, m_i, O, PO, PL, CNT, h, i, ok, bh, n_bh, c, n_ch, r0, R, soh, som, sod, BM, HALF,
+                      DIRECT)
+
+    @triton.jit
     def _paged_fwd(Q, KV, KD, VD, TAB, NP, QPOS, COS, SIN, O, PO, PL, CNT,
                    sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, tab_stride,
                    G, Lq, CH, n_ch, R, n_main, n_rg, qk_scale,
                    BM: tl.constexpr, BMT: tl.constexpr, BMT2: tl.constexpr, PAGE: tl.constexpr,
                    HALF: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                   ROT_ONCE: tl.constexpr, USE_TMA: tl.constexpr, PAIR: tl.constexpr, FULL: tl.constexpr):
+                   ROT_ONCE: tl.constexpr, USE_TMA: tl.constexpr, PAIR: tl.constexpr, FULL: tl.constexpr,
+                   SEG: tl.constexpr):
         # the number of pages is read on the device: the grid holds n_ch slices for the largest table, and
         # the pages of this request are spread over all of them (CH is then the shortest slice allowed)
         n_pages = tl.load(NP).to(tl.int32)
@@ -311,7 +360,21 @@ if HAS_TRITON:
         cnt = CNT + kvh * n_rg + rg
         if c < n_act:
             r0 = tl.where(rg < n_main, rg * BM, n_main * BM + tl.where(rg == n_main, 0, BMT))
-            if FULL:
+            if SEG:
+                if rg < n_main:
+                    _paged_rows_seg(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
+                                    r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
+                                    qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32)
+                elif rg == n_main:
+                    _paged_rows_seg(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
+                                    r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
+                                    qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32)
+                else:
+                    if BMT2 > 0:
+                        _paged_rows_seg(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c,
+                                        n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod,
+                                        G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32)
+            elif FULL:
                 if rg < n_main:
                     _paged_rows_full(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
                                      c, n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod,
@@ -362,13 +425,15 @@ USE_TMA = False
 PAIR_PAGES = False
 # Whole-D key tiles (one dot per page) instead of two dots over the halves of D
 FULL_D = False
+# Runs of pages sharing a delta as an outer loop (rows rotated once per run), their pages as an inner loop
+SEGMENTED = False
 
 
 def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: float | None = None,
                  max_pages: int | None = None, backend: str = "auto", block_m: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, rotate_once: bool | None = None,
                  tma: bool | None = None, pair: bool | None = None, full: bool | None = None,
-                 out: torch.Tensor | None = None):
+                 seg: bool | None = None, programs_per_sm: float | None = None, out: torch.Tensor | None = None):
     """Attention of ``q`` [1, Hq, Lq, D] (rotated to the positions ``q_pos``, int64 device tensor [Lq]) over
     the pages of ``table`` (see the module doc) in the arena layer ``kv`` [pages, PAGE, 2, Hkv, D].
 
@@ -397,10 +462,11 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
         n_pages = torch.tensor([int(n_pages)], dtype=torch.int32, device=dev)
     max_pages = int(max_pages or table.shape[1])
     rotate_once = ROTATE_ONCE_PER_DELTA if rotate_once is None else rotate_once
-    key = (Hq, Lq, D, hkv, page, max_pages, q.dtype, str(dev), block_m, num_warps, num_stages)
+    key = (Hq, Lq, D, hkv, page, max_pages, q.dtype, str(dev), block_m, num_warps, num_stages, programs_per_sm)
     spec = _SPECS.get(key)
     if spec is None:
-        spec = _plan(Hq, Lq, D, hkv, page, max_pages, q.dtype, dev, block_m, num_warps, num_stages)
+        spec = _plan(Hq, Lq, D, hkv, page, max_pages, q.dtype, dev, block_m, num_warps, num_stages,
+                     programs_per_sm)
         if len(_SPECS) >= 256:
             _SPECS.pop(next(iter(_SPECS)))
         _SPECS[key] = spec
@@ -424,11 +490,11 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
         out.stride(1), out.stride(2), out.stride(3), table.stride(0),
         Hq // hkv, Lq, spec["chunk"], n_ch, R, spec["n_main"], spec["n_rg"], float(scale) * LOG2E,
         ROT_ONCE=bool(rotate_once), USE_TMA=tma, PAIR=bool(PAIR_PAGES if pair is None else pair),
-        FULL=bool(FULL_D if full is None else full), **c)
+        FULL=bool(FULL_D if full is None else full), SEG=bool(SEGMENTED if seg is None else seg), **c)
     return out
 
 
-def _plan(Hq, Lq, D, hkv, page, max_pages, dtype, dev, block_m, num_warps, num_stages) -> dict:
+def _plan(Hq, Lq, D, hkv, page, max_pages, dtype, dev, block_m, num_warps, num_stages, programs_per_sm=None) -> dict:
     """Row groups and page slices of a launch (depends only on shapes; cached per shape)."""
     G = Hq // hkv
     interp = dev.type != "cuda" or _interpret()
@@ -442,7 +508,7 @@ def _plan(Hq, Lq, D, hkv, page, max_pages, dtype, dev, block_m, num_warps, num_s
     min_keys = 4 * page if interp else 512
     # the plan of the contiguous question kernel, with pages as its key tiles
     p = question_plan(Lq, max_pages * page, max_pages * page - Lq, G, hkv, _num_sms(dev), block_m=bm,
-                      block_n=page, programs_per_sm=1.0, min_keys=min_keys)
+                      block_n=page, programs_per_sm=programs_per_sm or 1.0, min_keys=min_keys)
     chunk = max(1, min(_cdiv(min_keys, page), p["chunk"]))  # the shortest slice; the kernel spreads the rest
     n_ch = p["n_ch"]
     const = dict(BM=bm, BMT=p["tail"], BMT2=p["tail2"], PAGE=page, HALF=D // 2, DIRECT=n_ch == 1,
