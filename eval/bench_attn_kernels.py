@@ -48,6 +48,11 @@ DECODE_VARIANTS = [  # default: bn128 s3 pps0.5 (pps2 / pps4 / bn64 w2: 1.4-1.9x
     ("bn128 s3 pps1", dict(block_n=128, num_stages=3, programs_per_sm=1)),
     ("bn128 s3 pps0.25", dict(block_n=128, num_stages=3, programs_per_sm=0.25)),
     ("bn64 s4 pps0.5", dict(block_n=64, num_stages=4, programs_per_sm=0.5)),
+    # the main loop three tiles deep (the edge loop unpipelined leaves it the shared memory)
+    ("bn128 s4 edge1 pps0.5", dict(block_n=128, num_stages=4, edge_stages=1, programs_per_sm=0.5)),
+    ("bn128 s4 edge1 pps1", dict(block_n=128, num_stages=4, edge_stages=1, programs_per_sm=1)),
+    ("bn128 s3 edge1 pps0.5", dict(block_n=128, num_stages=3, edge_stages=1, programs_per_sm=0.5)),
+    ("bn64 s6 edge1 pps1", dict(block_n=64, num_stages=6, edge_stages=1, programs_per_sm=1)),
 ]
 
 
@@ -275,7 +280,7 @@ def paged_request(lk, lq, hkv, page, n_layers, seed=0):
                 sin=ang.sin().contiguous(), pages=total, padded_tokens=total * page, n_chunks=len(lens))
 
 
-PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs)
+PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs); appended only, so recorded commands still hold
     ("page64", 64, dict(rotate_once=True, tma=False, pair=False)),
     ("page64 rotation per page", 64, dict(rotate_once=False, tma=False, pair=False)),
     ("page64 tma", 64, dict(rotate_once=True, tma=True, pair=False)),
@@ -316,6 +321,7 @@ PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs)
     ("page64 s5 pps2", 64, dict(num_stages=5, programs_per_sm=2.0)),
     ("page64 seg w8 pps2", 64, dict(seg=True, num_warps=8, programs_per_sm=2.0)),
     ("page64 seg pps4", 64, dict(seg=True, programs_per_sm=4.0)),
+    ("default", 64, {}),  # the plan's choice: seg + 2 programs per SM for a question, 5 stages for a decoded token
 ]
 
 

@@ -425,8 +425,9 @@ USE_TMA = False
 PAIR_PAGES = False
 # Whole-D key tiles (one dot per page) instead of two dots over the halves of D
 FULL_D = False
-# Runs of pages sharing a delta as an outer loop (rows rotated once per run), their pages as an inner loop
-SEGMENTED = False
+# Runs of pages sharing a delta as an outer loop (rows rotated once per run), their pages as an inner loop:
+# None lets the plan choose (on for a question's rows, off for a decoded token's)
+SEGMENTED = None
 
 
 def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: float | None = None,
@@ -461,6 +462,8 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
     if not isinstance(n_pages, torch.Tensor):
         n_pages = torch.tensor([int(n_pages)], dtype=torch.int32, device=dev)
     max_pages = int(max_pages or table.shape[1])
+    # the plan's choice of loop unless one of the flat loop's variants is asked for
+    flat_asked = not (rotate_once is None and tma is None and pair is None and full is None)
     rotate_once = ROTATE_ONCE_PER_DELTA if rotate_once is None else rotate_once
     key = (Hq, Lq, D, hkv, page, max_pages, q.dtype, str(dev), block_m, num_warps, num_stages, programs_per_sm)
     spec = _SPECS.get(key)
@@ -471,6 +474,7 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
             _SPECS.pop(next(iter(_SPECS)))
         _SPECS[key] = spec
     c = spec["const"]
+    use_seg = bool(seg) if seg is not None else c["SEG"] and not flat_asked
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     n_ch, R = spec["n_ch"], spec["R"]
     po, pl = partial_buffers(spec, n_ch * hkv * R, D, dev, capturing, out)
@@ -490,7 +494,7 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
         out.stride(1), out.stride(2), out.stride(3), table.stride(0),
         Hq // hkv, Lq, spec["chunk"], n_ch, R, spec["n_main"], spec["n_rg"], float(scale) * LOG2E,
         ROT_ONCE=bool(rotate_once), USE_TMA=tma, PAIR=bool(PAIR_PAGES if pair is None else pair),
-        FULL=bool(FULL_D if full is None else full), SEG=bool(SEGMENTED if seg is None else seg), **c)
+        FULL=bool(FULL_D if full is None else full), **{**c, "SEG": use_seg})
     return out
 
 
@@ -498,21 +502,31 @@ def _plan(Hq, Lq, D, hkv, page, max_pages, dtype, dev, block_m, num_warps, num_s
     """Row groups and page slices of a launch (depends only on shapes; cached per shape)."""
     G = Hq // hkv
     interp = dev.type != "cuda" or _interpret()
+    few_rows = G * Lq <= 16  # a decoded token's rows (one tail group)
+    pps = 1.0
     if interp:
         bm, nw, ns = 16, 4, 1
     elif D >= 256 or dtype == torch.float32:
         bm, nw, ns = 64, 4, 2
+    elif few_rows:
+        # 5 stages: the page-table load feeding each page's K/V address takes pipeline stages of its own, so
+        # with 3 the tail group's K/V buffers were one deep. H200, Llama-3-8B heads, 32K keys: 64.0 vs 82.6 us
+        bm, nw, ns = 64, 4, 5
     else:
-        bm, nw, ns = 64, 4, 3
+        # the runs of a delta as an outer loop, two programs per SM: 237.8 vs 277.1 us for a 50-token question
+        # over 32K keys (H200; 5 stages, 8 warps, 128-row groups, 128-token pages, 3 or 4 programs per SM
+        # slower: eval/results/attn_paged_{seg,stages,pps}_h200.json)
+        bm, nw, ns, pps = 64, 4, 3, 2.0
+    seg = SEGMENTED if SEGMENTED is not None else not few_rows
     bm = block_m or bm
     min_keys = 4 * page if interp else 512
     # the plan of the contiguous question kernel, with pages as its key tiles
     p = question_plan(Lq, max_pages * page, max_pages * page - Lq, G, hkv, _num_sms(dev), block_m=bm,
-                      block_n=page, programs_per_sm=programs_per_sm or 1.0, min_keys=min_keys)
+                      block_n=page, programs_per_sm=programs_per_sm or pps, min_keys=min_keys)
     chunk = max(1, min(_cdiv(min_keys, page), p["chunk"]))  # the shortest slice; the kernel spreads the rest
     n_ch = p["n_ch"]
     const = dict(BM=bm, BMT=p["tail"], BMT2=p["tail2"], PAGE=page, HALF=D // 2, DIRECT=n_ch == 1,
                  DOT_PREC="ieee" if dtype == torch.float32 else "tf32", UPCAST=interp and dtype == torch.bfloat16,
-                 num_warps=num_warps or nw, num_stages=num_stages or ns)
+                 num_warps=num_warps or nw, num_stages=num_stages or ns, SEG=bool(seg))
     return dict(n_main=p["n_main"], R=p["R"], n_rg=p["n_rg"], n_ch=n_ch, chunk=chunk, const=const, po=None,
                 pl=None)

@@ -126,7 +126,7 @@ if HAS_TRITON:
                 G, Lq, Lk, q_start, R, qk_scale,
                 BM: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                 DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
-                FOLD: tl.constexpr, LAZY: tl.constexpr):
+                FOLD: tl.constexpr, LAZY: tl.constexpr, EDGE_STAGES: tl.constexpr):
         q, i, h, ok = _q_load(Q, b, kvh, r0, G, Lq, sqb, sqh, sqm, sqd, BM, D)
         gq = q_start + i
         acc = tl.zeros([BM, D], tl.float32)
@@ -145,7 +145,9 @@ if HAS_TRITON:
                 k = tl.load(K + t0 * skn + offs_t[:, None] * skn + offs_d[None, :] * skd)
                 v = tl.load(V + t0 * svn + offs_t[:, None] * svn + offs_d[None, :] * svd)
             acc, l_i, m_i = _q_step(acc, l_i, m_i, q, k, v, gq, offs_n, Lk, qk_scale, False, DOT_PREC, UPCAST, LAZY)
-        for kt in range(mid, hi):  # tiles overlapping the question (causal) or the end of the keys
+        # tiles overlapping the question (causal) or the end of the keys; EDGE_STAGES=1: this short loop is not
+        # pipelined, so its stage buffers leave the shared memory to the main loop's (deeper) ones
+        for kt in tl.range(mid, hi, num_stages=EDGE_STAGES):
             offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
             if USE_TMA:  # the copy engine zero-fills rows past the buffer; rows past Lk inside it are zeroed
                 k = KD.load([b, kvh, kt * BLOCK_N, 0]).reshape(BLOCK_N, D)
@@ -169,7 +171,7 @@ if HAS_TRITON:
         Hkv, G, Lq, Lk, q_start, n_full, n_tiles, CH, n_ch, R, n_main, n_rg, qk_scale,
         BM: tl.constexpr, BMT: tl.constexpr, BMT2: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
-        FOLD: tl.constexpr, LAZY: tl.constexpr, DYN: tl.constexpr,
+        FOLD: tl.constexpr, LAZY: tl.constexpr, DYN: tl.constexpr, MAIN: tl.constexpr, EDGE_STAGES: tl.constexpr,
     ):
         if DYN:  # the number of valid keys is read from the device (CUDA-graph replays of a growing cache)
             Lk = tl.load(LKP)
@@ -194,20 +196,24 @@ if HAS_TRITON:
         k_base = K + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
         v_base = V + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
         if c < n_ch:  # (always, unless DYN: slices past the current length do nothing)
-            if rg < n_main:
+            # MAIN: whether there are full row groups at all. Without them (a decoded token) their branch is
+            # not compiled: its K/V stage buffers would take shared memory the tail's branch cannot use
+            if MAIN and rg < n_main:
                 _q_rows(Q, k_base, v_base, KD, VD, O, PO, PL, CNT + bh * n_rg + rg, b, kvh, bh, n_bh, c, n_ch, rg * BM,
                         lo, mid, hi, sqb, sqh, sqm, sqd, skn, skd, svn, svd, sob, soh, som, sod, G, Lq, Lk, q_start, R,
-                        qk_scale, BM, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD, LAZY)
+                        qk_scale, BM, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD, LAZY,
+                        EDGE_STAGES)
             elif rg == n_main:  # the rows left over after the full groups: one or two smaller groups
                 _q_rows(Q, k_base, v_base, KD, VD, O, PO, PL, CNT + bh * n_rg + rg, b, kvh, bh, n_bh, c, n_ch,
                         n_main * BM, lo, mid, hi, sqb, sqh, sqm, sqd, skn, skd, svn, svd, sob, soh, som, sod,
-                        G, Lq, Lk, q_start, R, qk_scale, BMT, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD, LAZY)
+                        G, Lq, Lk, q_start, R, qk_scale, BMT, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD, LAZY,
+                        EDGE_STAGES)
             else:
                 if BMT2 > 0:
                     _q_rows(Q, k_base, v_base, KD, VD, O, PO, PL, CNT + bh * n_rg + rg, b, kvh, bh, n_bh, c, n_ch,
                             n_main * BM + BMT, lo, mid, hi, sqb, sqh, sqm, sqd, skn, skd, svn, svd, sob, soh, som, sod,
                             G, Lq, Lk, q_start, R, qk_scale, BMT2, BLOCK_N, D, DIRECT, DOT_PREC, UPCAST, USE_TMA, FOLD,
-                            LAZY)
+                            LAZY, EDGE_STAGES)
 
     @triton.jit
     def _question_reduce(
@@ -260,7 +266,8 @@ def attend_question(q, k, v, *, q_start: int | None = None, scale: float | None 
                     block_m: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                     num_stages: int | None = None, programs_per_sm: float | None = None,
                     chunk: int | None = None, tma: bool | None = None, fold: bool = True, lazy: bool = False,
-                    kv_len: torch.Tensor | None = None, out: torch.Tensor | None = None):
+                    kv_len: torch.Tensor | None = None, edge_stages: int | None = None,
+                    out: torch.Tensor | None = None):
     """Causal attention of ``q`` [B, Hq, Lq, D] (global positions ``q_start..``) over rotated keys ``k``,
     ``v`` [B, Hkv, Lk, D] — every key before ``q_start`` is visible to every row. Same result as
     ``attend(q, k, v, q_start=q_start)``.
@@ -285,11 +292,11 @@ def attend_question(q, k, v, *, q_start: int | None = None, scale: float | None 
         # launch: worth it inside a CUDA graph (encoded once), not for eager calls, which are host-bound.
         tma = capturing or _interpret()
     key = (B, Hq, Lq, D, Hkv, Lk, q_start, q.dtype, str(dev), k.stride(), v.stride(), block_m, block_n,
-           num_warps, num_stages, programs_per_sm, chunk, tma, fold, lazy, kv_len is None)
+           num_warps, num_stages, programs_per_sm, chunk, tma, fold, lazy, kv_len is None, edge_stages)
     spec = _SPECS.get(key)
     if spec is None:
         spec = _launch_spec(B, Hq, Lq, D, Hkv, Lk, q_start, q.dtype, dev, k, v, block_m, block_n, num_warps,
-                            num_stages, programs_per_sm, chunk, tma, fold, lazy, kv_len is not None)
+                            num_stages, programs_per_sm, chunk, tma, fold, lazy, kv_len is not None, edge_stages)
         if len(_SPECS) >= 256:
             _SPECS.pop(next(iter(_SPECS)))
         _SPECS[key] = spec
@@ -319,7 +326,7 @@ _SPECS: dict = {}
 
 
 def _launch_spec(B, Hq, Lq, D, Hkv, Lk, q_start, dtype, dev, k, v, block_m, block_n, num_warps, num_stages,
-                 programs_per_sm, chunk, tma, fold, lazy, dyn) -> dict:
+                 programs_per_sm, chunk, tma, fold, lazy, dyn, edge_stages=None) -> dict:
     """Everything about a launch that depends only on shapes and knobs (cached per shape)."""
     G = Hq // Hkv
     interp = dev.type != "cuda" or _interpret()
@@ -353,7 +360,8 @@ def _launch_spec(B, Hq, Lq, D, Hkv, Lk, q_start, dtype, dev, k, v, block_m, bloc
         raise ValueError("kv_len needs the folded merge (fold=True)")
     const = dict(BM=bm, BMT=p["tail"], BMT2=p["tail2"], BLOCK_N=bn, D=D, DIRECT=direct,
                  DOT_PREC="ieee" if dtype == torch.float32 else "tf32", UPCAST=interp and dtype == torch.bfloat16,
-                 USE_TMA=bool(tma and _tma_ok(k) and _tma_ok(v)), FOLD=fold, LAZY=lazy, DYN=dyn,
+                 USE_TMA=bool(tma and _tma_ok(k) and _tma_ok(v)), FOLD=fold, LAZY=lazy, DYN=dyn, MAIN=p["n_main"] > 0,
                  num_warps=num_warps or nw, num_stages=num_stages or ns)
+    const["EDGE_STAGES"] = edge_stages or const["num_stages"]
     return dict(p, grid=(p["n_rg"] * p["n_ch"], n_bh), const=const, interp=interp, po=None, pl=None,
                 check=not (tile_offsets_fit(k, bn) and tile_offsets_fit(v, bn)))
