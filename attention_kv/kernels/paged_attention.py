@@ -29,7 +29,11 @@ only, where the descriptors are encoded once; off: not yet timed on a GPU) or wi
 H200: 378 vs 279 us for a 50-token question over 32K keys, ``eval/bench_attn_kernels.py --paged``); whole-D key
 tiles (``full``: one dot per page, the rows rotated on the full width) measured no faster (H200, same question:
 272 half-D vs 287 whole-D at 64-token pages, 322-352 with 128-row groups or 128-token pages, 549 rotating the
-rows for every page: the rotation, not the dot, is the cost; ``eval/results/attn_paged_full_h200.json``).
+rows for every page: the rotation, not the dot, is the cost; ``eval/results/attn_paged_full_h200.json``); runs of
+pages sharing a delta as an outer loop (``seg``: the rows rotated once per run, a branch-free inner loop), the
+plan's choice for a question's rows with two programs per SM (237.9 vs 277 us), and 5 pipeline stages for a
+decoded token (the page-table load feeding each K/V address takes stages of its own: 64 vs 83 us; README
+"Paged (zero-copy) kernel").
 """
 from __future__ import annotations
 

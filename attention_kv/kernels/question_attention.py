@@ -19,7 +19,9 @@ each K/V load (serialised softmax and matrix work: 1.9x slower), 128-row groups 
 lazy rescaling, Triton's warp-specialised loop with device-side descriptors, issuing the next tile's
 scores before the softmax, folding the scale into the exponent (no gain), 64-key tiles with two programs
 per SM, and one program of 256 rows over 16 warps (slower). Two K/V tile stages instead of three: 1.5x
-slower, so the K/V stream, not only the per-tile matrix and softmax work, limits a program.
+slower, so the K/V stream, not only the per-tile matrix and softmax work, limits a program. For a decoded
+token, a three-deep K/V stream (4 stages, the edge loop unpipelined: ``edge_stages=1``) was no faster than two
+(H200, 32K keys: 48.2 vs 48.6 us, ``eval/results/attn_decode_edge_h200.json``).
 Keys must already be rotated (callers rotate them while stitching, or ``attend_triton`` rotates first).
 """
 from __future__ import annotations
