@@ -255,6 +255,16 @@ if HAS_TRITON:
                 tl.atomic_xchg(CNT, 0)  # ready for the next call (and for CUDA-graph replays)
 
     @triton.jit
+    def _full_page_step(acc, l_i, m_i, a, k, v, cnt, pos0, offs_t, qp, qk_scale, DOT_PREC: tl.constexpr,
+                        UPCAST: tl.constexpr):
+        """The online-softmax update of the (rotated) rows ``a`` over one page's whole-D ``k``/``v``, hidden keys
+        masked (past the page's valid tokens, after the row's own position)."""
+        s = _dot(a, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+        vis = (offs_t < cnt)[None, :] & ((pos0 + offs_t)[None, :] <= qp[:, None])
+        s = tl.where(vis, s, float("-inf"))
+        return _softmax_step(acc, l_i, m_i, s, v, True, False, DOT_PREC, UPCAST)
+
+    @triton.jit
     def _paged_rows_full(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, CNT, kvh, bh, n_bh, c, n_ch, r0,
                          lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R, qk_scale,
                          BM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr,
@@ -292,10 +302,7 @@ if HAS_TRITON:
                 base = kv_head + pg * s_page + tok
                 k = tl.load(base + offs_d[None, :])
                 v = tl.load(base + s_kv + offs_d[None, :])
-            s = _dot(a, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-            vis = (offs_t < cnt)[None, :] & ((pos0 + offs_t)[None, :] <= qp[:, None])
-            s = tl.where(vis, s, float("-inf"))
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, True, False, DOT_PREC, UPCAST)
+            acc, l_i, m_i = _full_page_step(acc, l_i, m_i, a, k, v, cnt, pos0, offs_t, qp, qk_scale, DOT_PREC, UPCAST)
         _paged_finish(acc, l_i, m_i, O, PO, PL, CNT, h, i, ok, bh, n_bh, c, n_ch, r0, R, soh, som, sod, BM, HALF,
                       DIRECT)
 
@@ -333,10 +340,8 @@ if HAS_TRITON:
                 base = kv_head + pg * s_page + tok
                 k = tl.load(base + offs_d[None, :])
                 v = tl.load(base + s_kv + offs_d[None, :])
-                s = _dot(a, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-                vis = (offs_t < cnt)[None, :] & ((pos0 + offs_t)[None, :] <= qp[:, None])
-                s = tl.where(vis, s, float("-inf"))
-                acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, True, False, DOT_PREC, UPCAST)
+                acc, l_i, m_i = _full_page_step(acc, l_i, m_i, a, k, v, cnt, pos0, offs_t, qp, qk_scale, DOT_PREC,
+                                                UPCAST)
             p = e
         _paged_finish(acc, l_i, m_i, O, PO, PL, CNT, h, i, ok, bh, n_bh, c, n_ch, r0, R, soh, som, sod, BM, HALF,
                       DIRECT)
