@@ -322,6 +322,9 @@ PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs); appended only, so
     ("page64 seg w8 pps2", 64, dict(seg=True, num_warps=8, programs_per_sm=2.0)),
     ("page64 seg pps4", 64, dict(seg=True, programs_per_sm=4.0)),
     ("default", 64, {}),  # the plan's choice: seg + 2 programs per SM for a question, 5 stages for a decoded token
+    ("page64 seg tma pps2", 64, dict(seg=True, tma=True, programs_per_sm=2.0)),
+    ("page64 full tma s5", 64, dict(full=True, tma=True, num_stages=5)),
+    ("page64 seg tma s4 pps2", 64, dict(seg=True, tma=True, num_stages=4, programs_per_sm=2.0)),
 ]
 
 

@@ -127,7 +127,8 @@ def test_paged_kernel_bf16_and_many_slices():
     n = q.shape[2]
     # the variants: query rows rotated for every page, pages through the copy engine, two pages per step
     for kw in (dict(rotate_once=False), dict(tma=True), dict(pair=True), dict(pair=True, tma=True),
-               dict(full=True), dict(full=True, tma=True), dict(full=True, rotate_once=False), dict(seg=True)):
+               dict(full=True), dict(full=True, tma=True), dict(full=True, rotate_once=False), dict(seg=True),
+               dict(seg=True, tma=True)):
         got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                            cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
         assert _err(got, full) < 3e-2, kw

@@ -255,6 +255,20 @@ if HAS_TRITON:
                 tl.atomic_xchg(CNT, 0)  # ready for the next call (and for CUDA-graph replays)
 
     @triton.jit
+    def _page_kv_full(KV, VD, pg, kvh, n_bh, kv_head, tok, offs_d, s_page, s_kv, PAGE: tl.constexpr,
+                      HALF: tl.constexpr, USE_TMA: tl.constexpr):
+        """Whole-D K and V of one page for one KV head (the copy engine reads the layer as [tokens, 2*Hkv*D])."""
+        if USE_TMA:
+            row0 = (pg * PAGE).to(tl.int32)
+            k = VD.load([row0, kvh * (2 * HALF)])
+            v = VD.load([row0, (n_bh + kvh) * (2 * HALF)])
+        else:
+            base = kv_head + pg * s_page + tok
+            k = tl.load(base + offs_d[None, :])
+            v = tl.load(base + s_kv + offs_d[None, :])
+        return k, v
+
+    @triton.jit
     def _full_page_step(acc, l_i, m_i, a, k, v, cnt, pos0, offs_t, qp, qk_scale, DOT_PREC: tl.constexpr,
                         UPCAST: tl.constexpr):
         """The online-softmax update of the (rotated) rows ``a`` over one page's whole-D ``k``/``v``, hidden keys
@@ -294,23 +308,16 @@ if HAS_TRITON:
                 cs = tl.load(COS + dl * HALF + half_d)[None, :]
                 sn = tl.load(SIN + dl * HALF + half_d)[None, :]
                 a = (qf * cs + qs * sn).to(KV.dtype.element_ty)
-            if USE_TMA:
-                row0 = (pg * PAGE).to(tl.int32)
-                k = VD.load([row0, kvh * (2 * HALF)])
-                v = VD.load([row0, (n_bh + kvh) * (2 * HALF)])
-            else:
-                base = kv_head + pg * s_page + tok
-                k = tl.load(base + offs_d[None, :])
-                v = tl.load(base + s_kv + offs_d[None, :])
+            k, v = _page_kv_full(KV, VD, pg, kvh, n_bh, kv_head, tok, offs_d, s_page, s_kv, PAGE, HALF, USE_TMA)
             acc, l_i, m_i = _full_page_step(acc, l_i, m_i, a, k, v, cnt, pos0, offs_t, qp, qk_scale, DOT_PREC, UPCAST)
         _paged_finish(acc, l_i, m_i, O, PO, PL, CNT, h, i, ok, bh, n_bh, c, n_ch, r0, R, soh, som, sod, BM, HALF,
                       DIRECT)
 
     @triton.jit
-    def _paged_rows_seg(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, CNT, kvh, bh, n_bh, c, n_ch, r0,
+    def _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, CNT, kvh, bh, n_bh, c, n_ch, r0,
                         lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R, qk_scale,
                         BM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr,
-                        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr):
+                        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, USE_TMA: tl.constexpr):
         """Whole-D key tiles in two nested loops: the outer one over runs of pages sharing a delta (a chunk's
         pages; a run is cut after ``SCAN`` pages), rotating the rows once per run; the inner one over the
         run's pages with the rotated rows loop-invariant, so nothing but K/V loads, dots and the softmax is
@@ -337,9 +344,7 @@ if HAS_TRITON:
                 pg = tl.load(TAB + j).to(tl.int64)
                 cnt = tl.load(TAB + tab_stride + j)
                 pos0 = tl.load(TAB + 2 * tab_stride + j).to(tl.int64)
-                base = kv_head + pg * s_page + tok
-                k = tl.load(base + offs_d[None, :])
-                v = tl.load(base + s_kv + offs_d[None, :])
+                k, v = _page_kv_full(KV, VD, pg, kvh, n_bh, kv_head, tok, offs_d, s_page, s_kv, PAGE, HALF, USE_TMA)
                 acc, l_i, m_i = _full_page_step(acc, l_i, m_i, a, k, v, cnt, pos0, offs_t, qp, qk_scale, DOT_PREC,
                                                 UPCAST)
             p = e
@@ -371,18 +376,21 @@ if HAS_TRITON:
             r0 = tl.where(rg < n_main, rg * BM, n_main * BM + tl.where(rg == n_main, 0, BMT))
             if SEG:
                 if rg < n_main:
-                    _paged_rows_seg(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
+                    _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c,
+                                    n_act,
                                     r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
-                                    qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32)
+                                    qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA)
                 elif rg == n_main:
-                    _paged_rows_seg(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c, n_act,
+                    _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c,
+                                    n_act,
                                     r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
-                                    qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32)
+                                    qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA)
                 else:
                     if BMT2 > 0:
-                        _paged_rows_seg(Q, KV, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c,
+                        _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
+                                        c,
                                         n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod,
-                                        G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32)
+                                        G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA)
             elif FULL:
                 if rg < n_main:
                     _paged_rows_full(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
