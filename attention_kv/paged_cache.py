@@ -82,8 +82,22 @@ class PageArena:
             if k is None:
                 raise MemoryError(f"page arena: {n} pages needed, {len(self._free)} free of {self.n_pages}")
             self._free.extend(self.entries.pop(k).pages.tolist())
-        out = [self._free.pop() for _ in range(n)]
-        return np.asarray(out, dtype=np.int32)
+        return self._take(n)
+
+    def _take(self, n: int) -> np.ndarray:
+        """``n`` of the free pages: the lowest run of ``n`` consecutive ids when there is one (the paged
+        kernel then reads the entry's pages as one run, computing their ids), else the lowest ids."""
+        free = np.sort(np.asarray(self._free, dtype=np.int64))
+        i0 = 0
+        if n > 1:
+            cut = np.flatnonzero(np.diff(free) != 1) + 1  # where a run of consecutive ids starts
+            starts = np.concatenate([[0], cut])
+            ends = np.concatenate([cut, [len(free)]])
+            fit = np.flatnonzero(ends - starts >= n)
+            i0 = int(starts[fit[0]]) if len(fit) else 0
+        out = free[i0:i0 + n]
+        self._free = np.concatenate([free[:i0], free[i0 + n:]])[::-1].tolist()  # popped from the end: low first
+        return out.astype(np.int32)
 
     @torch.no_grad()
     def put(self, key: str, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -249,10 +249,11 @@ def bench(ceil, lengths, heads=HEADS, on_row=None) -> list:
     return rows
 
 
-def paged_request(lk, lq, hkv, page, n_layers, seed=0):
+def paged_request(lk, lq, hkv, page, n_layers, seed=0, contiguous=False):
     """An arena of ``n_layers`` layers holding a request of ``lk`` context tokens in chunks of 100-512 tokens
-    (each chunk's last page partly filled, pages shuffled) plus a tail of ``lq`` tokens; the page table, the
-    page count on the device, the query positions and fp32 cos/sin tables."""
+    (each chunk's last page partly filled, pages shuffled; ``contiguous``: each chunk's pages consecutive, as
+    the arena hands them out when it can, the chunks in shuffled order) plus a tail of ``lq`` tokens; the page
+    table, the page count on the device, the query positions and fp32 cos/sin tables."""
     g = torch.Generator().manual_seed(seed)
     lens, n = [], 0
     while n < lk:
@@ -262,6 +263,13 @@ def paged_request(lk, lq, hkv, page, n_layers, seed=0):
     n_tail = -(-(lq + 1) // page)
     total = n_pages_ctx + n_tail
     perm = torch.randperm(total, generator=g)
+    if contiguous:  # chunk i's pages: a block of consecutive ids, the blocks (and the tail's) in shuffled order
+        sizes = [-(-x // page) for x in lens] + [n_tail]
+        order = torch.randperm(len(sizes), generator=g).tolist()
+        first, at = [0] * len(sizes), 0
+        for b in order:
+            first[b], at = at, at + sizes[b]
+        perm = torch.tensor([first[b] + j for b, n_b in enumerate(sizes) for j in range(n_b)])
     cols, start, k = [], 0, 0
     for x in lens:
         for j in range(-(-x // page)):
@@ -325,6 +333,18 @@ PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs); appended only, so
     ("page64 seg tma pps2", 64, dict(seg=True, tma=True, programs_per_sm=2.0)),
     ("page64 full tma s5", 64, dict(full=True, tma=True, num_stages=5)),
     ("page64 seg tma s4 pps2", 64, dict(seg=True, tma=True, num_stages=4, programs_per_sm=2.0)),
+    # each chunk's pages consecutive in the arena (as PageArena hands them out when it can); "affine": the runs'
+    # page ids and positions computed in the inner loop, no table load feeding a K/V address
+    ("contiguous default", 64, dict(_contiguous=True)),
+    ("contiguous seg affine pps2", 64, dict(_contiguous=True, seg=True, affine=True, programs_per_sm=2.0)),
+    ("contiguous seg affine tma pps2", 64, dict(_contiguous=True, seg=True, affine=True, tma=True,
+                                                 programs_per_sm=2.0)),
+    ("contiguous seg affine s4 pps2", 64, dict(_contiguous=True, seg=True, affine=True, num_stages=4,
+                                                programs_per_sm=2.0)),
+    ("contiguous seg affine s5", 64, dict(_contiguous=True, seg=True, affine=True, num_stages=5)),
+    # (3 stages take 115 KB of shared memory with the runs affine: one program per SM; 2 stages let two share one)
+    ("contiguous seg affine s2 pps2", 64, dict(_contiguous=True, seg=True, affine=True, num_stages=2,
+                                                programs_per_sm=2.0)),
 ]
 
 
@@ -340,7 +360,8 @@ def bench_paged(ceil, lengths, variants, heads=HEADS) -> list:
                 floor_us = max(kv_bytes / (ceil["copy_GBps"] * 1e9), flops / (ceil["matmul_TFLOPs"] * 1e12)) * 1e6
                 q = torch.randn(1, hq, lq, D, device="cuda", dtype=DT)
                 for name, page, kw in variants:
-                    r_ = paged_request(lk, lq, hkv, page, N_LAYERS)
+                    kw = dict(kw)
+                    r_ = paged_request(lk, lq, hkv, page, N_LAYERS, contiguous=kw.pop("_contiguous", False))
                     outs = [torch.empty_like(q) for _ in range(N_LAYERS)]
                     args = lambda i: (q, r_["arena"][i], r_["table"], r_["n"], r_["qpos"], r_["cos"], r_["sin"])  # noqa
                     try:

@@ -111,7 +111,8 @@ def test_paged_kernel_matches_full_computation(hq, hkv, Lq):
     got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                        cache.sin_half, max_pages=cache.capacity, backend="triton", pair=True)
     assert _err(got, full) < 2e-5
-    for kw in (dict(full=True), dict(full=True, rotate_once=False), dict(seg=True)):  # whole-D key tiles
+    for kw in (dict(full=True), dict(full=True, rotate_once=False), dict(seg=True),  # whole-D key tiles
+               dict(seg=True, affine=True)):
         got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                            cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
         assert _err(got, full) < 2e-5, kw
@@ -128,10 +129,43 @@ def test_paged_kernel_bf16_and_many_slices():
     # the variants: query rows rotated for every page, pages through the copy engine, two pages per step
     for kw in (dict(rotate_once=False), dict(tma=True), dict(pair=True), dict(pair=True, tma=True),
                dict(full=True), dict(full=True, tma=True), dict(full=True, rotate_once=False), dict(seg=True),
-               dict(seg=True, tma=True)):
+               dict(seg=True, tma=True), dict(seg=True, affine=True), dict(seg=True, affine=True, tma=True)):
         got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                            cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
         assert _err(got, full) < 3e-2, kw
+
+
+def test_arena_gives_an_entry_consecutive_pages_when_it_can():
+    arena = PageArena(1, 1, 16, 12, 16, torch.float32, "cpu")
+    c, s = cos_sin(torch.arange(128), 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)))
+    kv = lambda n: torch.randn(1, n, 2, 1, 16)  # noqa: E731
+    for name, n in (("a", 16), ("b", 32), ("c", 16), ("d", 48)):  # pages 0 | 1-2 | 3 | 4-6
+        arena.put(name, kv(n), c, s)
+    arena.entries.pop("a"), arena.entries.pop("c")  # as evictions do: their pages go back to the free list
+    arena._free.extend([0, 3])
+    # free: 0, 3, 7-11; three pages come from the run 7-9, not from 0, 3, 7
+    assert arena.put("e", kv(40), c, s).pages.tolist() == [7, 8, 9]
+    assert arena.put("f", kv(16), c, s).pages.tolist() == [0]  # one page: the lowest id
+    # four pages: "b" (the least recent) is evicted, free 1-3, 10, 11 has no run of four: the lowest ids
+    assert arena.put("g", kv(64), c, s).pages.tolist() == [1, 2, 3, 10]
+    assert "b" not in arena.entries
+
+
+def test_affine_runs_over_scattered_pages():
+    """The runs that compute page ids need consecutive pages: over an arena whose pages are shuffled every run
+    is one page long, and the answer is the same."""
+    q, layer, cache, full = _setup([40, 3, 64, 17, 50, 29], 5, 4, 2, 32, 16, torch.float32, seed=2)
+    n = q.shape[2]
+    perm = torch.randperm(layer.shape[0], generator=torch.Generator().manual_seed(3)).to(layer.device)
+    scattered = torch.empty_like(layer)
+    scattered[perm] = layer  # page i now lies at perm[i]
+    table = cache.table.clone()
+    used = int(cache.meta[0])
+    table[0, :used] = perm[table[0, :used].long()].to(table.dtype)
+    for kw in (dict(seg=True, affine=True), dict(seg=True), {}):
+        got = attend_paged(q, scattered, table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
+                           cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
+        assert _err(got, full) < 2e-5, kw
 
 
 def test_arena_lru_and_pinned_entries():
@@ -270,7 +304,7 @@ def test_gpu_paged_kernel_bf16(hq, hkv, Lq):
     assert _err(got, ref) < 3e-2
     n = q.shape[2]
     for kw in (dict(full=True), dict(full=True, rotate_once=False), dict(full=True, block_m=128, num_warps=8),
-               dict(seg=True), dict(seg=True, block_m=128, num_warps=8)):
+               dict(seg=True), dict(seg=True, block_m=128, num_warps=8), dict(seg=True, affine=True)):
         got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                            cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
         assert _err(got, ref) < 3e-2, kw
@@ -288,9 +322,9 @@ def test_gpu_paged_offsets_past_2_31():
         pytest.skip("not enough GPU memory")
     from collections import OrderedDict
 
-    arena = PageArena.__new__(PageArena)  # a bare arena over that memory, handing out its highest pages first
+    arena = PageArena.__new__(PageArena)  # a bare arena over that memory, only its highest pages free
     arena.page, arena.n_pages, arena.kv = page, n_pages, layer_all
-    arena._free = list(range(n_pages))
+    arena._free = list(range(n_pages - 128, n_pages))
     arena.entries = OrderedDict()
     dims = _Dims(1, 32, hkv, d)
     cache = _cache(dims, arena, tail=128)

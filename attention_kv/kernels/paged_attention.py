@@ -317,11 +317,17 @@ if HAS_TRITON:
     def _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, CNT, kvh, bh, n_bh, c, n_ch, r0,
                         lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R, qk_scale,
                         BM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr,
-                        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, USE_TMA: tl.constexpr):
+                        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, USE_TMA: tl.constexpr,
+                        AFFINE: tl.constexpr):
         """Whole-D key tiles in two nested loops: the outer one over runs of pages sharing a delta (a chunk's
         pages; a run is cut after ``SCAN`` pages), rotating the rows once per run; the inner one over the
         run's pages with the rotated rows loop-invariant, so nothing but K/V loads, dots and the softmax is
-        left in it (the flat loop's "rotate if the delta changed" branch is evaluated on every page)."""
+        left in it (the flat loop's "rotate if the delta changed" branch is evaluated on every page).
+
+        AFFINE: a run also needs consecutive arena pages and positions, every page full but its last (the
+        arena gives a chunk consecutive pages when it can). The inner loop then computes each page's id,
+        position and valid count from the loop index instead of loading them: a K/V address that depends on
+        a load of the same iteration costs the software pipeliner stages of its own."""
         i, h, ok, q_row, qp, acc, l_i, m_i = _rows_start(Q, QPOS, kvh, r0, G, Lq, sqh, sqm, BM, 2 * HALF)
         offs_d = tl.arange(0, 2 * HALF)
         offs_t = tl.arange(0, PAGE)
@@ -331,19 +337,41 @@ if HAS_TRITON:
         kv_head = KV + kvh.to(tl.int64) * s_head
         tok = offs_t.to(tl.int64)[:, None] * s_tok
         DELTA = TAB + 3 * tab_stride
+        a = qf.to(KV.dtype.element_ty)
+        cur = tl.full([], -1, tl.int32)  # the delta ``a`` is rotated by (none yet)
         p = lo
         while p < hi:
             dl = tl.load(DELTA + p)
             # the run's end: the first of the next SCAN pages with another delta (deltas are >= 0)
-            nxt = tl.load(DELTA + p + offs_s, mask=p + offs_s < hi, other=-1)
-            e = p + tl.min(tl.where(nxt != dl, offs_s, SCAN), 0)
-            cs = tl.load(COS + dl.to(tl.int64) * HALF + half_d)[None, :]
-            sn = tl.load(SIN + dl.to(tl.int64) * HALF + half_d)[None, :]
-            a = (qf * cs + qs * sn).to(KV.dtype.element_ty)
+            in_s = p + offs_s < hi
+            nxt = tl.load(DELTA + p + offs_s, mask=in_s, other=-1)
+            if AFFINE:
+                pg0 = tl.load(TAB + p)
+                pos00 = tl.load(TAB + 2 * tab_stride + p)
+                n_pg = tl.load(TAB + p + offs_s, mask=in_s, other=-1)
+                n_pos = tl.load(TAB + 2 * tab_stride + p + offs_s, mask=in_s, other=-1)
+                n_cnt = tl.load(TAB + tab_stride + p + offs_s, mask=in_s, other=0)
+                same = (nxt == dl) & (n_pg == pg0 + offs_s) & (n_pos == pos00 + offs_s * PAGE)
+                brk = tl.min(tl.where(same, SCAN, offs_s), 0)
+                part = tl.min(tl.where(n_cnt < PAGE, offs_s, SCAN), 0)  # a partly filled page ends the run
+                e = p + tl.minimum(brk, part + 1)
+                cnt_last = tl.load(TAB + tab_stride + e - 1)
+            else:
+                e = p + tl.min(tl.where(nxt != dl, offs_s, SCAN), 0)
+            if dl != cur:
+                cs = tl.load(COS + dl.to(tl.int64) * HALF + half_d)[None, :]
+                sn = tl.load(SIN + dl.to(tl.int64) * HALF + half_d)[None, :]
+                a = (qf * cs + qs * sn).to(KV.dtype.element_ty)
+                cur = dl
             for j in range(p, e):
-                pg = tl.load(TAB + j).to(tl.int64)
-                cnt = tl.load(TAB + tab_stride + j)
-                pos0 = tl.load(TAB + 2 * tab_stride + j).to(tl.int64)
+                if AFFINE:
+                    pg = (pg0 + (j - p)).to(tl.int64)
+                    pos0 = (pos00 + (j - p) * PAGE).to(tl.int64)
+                    cnt = tl.where(j == e - 1, cnt_last, PAGE)
+                else:
+                    pg = tl.load(TAB + j).to(tl.int64)
+                    cnt = tl.load(TAB + tab_stride + j)
+                    pos0 = tl.load(TAB + 2 * tab_stride + j).to(tl.int64)
                 k, v = _page_kv_full(KV, VD, pg, kvh, n_bh, kv_head, tok, offs_d, s_page, s_kv, PAGE, HALF, USE_TMA)
                 acc, l_i, m_i = _full_page_step(acc, l_i, m_i, a, k, v, cnt, pos0, offs_t, qp, qk_scale, DOT_PREC,
                                                 UPCAST)
@@ -358,7 +386,7 @@ if HAS_TRITON:
                    BM: tl.constexpr, BMT: tl.constexpr, BMT2: tl.constexpr, PAGE: tl.constexpr,
                    HALF: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                    ROT_ONCE: tl.constexpr, USE_TMA: tl.constexpr, PAIR: tl.constexpr, FULL: tl.constexpr,
-                   SEG: tl.constexpr):
+                   SEG: tl.constexpr, AFFINE: tl.constexpr):
         # the number of pages is read on the device: the grid holds n_ch slices for the largest table, and
         # the pages of this request are spread over all of them (CH is then the shortest slice allowed)
         n_pages = tl.load(NP).to(tl.int32)
@@ -379,18 +407,21 @@ if HAS_TRITON:
                     _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c,
                                     n_act,
                                     r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
-                                    qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA)
+                                    qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA,
+                                    AFFINE)
                 elif rg == n_main:
                     _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c,
                                     n_act,
                                     r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
-                                    qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA)
+                                    qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA,
+                                    AFFINE)
                 else:
                     if BMT2 > 0:
                         _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
                                         c,
                                         n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod,
-                                        G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA)
+                                        G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA,
+                                    AFFINE)
             elif FULL:
                 if rg < n_main:
                     _paged_rows_full(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
@@ -445,13 +476,16 @@ FULL_D = False
 # Runs of pages sharing a delta as an outer loop (rows rotated once per run), their pages as an inner loop:
 # None lets the plan choose (on for a question's rows, off for a decoded token's)
 SEGMENTED = None
+# With the runs: a run also needs consecutive pages, whose ids and positions the inner loop then computes
+AFFINE_RUNS = False
 
 
 def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: float | None = None,
                  max_pages: int | None = None, backend: str = "auto", block_m: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, rotate_once: bool | None = None,
                  tma: bool | None = None, pair: bool | None = None, full: bool | None = None,
-                 seg: bool | None = None, programs_per_sm: float | None = None, out: torch.Tensor | None = None):
+                 seg: bool | None = None, affine: bool | None = None, programs_per_sm: float | None = None,
+                 out: torch.Tensor | None = None):
     """Attention of ``q`` [1, Hq, Lq, D] (rotated to the positions ``q_pos``, int64 device tensor [Lq]) over
     the pages of ``table`` (see the module doc) in the arena layer ``kv`` [pages, PAGE, 2, Hkv, D].
 
@@ -511,7 +545,7 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
         out.stride(1), out.stride(2), out.stride(3), table.stride(0),
         Hq // hkv, Lq, spec["chunk"], n_ch, R, spec["n_main"], spec["n_rg"], float(scale) * LOG2E,
         ROT_ONCE=bool(rotate_once), USE_TMA=tma, PAIR=bool(PAIR_PAGES if pair is None else pair),
-        FULL=bool(FULL_D if full is None else full), **{**c, "SEG": use_seg})
+        FULL=bool(FULL_D if full is None else full), **{**c, "SEG": use_seg}, AFFINE=bool(AFFINE_RUNS if affine is None else affine))
     return out
 
 
