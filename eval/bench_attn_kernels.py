@@ -345,6 +345,12 @@ PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs); appended only, so
     # (3 stages take 115 KB of shared memory with the runs affine: one program per SM; 2 stages let two share one)
     ("contiguous seg affine s2 pps2", 64, dict(_contiguous=True, seg=True, affine=True, num_stages=2,
                                                 programs_per_sm=2.0)),
+    # two pages per step: 128-key tiles over a run's consecutive pages, as the contiguous kernel's (3 stages:
+    # 213 KB of shared memory, one program per SM)
+    ("contiguous seg affine step2", 64, dict(_contiguous=True, seg=True, affine=True, run_step=2,
+                                              programs_per_sm=1.0)),
+    ("contiguous seg affine step2 s2", 64, dict(_contiguous=True, seg=True, affine=True, run_step=2,
+                                                 num_stages=2, programs_per_sm=1.0)),
 ]
 
 

@@ -318,7 +318,7 @@ if HAS_TRITON:
                         lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R, qk_scale,
                         BM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr,
                         DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, USE_TMA: tl.constexpr,
-                        AFFINE: tl.constexpr):
+                        AFFINE: tl.constexpr, STEP: tl.constexpr):
         """Whole-D key tiles in two nested loops: the outer one over runs of pages sharing a delta (a chunk's
         pages; a run is cut after ``SCAN`` pages), rotating the rows once per run; the inner one over the
         run's pages with the rotated rows loop-invariant, so nothing but K/V loads, dots and the softmax is
@@ -327,7 +327,9 @@ if HAS_TRITON:
         AFFINE: a run also needs consecutive arena pages and positions, every page full but its last (the
         arena gives a chunk consecutive pages when it can). The inner loop then computes each page's id,
         position and valid count from the loop index instead of loading them: a K/V address that depends on
-        a load of the same iteration costs the software pipeliner stages of its own."""
+        a load of the same iteration costs the software pipeliner stages of its own. ``STEP`` (affine runs
+        only): pages per inner step, read as one tile of ``STEP * PAGE`` keys (the run's pages are consecutive
+        rows of the layer), the keys past the run masked."""
         i, h, ok, q_row, qp, acc, l_i, m_i = _rows_start(Q, QPOS, kvh, r0, G, Lq, sqh, sqm, BM, 2 * HALF)
         offs_d = tl.arange(0, 2 * HALF)
         offs_t = tl.arange(0, PAGE)
@@ -336,6 +338,8 @@ if HAS_TRITON:
         qf, qs = _rows_and_swapped(q_row, ok, sqd, HALF)
         kv_head = KV + kvh.to(tl.int64) * s_head
         tok = offs_t.to(tl.int64)[:, None] * s_tok
+        offs_step = tl.arange(0, STEP * PAGE)
+        tok_step = offs_step.to(tl.int64)[:, None] * s_tok
         DELTA = TAB + 3 * tab_stride
         a = qf.to(KV.dtype.element_ty)
         cur = tl.full([], -1, tl.int32)  # the delta ``a`` is rotated by (none yet)
@@ -363,18 +367,31 @@ if HAS_TRITON:
                 sn = tl.load(SIN + dl.to(tl.int64) * HALF + half_d)[None, :]
                 a = (qf * cs + qs * sn).to(KV.dtype.element_ty)
                 cur = dl
-            for j in range(p, e):
-                if AFFINE:
-                    pg = (pg0 + (j - p)).to(tl.int64)
+            if STEP > 1:
+                run_tokens = (e - 1 - p) * PAGE + cnt_last
+                for j in range(p, e, STEP):
+                    valid = run_tokens - (j - p) * PAGE
+                    base = kv_head + (pg0 + (j - p)).to(tl.int64) * s_page + tok_step
+                    in_run = (offs_step < valid)[:, None]
+                    k = tl.load(base + offs_d[None, :], mask=in_run, other=0.0)
+                    v = tl.load(base + s_kv + offs_d[None, :], mask=in_run, other=0.0)
                     pos0 = (pos00 + (j - p) * PAGE).to(tl.int64)
-                    cnt = tl.where(j == e - 1, cnt_last, PAGE)
-                else:
-                    pg = tl.load(TAB + j).to(tl.int64)
-                    cnt = tl.load(TAB + tab_stride + j)
-                    pos0 = tl.load(TAB + 2 * tab_stride + j).to(tl.int64)
-                k, v = _page_kv_full(KV, VD, pg, kvh, n_bh, kv_head, tok, offs_d, s_page, s_kv, PAGE, HALF, USE_TMA)
-                acc, l_i, m_i = _full_page_step(acc, l_i, m_i, a, k, v, cnt, pos0, offs_t, qp, qk_scale, DOT_PREC,
-                                                UPCAST)
+                    acc, l_i, m_i = _full_page_step(acc, l_i, m_i, a, k, v, valid, pos0, offs_step, qp, qk_scale,
+                                                    DOT_PREC, UPCAST)
+            else:
+                for j in range(p, e):
+                    if AFFINE:
+                        pg = (pg0 + (j - p)).to(tl.int64)
+                        pos0 = (pos00 + (j - p) * PAGE).to(tl.int64)
+                        cnt = tl.where(j == e - 1, cnt_last, PAGE)
+                    else:
+                        pg = tl.load(TAB + j).to(tl.int64)
+                        cnt = tl.load(TAB + tab_stride + j)
+                        pos0 = tl.load(TAB + 2 * tab_stride + j).to(tl.int64)
+                    k, v = _page_kv_full(KV, VD, pg, kvh, n_bh, kv_head, tok, offs_d, s_page, s_kv, PAGE, HALF,
+                                         USE_TMA)
+                    acc, l_i, m_i = _full_page_step(acc, l_i, m_i, a, k, v, cnt, pos0, offs_t, qp, qk_scale,
+                                                    DOT_PREC, UPCAST)
             p = e
         _paged_finish(acc, l_i, m_i, O, PO, PL, CNT, h, i, ok, bh, n_bh, c, n_ch, r0, R, soh, som, sod, BM, HALF,
                       DIRECT)
@@ -386,7 +403,7 @@ if HAS_TRITON:
                    BM: tl.constexpr, BMT: tl.constexpr, BMT2: tl.constexpr, PAGE: tl.constexpr,
                    HALF: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                    ROT_ONCE: tl.constexpr, USE_TMA: tl.constexpr, PAIR: tl.constexpr, FULL: tl.constexpr,
-                   SEG: tl.constexpr, AFFINE: tl.constexpr):
+                   SEG: tl.constexpr, AFFINE: tl.constexpr, STEP: tl.constexpr):
         # the number of pages is read on the device: the grid holds n_ch slices for the largest table, and
         # the pages of this request are spread over all of them (CH is then the shortest slice allowed)
         n_pages = tl.load(NP).to(tl.int32)
@@ -408,20 +425,20 @@ if HAS_TRITON:
                                     n_act,
                                     r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
                                     qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA,
-                                    AFFINE)
+                                    AFFINE, STEP)
                 elif rg == n_main:
                     _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c,
                                     n_act,
                                     r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
                                     qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA,
-                                    AFFINE)
+                                    AFFINE, STEP)
                 else:
                     if BMT2 > 0:
                         _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
                                         c,
                                         n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod,
                                         G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA,
-                                    AFFINE)
+                                    AFFINE, STEP)
             elif FULL:
                 if rg < n_main:
                     _paged_rows_full(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
@@ -484,8 +501,8 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
                  max_pages: int | None = None, backend: str = "auto", block_m: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, rotate_once: bool | None = None,
                  tma: bool | None = None, pair: bool | None = None, full: bool | None = None,
-                 seg: bool | None = None, affine: bool | None = None, programs_per_sm: float | None = None,
-                 out: torch.Tensor | None = None):
+                 seg: bool | None = None, affine: bool | None = None, run_step: int = 1,
+                 programs_per_sm: float | None = None, out: torch.Tensor | None = None):
     """Attention of ``q`` [1, Hq, Lq, D] (rotated to the positions ``q_pos``, int64 device tensor [Lq]) over
     the pages of ``table`` (see the module doc) in the arena layer ``kv`` [pages, PAGE, 2, Hkv, D].
 
@@ -526,6 +543,9 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
         _SPECS[key] = spec
     c = spec["const"]
     use_seg = bool(seg) if seg is not None else c["SEG"] and not flat_asked
+    affine = bool(AFFINE_RUNS if affine is None else affine)
+    if run_step != 1 and not (use_seg and affine and not tma and run_step > 1 and not run_step & (run_step - 1)):
+        raise ValueError(f"run_step={run_step}: a power of two, with seg=True and affine=True (plain loads)")
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     n_ch, R = spec["n_ch"], spec["R"]
     po, pl = partial_buffers(spec, n_ch * hkv * R, D, dev, capturing, out)
@@ -545,7 +565,7 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
         out.stride(1), out.stride(2), out.stride(3), table.stride(0),
         Hq // hkv, Lq, spec["chunk"], n_ch, R, spec["n_main"], spec["n_rg"], float(scale) * LOG2E,
         ROT_ONCE=bool(rotate_once), USE_TMA=tma, PAIR=bool(PAIR_PAGES if pair is None else pair),
-        FULL=bool(FULL_D if full is None else full), **{**c, "SEG": use_seg}, AFFINE=bool(AFFINE_RUNS if affine is None else affine))
+        FULL=bool(FULL_D if full is None else full), **{**c, "SEG": use_seg}, AFFINE=affine, STEP=run_step)
     return out
 
 
