@@ -3,7 +3,8 @@
 * :class:`PageArena` — the device tier of the paged path: ``kv[layers, pages, PAGE, 2, Hkv, D]`` (K and V
   interleaved per token, as in the stitched buffer), chunk caches (and the shared prefix) in whole pages,
   LRU-evicted. A chunk's keys are stored rotated to their positions inside the chunk (0..n-1), once, when
-  the chunk enters the arena.
+  the chunk enters the arena, into consecutive pages when a free run is long enough (the kernel's affine runs
+  then read the chunk as one block).
 * :class:`PagedKVCache` — one request over the arena: the page table of ``prefix + chunks`` (each page with
   the position of its first token and the rotation ``delta`` still owed to its keys, applied to the query
   rows by ``kernels.paged_attention``) followed by a small tail of pages for the question's and the decoded
