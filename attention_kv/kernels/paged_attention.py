@@ -362,7 +362,8 @@ if HAS_TRITON:
                 cnt_last = tl.load(TAB + tab_stride + e - 1)
             else:
                 e = p + tl.min(tl.where(nxt != dl, offs_s, SCAN), 0)
-            if dl != cur:
+            # (affine runs end at a page break too, so a delta can span runs: rotate only when it changes)
+            if (dl != cur) | (not AFFINE):
                 cs = tl.load(COS + dl.to(tl.int64) * HALF + half_d)[None, :]
                 sn = tl.load(SIN + dl.to(tl.int64) * HALF + half_d)[None, :]
                 a = (qf * cs + qs * sn).to(KV.dtype.element_ty)
