@@ -228,12 +228,18 @@ def main(argv=None):
     ap.add_argument("--compile-decode", action="store_true", help="Generator(compile_decode=True)")
     ap.add_argument("--compile-question", action="store_true", help="Generator(compile_question=True)")
     ap.add_argument("--paged", action="store_true", help="Generator(paged=True): zero-copy stitching (experimental)")
+    ap.add_argument("--paged-affine", type=int, default=0, metavar="STEP",
+                    help="with --paged: the kernel's affine runs, STEP pages per inner step (0: off)")
     ap.add_argument("--compare-staging", action="store_true",
                     help="also time each context with Generator.staged_stitch switched (the stitching copy staged "
                          "on a side stream per layer group, or queued before the question forward), in the same run")
     ap.add_argument("--warm-questions", default="48,64", help="question lengths warmed (the two asked)")
     ap.add_argument("--hf-static-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.paged_affine:
+        from blockrag.attention_kv.kernels import paged_attention
+
+        paged_attention.AFFINE_RUNS, paged_attention.RUN_STEP = True, args.paged_affine
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     t_start = time.time()

@@ -169,6 +169,21 @@ def test_affine_runs_over_scattered_pages():
         assert _err(got, full) < 2e-5, kw
 
 
+def test_module_switches_turn_affine_runs_on(monkeypatch):
+    """``AFFINE_RUNS`` / ``RUN_STEP`` (what ``bench_e2e --paged-affine`` sets) reach a default call; a question's
+    rows (more than 16 packed rows) take the runs loop by default."""
+    from blockrag.attention_kv.kernels import paged_attention as pa
+
+    q, layer, cache, full = _setup([40, 3, 64, 17, 50, 29], 9, 4, 2, 32, 16, torch.float32, seed=6)
+    monkeypatch.setattr(pa, "AFFINE_RUNS", True)
+    monkeypatch.setattr(pa, "RUN_STEP", 2)
+    assert _err(_run(q, layer, cache, "triton"), full) < 2e-5
+    with pytest.raises(ValueError, match="run_step"):
+        n = q.shape[2]
+        attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half, cache.sin_half,
+                     max_pages=cache.capacity, backend="triton", seg=False, run_step=2)
+
+
 def test_arena_lru_and_pinned_entries():
     arena = PageArena(2, 1, 16, 6, 16, torch.float32, "cpu")
     c, s = cos_sin(torch.arange(64), 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)))

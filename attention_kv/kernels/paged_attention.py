@@ -496,13 +496,15 @@ FULL_D = False
 SEGMENTED = None
 # With the runs: a run also needs consecutive pages, whose ids and positions the inner loop then computes
 AFFINE_RUNS = False
+# With affine runs: pages per inner step (read as one tile)
+RUN_STEP = 1
 
 
 def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: float | None = None,
                  max_pages: int | None = None, backend: str = "auto", block_m: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, rotate_once: bool | None = None,
                  tma: bool | None = None, pair: bool | None = None, full: bool | None = None,
-                 seg: bool | None = None, affine: bool | None = None, run_step: int = 1,
+                 seg: bool | None = None, affine: bool | None = None, run_step: int | None = None,
                  programs_per_sm: float | None = None, out: torch.Tensor | None = None):
     """Attention of ``q`` [1, Hq, Lq, D] (rotated to the positions ``q_pos``, int64 device tensor [Lq]) over
     the pages of ``table`` (see the module doc) in the arena layer ``kv`` [pages, PAGE, 2, Hkv, D].
@@ -545,6 +547,8 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
     c = spec["const"]
     use_seg = bool(seg) if seg is not None else c["SEG"] and not flat_asked
     affine = bool(AFFINE_RUNS if affine is None else affine)
+    if run_step is None:
+        run_step = RUN_STEP if use_seg and affine and not tma else 1
     if run_step != 1 and not (use_seg and affine and not tma and run_step > 1 and not run_step & (run_step - 1)):
         raise ValueError(f"run_step={run_step}: a power of two, with seg=True and affine=True (plain loads)")
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
