@@ -351,6 +351,9 @@ PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs); appended only, so
                                               programs_per_sm=1.0)),
     ("contiguous seg affine step2 s2", 64, dict(_contiguous=True, seg=True, affine=True, run_step=2,
                                                  num_stages=2, programs_per_sm=1.0)),
+    # ... through the copy engine: one [128, D] box per step, the contiguous kernel's loads
+    ("contiguous seg affine step2 tma", 64, dict(_contiguous=True, seg=True, affine=True, run_step=2, tma=True,
+                                                  programs_per_sm=1.0)),
 ]
 
 

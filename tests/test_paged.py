@@ -130,7 +130,8 @@ def test_paged_kernel_bf16_and_many_slices():
     for kw in (dict(rotate_once=False), dict(tma=True), dict(pair=True), dict(pair=True, tma=True),
                dict(full=True), dict(full=True, tma=True), dict(full=True, rotate_once=False), dict(seg=True),
                dict(seg=True, tma=True), dict(seg=True, affine=True), dict(seg=True, affine=True, tma=True),
-               dict(seg=True, affine=True, run_step=2), dict(seg=True, affine=True, run_step=4)):
+               dict(seg=True, affine=True, run_step=2), dict(seg=True, affine=True, run_step=4),
+               dict(seg=True, affine=True, run_step=2, tma=True)):
         got = attend_paged(q, layer, cache.table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                            cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
         assert _err(got, full) < 3e-2, kw
@@ -163,7 +164,8 @@ def test_affine_runs_over_scattered_pages():
     table = cache.table.clone()
     used = int(cache.meta[0])
     table[0, :used] = perm[table[0, :used].long()].to(table.dtype)
-    for kw in (dict(seg=True, affine=True), dict(seg=True, affine=True, run_step=2), dict(seg=True), {}):
+    for kw in (dict(seg=True, affine=True), dict(seg=True, affine=True, run_step=2),
+               dict(seg=True, affine=True, run_step=2, tma=True), dict(seg=True), {}):
         got = attend_paged(q, scattered, table, cache.meta[:1], cache.meta[1:1 + n], cache.cos_half,
                            cache.sin_half, max_pages=cache.capacity, backend="triton", **kw)
         assert _err(got, full) < 2e-5, kw

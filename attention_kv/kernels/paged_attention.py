@@ -372,10 +372,17 @@ if HAS_TRITON:
                 run_tokens = (e - 1 - p) * PAGE + cnt_last
                 for j in range(p, e, STEP):
                     valid = run_tokens - (j - p) * PAGE
-                    base = kv_head + (pg0 + (j - p)).to(tl.int64) * s_page + tok_step
-                    in_run = (offs_step < valid)[:, None]
-                    k = tl.load(base + offs_d[None, :], mask=in_run, other=0.0)
-                    v = tl.load(base + s_kv + offs_d[None, :], mask=in_run, other=0.0)
+                    if USE_TMA:
+                        # one box of STEP pages; rows past the run are another entry's (finite: the arena is
+                        # zero-filled once) or the copy engine's zeros, and their scores are masked
+                        row0 = ((pg0 + (j - p)) * PAGE).to(tl.int32)
+                        k = VD.load([row0, kvh * (2 * HALF)])
+                        v = VD.load([row0, (n_bh + kvh) * (2 * HALF)])
+                    else:
+                        base = kv_head + (pg0 + (j - p)).to(tl.int64) * s_page + tok_step
+                        in_run = (offs_step < valid)[:, None]
+                        k = tl.load(base + offs_d[None, :], mask=in_run, other=0.0)
+                        v = tl.load(base + s_kv + offs_d[None, :], mask=in_run, other=0.0)
                     pos0 = (pos00 + (j - p) * PAGE).to(tl.int64)
                     acc, l_i, m_i = _full_page_step(acc, l_i, m_i, a, k, v, valid, pos0, offs_step, qp, qk_scale,
                                                     DOT_PREC, UPCAST)
@@ -548,9 +555,9 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
     use_seg = bool(seg) if seg is not None else c["SEG"] and not flat_asked
     affine = bool(AFFINE_RUNS if affine is None else affine)
     if run_step is None:
-        run_step = RUN_STEP if use_seg and affine and not tma else 1
-    if run_step != 1 and not (use_seg and affine and not tma and run_step > 1 and not run_step & (run_step - 1)):
-        raise ValueError(f"run_step={run_step}: a power of two, with seg=True and affine=True (plain loads)")
+        run_step = RUN_STEP if use_seg and affine else 1
+    if run_step != 1 and not (use_seg and affine and run_step > 1 and not run_step & (run_step - 1)):
+        raise ValueError(f"run_step={run_step}: a power of two, with seg=True and affine=True")
     capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
     n_ch, R = spec["n_ch"], spec["R"]
     po, pl = partial_buffers(spec, n_ch * hkv * R, D, dev, capturing, out)
@@ -563,7 +570,8 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
     if tma:
         flat = kv.view(kv.shape[0] * page, -1)  # [tokens, 2 * Hkv * D]
         kd = TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [page, D // 2])
-        vd = TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [page, D])  # V, and whole-D K
+        # V, and whole-D K (STEP pages at a time in the affine runs)
+        vd = TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [page * run_step, D])
     _paged_fwd[(spec["n_rg"] * n_ch, hkv)](
         q, kv, kd, vd, table, n_pages, q_pos, cos_half, sin_half, out, po, pl, cnt,
         q.stride(1), q.stride(2), q.stride(3), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
