@@ -567,6 +567,7 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
         tma = USE_TMA and (capturing or _interpret())
     kd = vd = kv
     tma = bool(tma) and TensorDescriptor is not None and kv.is_contiguous() and _tma_ok(kv) and kv.data_ptr() % 16 == 0
+    tma = tma and page * run_step <= 256  # (a copy-engine box has at most 256 rows; else plain loads)
     if tma:
         flat = kv.view(kv.shape[0] * page, -1)  # [tokens, 2 * Hkv * D]
         kd = TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [page, D // 2])
