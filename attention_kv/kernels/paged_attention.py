@@ -430,23 +430,20 @@ if HAS_TRITON:
             if SEG:
                 if rg < n_main:
                     _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c,
-                                    n_act,
-                                    r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
-                                    qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA,
-                                    AFFINE, STEP)
+                                    n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G,
+                                    Lq, R, qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA, AFFINE,
+                                    STEP)
                 elif rg == n_main:
                     _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c,
-                                    n_act,
-                                    r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R,
-                                    qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA,
-                                    AFFINE, STEP)
+                                    n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G,
+                                    Lq, R, qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA, AFFINE,
+                                    STEP)
                 else:
                     if BMT2 > 0:
                         _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
-                                        c,
-                                        n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod,
+                                        c, n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod,
                                         G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA,
-                                    AFFINE, STEP)
+                                        AFFINE, STEP)
             elif FULL:
                 if rg < n_main:
                     _paged_rows_full(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
@@ -541,7 +538,7 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
         n_pages = torch.tensor([int(n_pages)], dtype=torch.int32, device=dev)
     max_pages = int(max_pages or table.shape[1])
     # the plan's choice of loop unless one of the flat loop's variants is asked for
-    flat_asked = not (rotate_once is None and tma is None and pair is None and full is None)
+    flat_asked = not (rotate_once is None and pair is None and full is None)
     rotate_once = ROTATE_ONCE_PER_DELTA if rotate_once is None else rotate_once
     key = (Hq, Lq, D, hkv, page, max_pages, q.dtype, str(dev), block_m, num_warps, num_stages, programs_per_sm)
     spec = _SPECS.get(key)
