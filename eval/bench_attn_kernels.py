@@ -354,6 +354,11 @@ PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs); appended only, so
     # ... through the copy engine: one [128, D] box per step, the contiguous kernel's loads
     ("contiguous seg affine step2 tma", 64, dict(_contiguous=True, seg=True, affine=True, run_step=2, tma=True,
                                                   programs_per_sm=1.0)),
+    # the runs before every row's position without the causal test (split_mask, the default since): off
+    ("page64 seg pps2 split off", 64, dict(seg=True, programs_per_sm=2.0, split_mask=False)),
+    # (with the split, the affine runs' two inner loops take 213 KB of shared memory: one program per SM)
+    ("contiguous seg affine pps1", 64, dict(_contiguous=True, seg=True, affine=True, programs_per_sm=1.0)),
+    ("page64 seg pps3", 64, dict(seg=True, programs_per_sm=3.0)),
 ]
 
 

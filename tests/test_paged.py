@@ -137,6 +137,26 @@ def test_paged_kernel_bf16_and_many_slices():
         assert _err(got, full) < 3e-2, kw
 
 
+def test_context_runs_skip_the_causal_test_only_when_every_row_sees_them():
+    """``split_mask``: a run of pages wholly before every row's position is masked by its valid counts alone.
+    With the rows' positions moved into the context (some context keys then come after some rows), the runs
+    that reach past the first row's position still take the causal test: same answer as the reference."""
+    q, layer, cache, full = _setup([40, 3, 64, 17, 50, 29], 9, 4, 2, 32, 16, torch.float32, seed=7)
+    n = q.shape[2]
+    args = (q, layer, cache.table, cache.meta[:1])
+    for kw in (dict(seg=True), dict(seg=True, affine=True), dict(seg=True, affine=True, run_step=2)):
+        for split in (True, False):
+            got = attend_paged(*args, cache.meta[1:1 + n], cache.cos_half, cache.sin_half, max_pages=cache.capacity,
+                               backend="triton", split_mask=split, **kw)
+            assert _err(got, full) < 2e-5, (kw, split)
+    early = torch.tensor([5, 30, 60, 61, 100, 130, 150, 180, 200], device=DEV)  # inside the 203-token context
+    ref = attend_paged_reference(*args, early, cache.cos_half, cache.sin_half)
+    for kw in (dict(seg=True), dict(seg=True, affine=True)):
+        got = attend_paged(*args, early, cache.cos_half, cache.sin_half, max_pages=cache.capacity,
+                           backend="triton", split_mask=True, **kw)
+        assert _err(got, ref) < 2e-5, kw
+
+
 def test_arena_gives_an_entry_consecutive_pages_when_it_can():
     arena = PageArena(1, 1, 16, 12, 16, torch.float32, "cpu")
     c, s = cos_sin(torch.arange(128), 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)))

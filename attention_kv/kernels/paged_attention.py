@@ -279,6 +279,66 @@ if HAS_TRITON:
         return _softmax_step(acc, l_i, m_i, s, v, True, False, DOT_PREC, UPCAST)
 
     @triton.jit
+    def _context_page_step(acc, l_i, m_i, a, k, v, cnt, offs_t, qk_scale, DOT_PREC: tl.constexpr,
+                           UPCAST: tl.constexpr):
+        """:func:`_full_page_step` for a page every row sees whole (context before all the rows' positions):
+        only the keys past the page's valid tokens are hidden, by a per-key bias that joins the scale in one
+        multiply-add (the per-row, per-key position test and select cost more instructions than the dots)."""
+        bias = tl.where(offs_t < cnt, 0.0, float("-inf"))
+        s = _dot(a, tl.trans(k), DOT_PREC, UPCAST) * qk_scale + bias[None, :]
+        return _softmax_step(acc, l_i, m_i, s, v, True, False, DOT_PREC, UPCAST)
+
+    @triton.jit
+    def _run_pages(acc, l_i, m_i, a, KV, VD, TAB, tab_stride, kv_head, kvh, n_bh, p, e, pg0, pos00, cnt_last,
+                   run_tokens, tok, tok_step, offs_t, offs_step, offs_d, qp, s_page, s_kv, qk_scale,
+                   PAGE: tl.constexpr, HALF: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                   USE_TMA: tl.constexpr, AFFINE: tl.constexpr, STEP: tl.constexpr, CAUSAL: tl.constexpr):
+        """The online-softmax updates over the pages ``p..e`` of one run (rows rotated for its delta);
+        CAUSAL: some key may come after some row's position (the question's own pages), else only the
+        pages' valid counts hide keys."""
+        if STEP > 1:
+            for j in range(p, e, STEP):
+                valid = run_tokens - (j - p) * PAGE
+                if USE_TMA:
+                    # one box of STEP pages; rows past the run are another entry's (finite: the arena is
+                    # zero-filled once) or the copy engine's zeros, and their scores are masked
+                    row0 = ((pg0 + (j - p)) * PAGE).to(tl.int32)
+                    k = VD.load([row0, kvh * (2 * HALF)])
+                    v = VD.load([row0, (n_bh + kvh) * (2 * HALF)])
+                else:
+                    base = kv_head + (pg0 + (j - p)).to(tl.int64) * s_page + tok_step
+                    in_run = (offs_step < valid)[:, None]
+                    k = tl.load(base + offs_d[None, :], mask=in_run, other=0.0)
+                    v = tl.load(base + s_kv + offs_d[None, :], mask=in_run, other=0.0)
+                if CAUSAL:
+                    pos0 = (pos00 + (j - p) * PAGE).to(tl.int64)
+                    acc, l_i, m_i = _full_page_step(acc, l_i, m_i, a, k, v, valid, pos0, offs_step, qp, qk_scale,
+                                                    DOT_PREC, UPCAST)
+                else:
+                    acc, l_i, m_i = _context_page_step(acc, l_i, m_i, a, k, v, valid, offs_step, qk_scale,
+                                                       DOT_PREC, UPCAST)
+        else:
+            for j in range(p, e):
+                if AFFINE:
+                    pg = (pg0 + (j - p)).to(tl.int64)
+                    pos0 = (pos00 + (j - p) * PAGE).to(tl.int64)
+                    cnt = tl.where(j == e - 1, cnt_last, PAGE)
+                else:
+                    pg = tl.load(TAB + j).to(tl.int64)
+                    cnt = tl.load(TAB + tab_stride + j)
+                    if CAUSAL:
+                        pos0 = tl.load(TAB + 2 * tab_stride + j).to(tl.int64)
+                k, v = _page_kv_full(KV, VD, pg, kvh, n_bh, kv_head, tok, offs_d, s_page, s_kv, PAGE, HALF,
+                                     USE_TMA)
+                if CAUSAL:
+                    acc, l_i, m_i = _full_page_step(acc, l_i, m_i, a, k, v, cnt, pos0, offs_t, qp, qk_scale,
+                                                    DOT_PREC, UPCAST)
+                else:
+                    acc, l_i, m_i = _context_page_step(acc, l_i, m_i, a, k, v, cnt, offs_t, qk_scale, DOT_PREC,
+                                                       UPCAST)
+        return acc, l_i, m_i
+
+    @triton.jit
     def _paged_rows_full(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, CNT, kvh, bh, n_bh, c, n_ch, r0,
                          lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R, qk_scale,
                          BM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr,
@@ -318,7 +378,7 @@ if HAS_TRITON:
                         lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G, Lq, R, qk_scale,
                         BM: tl.constexpr, PAGE: tl.constexpr, HALF: tl.constexpr, DIRECT: tl.constexpr,
                         DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, SCAN: tl.constexpr, USE_TMA: tl.constexpr,
-                        AFFINE: tl.constexpr, STEP: tl.constexpr):
+                        AFFINE: tl.constexpr, STEP: tl.constexpr, SPLIT: tl.constexpr):
         """Whole-D key tiles in two nested loops: the outer one over runs of pages sharing a delta (a chunk's
         pages; a run is cut after ``SCAN`` pages), rotating the rows once per run; the inner one over the
         run's pages with the rotated rows loop-invariant, so nothing but K/V loads, dots and the softmax is
@@ -341,6 +401,7 @@ if HAS_TRITON:
         offs_step = tl.arange(0, STEP * PAGE)
         tok_step = offs_step.to(tl.int64)[:, None] * s_tok
         DELTA = TAB + 3 * tab_stride
+        q_min = tl.min(tl.where(ok, qp, 1 << 62), 0)  # the rows' first position (padding rows excluded)
         a = qf.to(KV.dtype.element_ty)
         cur = tl.full([], -1, tl.int32)  # the delta ``a`` is rotated by (none yet)
         p = lo
@@ -368,38 +429,30 @@ if HAS_TRITON:
                 sn = tl.load(SIN + dl.to(tl.int64) * HALF + half_d)[None, :]
                 a = (qf * cs + qs * sn).to(KV.dtype.element_ty)
                 cur = dl
-            if STEP > 1:
+            if AFFINE:
                 run_tokens = (e - 1 - p) * PAGE + cnt_last
-                for j in range(p, e, STEP):
-                    valid = run_tokens - (j - p) * PAGE
-                    if USE_TMA:
-                        # one box of STEP pages; rows past the run are another entry's (finite: the arena is
-                        # zero-filled once) or the copy engine's zeros, and their scores are masked
-                        row0 = ((pg0 + (j - p)) * PAGE).to(tl.int32)
-                        k = VD.load([row0, kvh * (2 * HALF)])
-                        v = VD.load([row0, (n_bh + kvh) * (2 * HALF)])
-                    else:
-                        base = kv_head + (pg0 + (j - p)).to(tl.int64) * s_page + tok_step
-                        in_run = (offs_step < valid)[:, None]
-                        k = tl.load(base + offs_d[None, :], mask=in_run, other=0.0)
-                        v = tl.load(base + s_kv + offs_d[None, :], mask=in_run, other=0.0)
-                    pos0 = (pos00 + (j - p) * PAGE).to(tl.int64)
-                    acc, l_i, m_i = _full_page_step(acc, l_i, m_i, a, k, v, valid, pos0, offs_step, qp, qk_scale,
-                                                    DOT_PREC, UPCAST)
             else:
-                for j in range(p, e):
-                    if AFFINE:
-                        pg = (pg0 + (j - p)).to(tl.int64)
-                        pos0 = (pos00 + (j - p) * PAGE).to(tl.int64)
-                        cnt = tl.where(j == e - 1, cnt_last, PAGE)
-                    else:
-                        pg = tl.load(TAB + j).to(tl.int64)
-                        cnt = tl.load(TAB + tab_stride + j)
-                        pos0 = tl.load(TAB + 2 * tab_stride + j).to(tl.int64)
-                    k, v = _page_kv_full(KV, VD, pg, kvh, n_bh, kv_head, tok, offs_d, s_page, s_kv, PAGE, HALF,
-                                         USE_TMA)
-                    acc, l_i, m_i = _full_page_step(acc, l_i, m_i, a, k, v, cnt, pos0, offs_t, qp, qk_scale,
-                                                    DOT_PREC, UPCAST)
+                pg0 = p
+                pos00 = p
+                cnt_last = 0
+                run_tokens = 0
+            causal = True
+            if SPLIT:
+                # the run's last key position (from the table: affine or not, pages may be partly filled)
+                in_run = offs_s < e - p
+                r_pos = tl.load(TAB + 2 * tab_stride + p + offs_s, mask=in_run, other=0).to(tl.int64)
+                r_cnt = tl.load(TAB + tab_stride + p + offs_s, mask=in_run, other=0).to(tl.int64)
+                causal = tl.max(tl.where(in_run, r_pos + r_cnt - 1, -1), 0) >= q_min
+            if causal:
+                acc, l_i, m_i = _run_pages(acc, l_i, m_i, a, KV, VD, TAB, tab_stride, kv_head, kvh, n_bh, p, e, pg0,
+                                           pos00, cnt_last, run_tokens, tok, tok_step, offs_t, offs_step, offs_d,
+                                           qp, s_page, s_kv, qk_scale, PAGE, HALF, DOT_PREC, UPCAST, USE_TMA, AFFINE,
+                                           STEP, True)
+            else:
+                acc, l_i, m_i = _run_pages(acc, l_i, m_i, a, KV, VD, TAB, tab_stride, kv_head, kvh, n_bh, p, e, pg0,
+                                           pos00, cnt_last, run_tokens, tok, tok_step, offs_t, offs_step, offs_d,
+                                           qp, s_page, s_kv, qk_scale, PAGE, HALF, DOT_PREC, UPCAST, USE_TMA, AFFINE,
+                                           STEP, False)
             p = e
         _paged_finish(acc, l_i, m_i, O, PO, PL, CNT, h, i, ok, bh, n_bh, c, n_ch, r0, R, soh, som, sod, BM, HALF,
                       DIRECT)
@@ -411,7 +464,7 @@ if HAS_TRITON:
                    BM: tl.constexpr, BMT: tl.constexpr, BMT2: tl.constexpr, PAGE: tl.constexpr,
                    HALF: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                    ROT_ONCE: tl.constexpr, USE_TMA: tl.constexpr, PAIR: tl.constexpr, FULL: tl.constexpr,
-                   SEG: tl.constexpr, AFFINE: tl.constexpr, STEP: tl.constexpr):
+                   SEG: tl.constexpr, AFFINE: tl.constexpr, STEP: tl.constexpr, SPLIT: tl.constexpr):
         # the number of pages is read on the device: the grid holds n_ch slices for the largest table, and
         # the pages of this request are spread over all of them (CH is then the shortest slice allowed)
         n_pages = tl.load(NP).to(tl.int32)
@@ -432,18 +485,18 @@ if HAS_TRITON:
                     _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c,
                                     n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G,
                                     Lq, R, qk_scale, BM, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA, AFFINE,
-                                    STEP)
+                                    STEP, SPLIT)
                 elif rg == n_main:
                     _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh, c,
                                     n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod, G,
                                     Lq, R, qk_scale, BMT, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA, AFFINE,
-                                    STEP)
+                                    STEP, SPLIT)
                 else:
                     if BMT2 > 0:
                         _paged_rows_seg(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
                                         c, n_act, r0, lo, hi, sqh, sqm, sqd, s_page, s_tok, s_kv, s_head, soh, som, sod,
                                         G, Lq, R, qk_scale, BMT2, PAGE, HALF, DIRECT, DOT_PREC, UPCAST, 32, USE_TMA,
-                                        AFFINE, STEP)
+                                        AFFINE, STEP, SPLIT)
             elif FULL:
                 if rg < n_main:
                     _paged_rows_full(Q, KV, KD, VD, TAB, tab_stride, QPOS, COS, SIN, O, PO, PL, cnt, kvh, kvh, n_bh,
@@ -502,6 +555,9 @@ SEGMENTED = None
 AFFINE_RUNS = False
 # With affine runs: pages per inner step (read as one tile)
 RUN_STEP = 1
+# With the runs: a run whose keys all come before every row's position (context) skips the causal test;
+# only its pages' valid counts hide keys, as a bias folded into the scale
+SPLIT_MASK = True
 
 
 def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: float | None = None,
@@ -509,7 +565,8 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
                  num_warps: int | None = None, num_stages: int | None = None, rotate_once: bool | None = None,
                  tma: bool | None = None, pair: bool | None = None, full: bool | None = None,
                  seg: bool | None = None, affine: bool | None = None, run_step: int | None = None,
-                 programs_per_sm: float | None = None, out: torch.Tensor | None = None):
+                 split_mask: bool | None = None, programs_per_sm: float | None = None,
+                 out: torch.Tensor | None = None):
     """Attention of ``q`` [1, Hq, Lq, D] (rotated to the positions ``q_pos``, int64 device tensor [Lq]) over
     the pages of ``table`` (see the module doc) in the arena layer ``kv`` [pages, PAGE, 2, Hkv, D].
 
@@ -576,7 +633,8 @@ def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: flo
         out.stride(1), out.stride(2), out.stride(3), table.stride(0),
         Hq // hkv, Lq, spec["chunk"], n_ch, R, spec["n_main"], spec["n_rg"], float(scale) * LOG2E,
         ROT_ONCE=bool(rotate_once), USE_TMA=tma, PAIR=bool(PAIR_PAGES if pair is None else pair),
-        FULL=bool(FULL_D if full is None else full), **{**c, "SEG": use_seg}, AFFINE=affine, STEP=run_step)
+        FULL=bool(FULL_D if full is None else full), **{**c, "SEG": use_seg}, AFFINE=affine, STEP=run_step,
+        SPLIT=bool(SPLIT_MASK if split_mask is None else split_mask))
     return out
 
 
