@@ -354,11 +354,13 @@ PAGED_VARIANTS = [  # (name, page tokens, attend_paged knobs); appended only, so
     # ... through the copy engine: one [128, D] box per step, the contiguous kernel's loads
     ("contiguous seg affine step2 tma", 64, dict(_contiguous=True, seg=True, affine=True, run_step=2, tma=True,
                                                   programs_per_sm=1.0)),
-    # the runs before every row's position without the causal test (split_mask, the default since): off
+    # the runs before every row's position without the causal test (split_mask; on in the "default" row of
+    # eval/results/attn_paged_split_h200.json, off by default since): off, and on (the last entry)
     ("page64 seg pps2 split off", 64, dict(seg=True, programs_per_sm=2.0, split_mask=False)),
     # (with the split, the affine runs' two inner loops take 213 KB of shared memory: one program per SM)
     ("contiguous seg affine pps1", 64, dict(_contiguous=True, seg=True, affine=True, programs_per_sm=1.0)),
     ("page64 seg pps3", 64, dict(seg=True, programs_per_sm=3.0)),
+    ("page64 seg pps2 split", 64, dict(seg=True, programs_per_sm=2.0, split_mask=True)),
 ]
 
 
@@ -425,6 +427,8 @@ def main(argv=None):
                     help="head layouts, query heads / KV heads, comma-separated (default: Llama-3-8B and Qwen2-7B)")
     ap.add_argument("--decode-only", action="store_true", help="only the one-token (decode) rows")
     ap.add_argument("--paged-variants", default=None, help="indices into PAGED_VARIANTS (default all)")
+    ap.add_argument("--paged-split", action="store_true",
+                    help="the paged runs loop's split_mask on unless a variant says otherwise")
     args = ap.parse_args(argv)
     heads = parse_heads(args.heads)
     if not torch.cuda.is_available():
@@ -455,6 +459,10 @@ def main(argv=None):
 
     rows = [] if args.no_contiguous else bench(ceil, lengths, heads, on_row=save)
     if args.paged:
+        if args.paged_split:
+            from blockrag.attention_kv.kernels import paged_attention
+
+            paged_attention.SPLIT_MASK = True
         pv = PAGED_VARIANTS[:1] if args.quick else PAGED_VARIANTS
         if args.paged_variants:
             pv = [PAGED_VARIANTS[int(i)] for i in args.paged_variants.split(",")]

@@ -32,7 +32,7 @@ aligned = set(ptr) | {"sqh", "sqm", "soh", "som", "tab_stride"} | {n for n in na
 out = {}
 for name, extra in json.loads(sys.argv[1]).items():
     const = dict(BM=64, BMT=16, BMT2=0, PAGE=64, HALF=64, DIRECT=False, DOT_PREC="tf32", UPCAST=False,
-                 ROT_ONCE=True, USE_TMA=False, PAIR=False, FULL=False, SEG=True, AFFINE=False, STEP=1, SPLIT=True)
+                 ROT_ONCE=True, USE_TMA=False, PAIR=False, FULL=False, SEG=True, AFFINE=False, STEP=1, SPLIT=False)
     const.update(extra)
     sig = {n: "constexpr" if n in const else ptr.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},

@@ -24,7 +24,8 @@ All pointer offsets are int64.
 
 Variants (launch-time switches, module defaults below): the query rows rotated once per run of pages sharing
 a delta (a chunk; default) or for every page; pages loaded through the copy engine (TMA; inside CUDA graphs
-only, where the descriptors are encoded once; off: not yet timed on a GPU) or with plain loads; one page
+only, where the descriptors are encoded once; off: 230-232 vs 234-241 us for a question, slower for a decoded
+token) or with plain loads; one page
 (default) or two pages per loop step (two per step halve the online-softmax rescales, but measured slower on an
 H200: 378 vs 279 us for a 50-token question over 32K keys, ``eval/bench_attn_kernels.py --paged``); whole-D key
 tiles (``full``: one dot per page, the rows rotated on the full width) measured no faster (H200, same question:
@@ -32,8 +33,8 @@ tiles (``full``: one dot per page, the rows rotated on the full width) measured 
 rows for every page: the rotation, not the dot, is the cost; ``eval/results/attn_paged_full_h200.json``); runs of
 pages sharing a delta as an outer loop (``seg``: the rows rotated once per run, a branch-free inner loop), the
 plan's choice for a question's rows with two programs per SM (237.9 vs 277 us), and 5 pipeline stages for a
-decoded token (the page-table load feeding each K/V address takes stages of its own: 64 vs 83 us; README
-"Paged (zero-copy) kernel").
+decoded token (the page-table load feeding each K/V address takes stages of its own: 64 vs 83 us); affine runs
+and the context runs' split mask, measured no faster (README "Paged (zero-copy) kernel").
 """
 from __future__ import annotations
 
@@ -556,8 +557,10 @@ AFFINE_RUNS = False
 # With affine runs: pages per inner step (read as one tile)
 RUN_STEP = 1
 # With the runs: a run whose keys all come before every row's position (context) skips the causal test;
-# only its pages' valid counts hide keys, as a bias folded into the scale
-SPLIT_MASK = True
+# only its pages' valid counts hide keys, as a bias folded into the scale. Off: 24% fewer instructions per page
+# (629 -> 476 in the sm_90 SASS) but no faster (H200, 50-token question over 32K keys: 240.7 vs 239.1 us;
+# eval/results/attn_paged_split_h200.json), so the loop is bound by its per-page latency, not by issue
+SPLIT_MASK = False
 
 
 def attend_paged(q, kv, table, n_pages, q_pos, cos_half, sin_half, *, scale: float | None = None,
