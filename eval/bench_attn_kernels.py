@@ -19,6 +19,7 @@ question's real rows (4 * Hq * Lq * Lk * D, causal tail ignored).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -249,6 +250,62 @@ def bench(ceil, lengths, heads=HEADS, on_row=None) -> list:
     return rows
 
 
+def bench_decode_sdpa(ceil, lengths, heads=HEADS) -> list:
+    """A decoded token through PyTorch SDPA over the generator's interleaved layer views, in CUDA graphs over
+    ``N_LAYERS`` layers (as the decode graph runs): over the exact length (what an eager step can do), and over
+    a buffer 1,024 keys longer than the valid ones with a mask built once per step from the device-side length
+    (what a graph serving a growing cache must do); our kernel on the same views as the reference point."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    backends = {"auto": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "flash": SDPBackend.FLASH_ATTENTION}
+    for head_name, (hq, hkv) in heads.items():
+        for lk in lengths:
+            n_buf = lk + 1024
+            kv, ks, vs = kv_buffer(N_LAYERS, n_buf, hkv)
+            kv_len = torch.tensor([lk], dtype=torch.int32, device="cuda")
+            ar = torch.arange(n_buf, device="cuda")
+            bias = torch.empty(1, 1, 1, n_buf, device="cuda", dtype=DT)
+            q = torch.randn(1, hq, 1, D, device="cuda", dtype=DT)
+            outs = [torch.empty_like(q) for _ in range(N_LAYERS)]
+            kv_bytes = 2 * lk * hkv * D * 2
+            floor_us = kv_bytes / (ceil["copy_GBps"] * 1e9) * 1e6
+            ref = attend_question(q, ks[0][:, :, :n_buf], vs[0][:, :, :n_buf], kv_len=kv_len).float()
+
+            def mask_step():
+                torch.where(ar < kv_len, 0.0, float("-inf"), out=bias[0, 0, 0])
+
+            cases = [("ours (kv_len on the device)", None, lambda i: attend_question(
+                q, ks[i], vs[i], kv_len=kv_len, out=outs[i]), False)]
+            for bname, b in backends.items():
+                cases.append((f"SDPA {bname}, exact length", b, lambda i: F.scaled_dot_product_attention(
+                    q, ks[i][:, :, :lk], vs[i][:, :, :lk], enable_gqa=True), False))
+                cases.append((f"SDPA {bname}, buffer + mask", b, lambda i: F.scaled_dot_product_attention(
+                    q, ks[i], vs[i], attn_mask=bias, enable_gqa=True), True))
+            for name, b, fn, masked in cases:
+                try:
+                    with (sdpa_kernel([b]) if b is not None else contextlib.nullcontext()):
+                        calls = ([mask_step] if masked else []) + [lambda i=i: fn(i) for i in range(N_LAYERS)]
+                        mask_step()
+                        err = (fn(0).float() - ref).abs().max().item()
+                        g = graph_of(calls)
+                        us = timed(g.replay, reps=40) / N_LAYERS * 1e3
+                        del g
+                except Exception as ex:  # noqa: BLE001
+                    log(f"  {head_name} decode {name}: {type(ex).__name__}: {str(ex).splitlines()[0][:120]}")
+                    continue
+                rows.append(dict(heads=head_name, Lq=1, Lk=lk, variant=name, us=us, floor_us=floor_us,
+                                 x_floor=us / floor_us, max_abs_diff_vs_ours=err,
+                                 pct_copy_bw=100 * kv_bytes / (us * 1e-6) / 1e9 / ceil["copy_GBps"],
+                                 TFLOPs=4 * hq * lk * D / (us * 1e-6) / 1e12))
+                log(f"  {head_name:10s} decode Lk={lk} {name:34s} {us:7.1f} us {rows[-1]['pct_copy_bw']:5.1f}% copy BW"
+                    f"  |diff| {err:.1e}")
+            del kv, ks, vs
+            torch.cuda.empty_cache()
+    return rows
+
+
 def paged_request(lk, lq, hkv, page, n_layers, seed=0, contiguous=False):
     """An arena of ``n_layers`` layers holding a request of ``lk`` context tokens in chunks of 100-512 tokens
     (each chunk's last page partly filled, pages shuffled; ``contiguous``: each chunk's pages consecutive, as
@@ -427,6 +484,7 @@ def main(argv=None):
                     help="head layouts, query heads / KV heads, comma-separated (default: Llama-3-8B and Qwen2-7B)")
     ap.add_argument("--decode-only", action="store_true", help="only the one-token (decode) rows")
     ap.add_argument("--paged-variants", default=None, help="indices into PAGED_VARIANTS (default all)")
+    ap.add_argument("--decode-sdpa", action="store_true", help="also SDPA for a decoded token, in graphs")
     ap.add_argument("--paged-split", action="store_true",
                     help="the paged runs loop's split_mask on unless a variant says otherwise")
     args = ap.parse_args(argv)
@@ -458,6 +516,9 @@ def main(argv=None):
             json.dump(res, f, indent=1)
 
     rows = [] if args.no_contiguous else bench(ceil, lengths, heads, on_row=save)
+    if args.decode_sdpa:
+        rows += bench_decode_sdpa(ceil, lengths, heads)
+        save(rows)
     if args.paged:
         if args.paged_split:
             from blockrag.attention_kv.kernels import paged_attention
