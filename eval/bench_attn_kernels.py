@@ -267,6 +267,7 @@ def bench_decode_sdpa(ceil, lengths, heads=HEADS) -> list:
             kv_len = torch.tensor([lk], dtype=torch.int32, device="cuda")
             ar = torch.arange(n_buf, device="cuda")
             bias = torch.empty(1, 1, 1, n_buf, device="cuda", dtype=DT)
+            zero, hidden = (torch.tensor(x, device="cuda", dtype=DT) for x in (0.0, float("-inf")))
             q = torch.randn(1, hq, 1, D, device="cuda", dtype=DT)
             outs = [torch.empty_like(q) for _ in range(N_LAYERS)]
             kv_bytes = 2 * lk * hkv * D * 2
@@ -274,7 +275,7 @@ def bench_decode_sdpa(ceil, lengths, heads=HEADS) -> list:
             ref = attend_question(q, ks[0][:, :, :n_buf], vs[0][:, :, :n_buf], kv_len=kv_len).float()
 
             def mask_step():
-                torch.where(ar < kv_len, 0.0, float("-inf"), out=bias[0, 0, 0])
+                torch.where(ar < kv_len, zero, hidden, out=bias[0, 0, 0])
 
             cases = [("ours (kv_len on the device)", None, lambda i: attend_question(
                 q, ks[i], vs[i], kv_len=kv_len, out=outs[i]), False)]
