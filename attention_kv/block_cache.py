@@ -124,6 +124,10 @@ class BlockKVCache:
         self._dyn = 0  # > 0: the next forward's tokens sit at device positions dev_pos[:_dyn] (graph replays)
         self.dev_pos = None
         self.dev_len = None
+        # a device-positioned decoded token through SDPA over the whole buffer, the keys past dev_len masked
+        # (what a decode graph captured with it runs); else our kernel, which reads only the valid keys
+        self.decode_sdpa = False
+        self._decode_mask = None
 
     def loaded(self, start: int, end: int, layer: int | None = None) -> None:
         """Mark positions ``start..end`` as freshly loaded un-rotated context (all layers or one)."""
@@ -281,6 +285,12 @@ class BlockKVCache:
             self.layer_ready(layer_idx)
         if self.stages is not None and self._dyn > 1 and torch.cuda.is_current_stream_capturing():
             self.stages.wait(layer_idx)  # a question graph: event-wait nodes for a staged load's groups
+        if self._dyn == 1 and self.decode_sdpa:
+            if layer_idx == 0 or self._decode_mask is None:  # one mask per step, shared by the layers
+                self._decode_mask = decode_mask(k.shape[2], self.dev_len, q.dtype)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self._decode_mask,
+                                                                    scale=scaling,
+                                                                    enable_gqa=q.shape[1] != k.shape[1])
         if self._dyn:
             from .kernels.question_attention import attend_question
 
@@ -327,6 +337,13 @@ def forward_block(model, cache: BlockKVCache, input_ids: torch.Tensor, start: in
     out = ModelAdapter.of(model).forward(input_ids.view(1, -1), pos, cache.attend, logits_rows=logits_to_keep)
     cache.end()
     return out
+
+
+def decode_mask(n_keys: int, kv_len: torch.Tensor, dtype) -> torch.Tensor:
+    """[1, 1, 1, n_keys] additive mask: 0 for the first ``kv_len`` (device tensor) keys, -inf after."""
+    pos = torch.arange(n_keys, device=kv_len.device)
+    zero = torch.zeros((), dtype=dtype, device=kv_len.device)
+    return torch.where(pos < kv_len, zero, torch.full_like(zero, float("-inf"))).view(1, 1, 1, n_keys)
 
 
 def capture_graph(forward, dev, warmup: int, then: Callable[[torch.Tensor], None] | None = None):

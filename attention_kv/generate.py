@@ -44,6 +44,13 @@ PAGE_TOKENS = 64  # tokens per page of the paged path on CUDA (16 elsewhere: sma
 # Off: no gain measured (H200, 8B shape, staged vs not, eval/results/e2e_staged_compare_h200.json: 7.8 vs 7.7 ms
 # at 8K, 11.1 vs 11.4 at 32K, 26.7 vs 26.6 at 128K; the forward's kernels leave the copy no idle SMs to run on)
 STAGED_STITCH = False
+# Decode graphs over a stitched bucket: a second graph per bucket with the decoded token's attention through
+# PyTorch SDPA over the whole bucket (keys past the valid ones masked; cuDNN on an H200), used when the context
+# fills at least this share of the bucket: SDPA then reads padding, our kernel only the valid keys. H200, 8
+# layers in one graph, 1,024 keys of padding: 41.4 vs 49.5 us at 32K keys, 130.5 vs 155.5 at 128K (Llama-3-8B
+# heads; Qwen2-7B 27.8 vs 37.8, 71.2 vs 90.0): SDPA reads ~1.2x faster per key, so it wins above ~0.8 of the
+# bucket (eval/results/attn_decode_sdpa_h200.json). None: always our kernel.
+DECODE_SDPA_FILL = 0.85
 TAIL_TOKENS = 2304  # paged path: positions after the context for the question (padded) and the answer
 
 
@@ -219,7 +226,7 @@ class Generator:
         self._stages = StagedLoad(self.adapter.n_layers, self.device) if self.cuda_graphs else None
         self.staged_stitch = STAGED_STITCH
         self._caches: dict[int, BlockKVCache] = {}  # bucket -> cache over the first positions of _kv_buf
-        self._graphs: dict[tuple[int, int], GraphedStep] = {}  # (bucket, tokens) -> graph; 1 = decode step
+        self._graphs: dict[tuple, GraphedStep] = {}  # (bucket, tokens[, "sdpa"]) -> graph; 1 = decode step
         self._epoch = 0  # requests that used the shared buffer (a suspended stream must not resume after another)
         self._captures = 0  # graphs captured so far
         self.compile_decode, self.compile_question = compile_decode, compile_question
@@ -331,6 +338,8 @@ class Generator:
             if block and Lq_b is not None and last_only:
                 graph = self._graph_for(bucket, Lq_b)
             self._graph_for(bucket, 1)  # the decode step
+            if self._decode_sdpa_on():
+                self._graph_for(bucket, 1, sdpa=True)
             if self._captures != n0:
                 info["capture_ms"] = (time.perf_counter() - t) * 1e3
         stream = None
@@ -413,17 +422,19 @@ class Generator:
         qbs = sorted(set(qbs))
         if bs:
             self._reserve(max(bs))
-        todo = [(b, n) for b in bs for n in [1] + qbs]
+        todo = [(b, n, False) for b in bs for n in [1] + qbs]
+        if self._decode_sdpa_on():
+            todo += [(b, 1, True) for b in bs]
         if paged_for is not None:
             # pages for a context of paged_for tokens, with room for chunks' partly filled last pages
             self._paged_cache(-(-int(paged_for) * 3 // (2 * self.page_tokens)))
             self._paged.set_request(self._paged_parts([]), len(self.store.prefix_ids))
-            todo = [(PAGED, n) for n in [1] + qbs] + todo
+            todo = [(PAGED, n, False) for n in [1] + qbs] + todo
         from tqdm.auto import tqdm
 
-        for b, n in tqdm(todo, desc="capturing graphs", disable=not progress if progress is not None else None,
-                         leave=False):
-            self._graph_for(b, n)
+        for b, n, sdpa in tqdm(todo, desc="capturing graphs",
+                               disable=not progress if progress is not None else None, leave=False):
+            self._graph_for(b, n, sdpa=sdpa)
         _sync(self.device)
         mem = self.cache_memory()
         return {"buckets": bs, "question_buckets": qbs, "graphs": len(self._graphs),
@@ -658,18 +669,37 @@ class Generator:
         info["length"] = cache.length
         return logits, info
 
-    def _graph_for(self, bucket: int, n: int) -> GraphedStep:
+    def _graph_for(self, bucket: int, n: int, sdpa: bool = False) -> GraphedStep:
         """The graph of an ``n``-token forward (1: the decode step; else a question padded to ``n``) over
-        ``bucket``'s cache, captured on first use."""
-        g = self._graphs.get((bucket, n))
+        ``bucket``'s cache, captured on first use. ``sdpa``: the decode step's attention through SDPA over the
+        whole bucket (see ``DECODE_SDPA_FILL``)."""
+        key = (bucket, n, "sdpa") if sdpa else (bucket, n)
+        g = self._graphs.get(key)
         if g is None:
             cache = self._paged_cache() if bucket == PAGED else self._caches.get(bucket)
             if cache is None:
                 cache, _ = self._cache_for(bucket, None)
-            g = self._graph(cache, n, "compile_decode" if n == 1 else "compile_question")
-            self._graphs[(bucket, n)] = g
+            cache.decode_sdpa = sdpa
+            try:
+                g = self._graph(cache, n, "compile_decode" if n == 1 else "compile_question")
+            finally:
+                cache.decode_sdpa = False
+            self._graphs[key] = g
             self._captures += 1
         return g
+
+    def _decode_sdpa_on(self) -> bool:
+        return DECODE_SDPA_FILL is not None and self.device.type == "cuda"
+
+    def _decode_graph(self, bucket, pos: int) -> GraphedStep | None:
+        """The decode graph of ``bucket`` for a context of ``pos`` tokens: SDPA over the bucket when the
+        context fills at least ``DECODE_SDPA_FILL`` of it, else our kernel over the valid keys."""
+        cache = self._caches.get(bucket)
+        if self._decode_sdpa_on() and cache is not None and pos >= DECODE_SDPA_FILL * cache.max_len:
+            g = self._graphs.get((bucket, 1, "sdpa"))
+            if g is not None:
+                return g
+        return self._graphs.get((bucket, 1))
 
     def _graph(self, cache, n: int, flag: str) -> GraphedStep:
         """A graph of an n-token forward, compiled first when the Generator's ``flag`` option is on; if
@@ -725,7 +755,7 @@ class Generator:
                 yield piece
                 text_so_far = piece
         pos = info["length"]
-        graph = self._graphs.get((info["bucket"], 1)) if shared else None
+        graph = self._decode_graph(info["bucket"], pos) if shared else None
         limit = cache.max_len - 1 if graph is not None else (cache.max_len if mode != "full" else None)
         ahead = None  # graphed decoding: each step queued before the previous token is read (GraphedStep.run_ahead)
         if graph is not None and graph.advances and stopped_by is None:
@@ -774,6 +804,7 @@ class Generator:
             n_recomputed=info["n_recomputed"],
             timings={"prefill_ms": (t_first - t0) * 1e3, "decode_ms": (t_end - t_first) * 1e3,
                      "decode_graph": graph is not None, "question_graph": info.get("question_graph", False),
+                     "decode_sdpa": graph is not None and graph is self._graphs.get((info["bucket"], 1, "sdpa")),
                      "graph_capture_ms": info.get("capture_ms", 0.0), "cache_bucket": info.get("bucket"),
                      "stopped_by": stopped_by or "budget",
                      "question_bucket": info.get("question_bucket")})

@@ -82,6 +82,37 @@ def test_caches_share_one_allocation(tiny):
 
 
 @torch.no_grad()
+def test_decode_through_sdpa_masks_the_keys_past_the_device_length(tiny):
+    """A device-positioned decoded token with ``decode_sdpa`` (what the SDPA decode graph captures): attention
+    over the whole buffer with the keys past ``dev_len`` masked equals attention over the valid keys alone;
+    the mask is built at layer 0 and follows ``dev_len`` from one step to the next."""
+    from blockrag.attention_kv.block_cache import BlockKVCache
+    from blockrag.attention_kv.generate import DECODE_SDPA_FILL
+    from blockrag.attention_kv.masks import attend_reference
+
+    model, _ = tiny
+    cache = BlockKVCache(model, 64, rope="stitch")
+    g = torch.Generator().manual_seed(0)
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=g).to(cache.kv.dtype))
+    hq, hkv, d = model.config.num_attention_heads, model.config.num_key_value_heads, cache.head_dim
+    cache.decode_sdpa = True
+    for pos in (20, 21, 47):
+        cache.begin_device(1)
+        cache.set_device_positions(pos, 1)
+        for layer in (0, 1):
+            q, k, v = (torch.randn(1, h, 1, d, generator=g) for h in (hq, hkv, hkv))
+            got = cache.attend(layer, q, k, v)
+            kk = cache.k[layer, :, :pos + 1].transpose(1, 2).float()  # the new key written at pos
+            vv = cache.v[layer, :, :pos + 1].transpose(1, 2).float()
+            assert torch.equal(kk[:, :, pos], k[:, :, 0].to(kk.dtype))
+            want = attend_reference(q, kk.repeat_interleave(hq // hkv, 1), vv.repeat_interleave(hq // hkv, 1),
+                                    q_start=pos, scale=cache.scale)
+            assert (got.float() - want).abs().max().item() < 1e-5, (pos, layer)
+        cache.end_device()
+    assert 0.5 < DECODE_SDPA_FILL <= 1.0
+
+
+@torch.no_grad()
 def test_buckets_grow_and_padded_questions_match_on_cpu(tiny, tmp_path):
     """The bucketed shared buffer (switched on for the CPU) with padded question blocks gives the logits and
     answers of fresh, exact-size buffers; the allocation grows to the largest bucket used and caches of one
@@ -136,7 +167,8 @@ def test_gpu_warmed_buckets_replay_graphs_with_padded_questions(tokenizer, tmp_p
     gen.paged = False  # the stitched buffer in size buckets (the paged path has its own tests: test_paged.py)
     gen.min_bucket = 128
     rep = gen.warmup(buckets=[128, 256], question_lengths=[16, 32])
-    assert rep["buckets"] == [128, 256] and rep["question_buckets"] == [16, 32] and rep["graphs"] == 6
+    # per bucket: the decode step (our kernel, and SDPA over the bucket) and two question lengths
+    assert rep["buckets"] == [128, 256] and rep["question_buckets"] == [16, 32] and rep["graphs"] == 8
     chunks = _chunks(tokenizer, TEXTS)
     for question in (QUESTION, "Who keeps the lighthouse and how often does she row to the mainland?"):
         for n in (1, 3):
@@ -159,6 +191,31 @@ def test_gpu_warmed_buckets_replay_graphs_with_padded_questions(tokenizer, tmp_p
         assert a.timings["question_graph"] and a.token_ids == b.token_ids
         assert not gen._stages.pending
     assert gen._stages.loads == loads + 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_gpu_decode_graph_through_sdpa_gives_the_eager_tokens(tokenizer, tmp_path, monkeypatch):
+    """The decode graph whose attention is SDPA over the whole bucket (keys past the valid ones masked): the
+    eager answers; the fill rule picks it only for a context filling the bucket."""
+    from blockrag.attention_kv import Generator, KVCacheStore
+    from blockrag.attention_kv import generate as gm
+
+    model = MODELS["llama"](seed=5, vocab=len(tokenizer), attention="sdpa").cuda()
+    store = KVCacheStore(tmp_path / "kv", model, tokenizer, dtype=torch.float32)
+    eager = Generator(model=model, tokenizer=tokenizer, store=store, cuda_graphs=False)
+    gen = Generator(model=model, tokenizer=tokenizer, store=store, max_cache_len=2048)
+    gen.paged = False
+    gen.min_bucket = 128
+    chunks = _chunks(tokenizer, TEXTS)
+    b = eager.generate(QUESTION, chunks, max_new_tokens=12)
+    a = gen.generate(QUESTION, chunks, max_new_tokens=12)  # a small context in its bucket: our kernel
+    assert a.timings["decode_graph"] and not a.timings["decode_sdpa"] and a.token_ids == b.token_ids
+    monkeypatch.setattr(gm, "DECODE_SDPA_FILL", 0.0)  # any context: SDPA
+    for n in (1, 6):
+        a = gen.generate(QUESTION, chunks[:n], max_new_tokens=12)
+        want = eager.generate(QUESTION, chunks[:n], max_new_tokens=12)
+        assert a.timings["decode_graph"] and a.timings["decode_sdpa"] and a.token_ids == want.token_ids
 
 
 def test_store_keys_are_memoised_per_content(tiny, tmp_path):
