@@ -233,6 +233,8 @@ def main(argv=None):
     ap.add_argument("--compare-staging", action="store_true",
                     help="also time each context with Generator.staged_stitch switched (the stitching copy staged "
                          "on a side stream per layer group, or queued before the question forward), in the same run")
+    ap.add_argument("--decode-kernel", action="store_true",
+                    help="decode graphs always through our kernel (generate.DECODE_SDPA_FILL = None)")
     ap.add_argument("--warm-questions", default="48,64", help="question lengths warmed (the two asked)")
     ap.add_argument("--hf-static-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -240,6 +242,10 @@ def main(argv=None):
         from blockrag.attention_kv.kernels import paged_attention
 
         paged_attention.AFFINE_RUNS, paged_attention.RUN_STEP = True, args.paged_affine
+    if args.decode_kernel:
+        from blockrag.attention_kv import generate as generate_mod
+
+        generate_mod.DECODE_SDPA_FILL = None
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     t_start = time.time()
@@ -350,7 +356,7 @@ def main(argv=None):
             log(f"  {L}: ours {row['ttft_ms']:.1f} ms TTFT, first piece {row['first_piece_ms']:.1f} ms (first call "
                 f"{row['first_call_ms']:.1f} ms), {row['decode_tok_s']:.1f} tok/s, "
                 f"bucket {r.timings['cache_bucket']}, graphs q={r.timings['question_graph']} "
-                f"d={r.timings['decode_graph']}")
+                f"d={r.timings['decode_graph']} (sdpa {r.timings.get('decode_sdpa')})")
         except Exception as ex:  # noqa: BLE001 - reported in the table, the run goes on
             row["error"] = f"{type(ex).__name__}: {(str(ex).splitlines() or [''])[0][:300]}"
             log(f"  {L}: ours FAILED {row['error']}")
