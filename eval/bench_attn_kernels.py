@@ -184,6 +184,14 @@ def graph_of(calls):
     return g
 
 
+def layer_us(calls) -> float:
+    """Microseconds per layer of ``calls`` (one per layer) replayed as one CUDA graph."""
+    g = graph_of(calls)
+    us = timed(g.replay, reps=40) / N_LAYERS * 1e3
+    del g
+    return us
+
+
 def bench(ceil, lengths, heads=HEADS, on_row=None) -> list:
     """Timing rows; ``on_row(rows)`` after each one (the caller saves partial results)."""
     rows = []
@@ -210,9 +218,7 @@ def bench(ceil, lengths, heads=HEADS, on_row=None) -> list:
                         calls = [(lambda i=i, kw=kw, n_buf=n_buf: attend_question(
                             q, ks[i][:, :, :n_buf], vs[i][:, :, :n_buf], kv_len=kv_len, out=outs[i], **kw))
                             for i in range(N_LAYERS)]
-                        g = graph_of(calls)
-                        us = timed(g.replay, reps=40) / N_LAYERS * 1e3
-                        del g
+                        us = layer_us(calls)
                     except Exception as ex:  # noqa: BLE001
                         log(f"  {head_name} Lq={lq} {name}: {type(ex).__name__}: {str(ex).splitlines()[0][:150]}")
                         continue
@@ -290,9 +296,7 @@ def bench_decode_sdpa(ceil, lengths, heads=HEADS) -> list:
                         calls = ([mask_step] if masked else []) + [lambda i=i: fn(i) for i in range(N_LAYERS)]
                         mask_step()
                         err = (fn(0).float() - ref).abs().max().item()
-                        g = graph_of(calls)
-                        us = timed(g.replay, reps=40) / N_LAYERS * 1e3
-                        del g
+                        us = layer_us(calls)
                 except Exception as ex:  # noqa: BLE001
                     log(f"  {head_name} decode {name}: {type(ex).__name__}: {str(ex).splitlines()[0][:120]}")
                     continue
@@ -444,9 +448,7 @@ def bench_paged(ceil, lengths, variants, heads=HEADS) -> list:
                         err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
                         calls = [(lambda i=i: attend_paged(*args(i), max_pages=r_["pages"], out=outs[i], **kw))
                                  for i in range(N_LAYERS)]
-                        g = graph_of(calls)
-                        us = timed(g.replay, reps=40) / N_LAYERS * 1e3
-                        del g
+                        us = layer_us(calls)
                     except Exception as ex:  # noqa: BLE001
                         log(f"  paged {head_name} Lq={lq} {name}: {type(ex).__name__}: {str(ex).splitlines()[0][:200]}")
                         continue
