@@ -388,7 +388,8 @@ class Generator:
     def warmup(self, buckets: Sequence[int] | None = None, question_lengths: Sequence[int] = WARMUP_QUESTIONS,
                progress: bool | None = None) -> dict:
         """Compile the kernels and capture the CUDA graphs of the cached modes ahead of requests: for each
-        cache size bucket (default: every bucket up to ``max_cache_len``), the decode step and the question
+        cache size bucket (default: every bucket up to ``max_cache_len``), the decode step (two graphs on CUDA:
+        our kernel, and SDPA for a context that fills the bucket, ``DECODE_SDPA_FILL``) and the question
         forward of each padded question length in ``question_lengths`` (rounded up to their buckets). A
         request whose context and question fall in warmed buckets then pays no compilation or capture.
         Compiled Triton kernels persist across processes in Triton's own cache; graphs do not.
