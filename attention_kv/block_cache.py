@@ -288,9 +288,7 @@ class BlockKVCache:
         if self._dyn == 1 and self.decode_sdpa:
             if layer_idx == 0 or self._decode_mask is None:  # one mask per step, shared by the layers
                 self._decode_mask = decode_mask(k.shape[2], self.dev_len, q.dtype)
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self._decode_mask,
-                                                                    scale=scaling,
-                                                                    enable_gqa=q.shape[1] != k.shape[1])
+            return masked_sdpa(q, k, v, self._decode_mask, scaling)
         if self._dyn:
             from .kernels.question_attention import attend_question
 
@@ -337,6 +335,18 @@ def forward_block(model, cache: BlockKVCache, input_ids: torch.Tensor, start: in
     out = ModelAdapter.of(model).forward(input_ids.view(1, -1), pos, cache.attend, logits_rows=logits_to_keep)
     cache.end()
     return out
+
+
+def masked_sdpa(q, k, v, mask, scale):
+    """SDPA with an additive mask; on CUDA through cuDNN only (the backend measured; another one that takes the
+    mask could be far slower, so its absence raises instead and the caller keeps our kernel)."""
+    gqa = q.shape[1] != k.shape[1]
+    if not q.is_cuda:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def decode_mask(n_keys: int, kv_len: torch.Tensor, dtype) -> torch.Tensor:

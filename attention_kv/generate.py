@@ -227,6 +227,7 @@ class Generator:
         self.staged_stitch = STAGED_STITCH
         self._caches: dict[int, BlockKVCache] = {}  # bucket -> cache over the first positions of _kv_buf
         self._graphs: dict[tuple, GraphedStep] = {}  # (bucket, tokens[, "sdpa"]) -> graph; 1 = decode step
+        self._decode_sdpa_failed = False  # set when cuDNN could not run the SDPA decode graph
         self._epoch = 0  # requests that used the shared buffer (a suspended stream must not resume after another)
         self._captures = 0  # graphs captured so far
         self.compile_decode, self.compile_question = compile_decode, compile_question
@@ -670,10 +671,10 @@ class Generator:
         info["length"] = cache.length
         return logits, info
 
-    def _graph_for(self, bucket: int, n: int, sdpa: bool = False) -> GraphedStep:
+    def _graph_for(self, bucket: int, n: int, sdpa: bool = False) -> GraphedStep | None:
         """The graph of an ``n``-token forward (1: the decode step; else a question padded to ``n``) over
         ``bucket``'s cache, captured on first use. ``sdpa``: the decode step's attention through SDPA over the
-        whole bucket (see ``DECODE_SDPA_FILL``)."""
+        whole bucket (see ``DECODE_SDPA_FILL``); None if cuDNN cannot run it (our kernel's graph serves)."""
         key = (bucket, n, "sdpa") if sdpa else (bucket, n)
         g = self._graphs.get(key)
         if g is None:
@@ -683,6 +684,14 @@ class Generator:
             cache.decode_sdpa = sdpa
             try:
                 g = self._graph(cache, n, "compile_decode" if n == 1 else "compile_question")
+            except RuntimeError as ex:
+                if not sdpa:
+                    raise
+                # no cuDNN attention for these shapes or this GPU: decode through our kernel only
+                warnings.warn(f"decode through SDPA unavailable ({str(ex).splitlines()[0][:120]}); "
+                              "decoding through our kernel")
+                self._decode_sdpa_failed = True
+                return None
             finally:
                 cache.decode_sdpa = False
             self._graphs[key] = g
@@ -690,7 +699,8 @@ class Generator:
         return g
 
     def _decode_sdpa_on(self) -> bool:
-        return DECODE_SDPA_FILL is not None and self.device.type == "cuda"
+        return (DECODE_SDPA_FILL is not None and self.device.type == "cuda"
+                and not self._decode_sdpa_failed)
 
     def _decode_graph(self, bucket, pos: int) -> GraphedStep | None:
         """The decode graph of ``bucket`` for a context of ``pos`` tokens: SDPA over the bucket when the

@@ -112,6 +112,21 @@ def test_decode_through_sdpa_masks_the_keys_past_the_device_length(tiny):
     assert 0.5 < DECODE_SDPA_FILL <= 1.0
 
 
+def test_sdpa_decode_graph_that_cannot_be_built_leaves_our_kernel(tiny, tmp_path):
+    """A decode graph through SDPA that fails to build (here: no CUDA; on a GPU: no cuDNN attention for the
+    shapes) warns once and switches the SDPA decode off; the kernel's graphs still raise as before."""
+    from blockrag.attention_kv import Generator, KVCacheStore
+
+    model, tok = tiny
+    gen = Generator(model=model, tokenizer=tok, store=KVCacheStore(tmp_path / "kv", model, tok))
+    gen.share_buffers = True
+    with pytest.warns(UserWarning, match="decode through SDPA unavailable"):
+        assert gen._graph_for(128, 1, sdpa=True) is None
+    assert gen._decode_sdpa_failed and (128, 1, "sdpa") not in gen._graphs
+    with pytest.raises(RuntimeError, match="CUDA"):
+        gen._graph_for(128, 1)
+
+
 @torch.no_grad()
 def test_buckets_grow_and_padded_questions_match_on_cpu(tiny, tmp_path):
     """The bucketed shared buffer (switched on for the CPU) with padded question blocks gives the logits and
@@ -195,27 +210,43 @@ def test_gpu_warmed_buckets_replay_graphs_with_padded_questions(tokenizer, tmp_p
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @torch.no_grad()
-def test_gpu_decode_graph_through_sdpa_gives_the_eager_tokens(tokenizer, tmp_path, monkeypatch):
-    """The decode graph whose attention is SDPA over the whole bucket (keys past the valid ones masked): the
-    eager answers; the fill rule picks it only for a context filling the bucket."""
+def test_gpu_decode_through_cudnn_sdpa(tokenizer, tmp_path, monkeypatch):
+    """bf16: the masked cuDNN attention of a decoded token over the generator's interleaved buffer equals the
+    attention over the valid keys (fp32 reference). fp32 (no cuDNN attention): the SDPA decode graph cannot be
+    built, the Generator warns once and decodes through our kernel's graph with the eager tokens."""
     from blockrag.attention_kv import Generator, KVCacheStore
     from blockrag.attention_kv import generate as gm
+    from blockrag.attention_kv.block_cache import BlockKVCache
+    from blockrag.attention_kv.masks import attend_reference
 
     model = MODELS["llama"](seed=5, vocab=len(tokenizer), attention="sdpa").cuda()
+    half = MODELS["llama"](seed=5, vocab=len(tokenizer), attention="sdpa").cuda().to(torch.bfloat16)
+    cache = BlockKVCache(half, 256, rope="stitch")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cache.kv.copy_(torch.randn(cache.kv.shape, generator=g, device="cuda").to(cache.kv.dtype))
+    hq, hkv, d = half.config.num_attention_heads, half.config.num_key_value_heads, cache.head_dim
+    cache.decode_sdpa = True
+    for pos in (30, 200):
+        cache.begin_device(1)
+        cache.set_device_positions(pos, 1)
+        q, k, v = (torch.randn(1, h, 1, d, generator=g, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+        got = cache.attend(0, q, k, v)
+        kk = cache.k[0, :, :pos + 1].transpose(1, 2).float().repeat_interleave(hq // hkv, 1)
+        vv = cache.v[0, :, :pos + 1].transpose(1, 2).float().repeat_interleave(hq // hkv, 1)
+        want = attend_reference(q.float(), kk, vv, q_start=pos, scale=cache.scale)
+        assert (got.float() - want).abs().max().item() < 2e-2, pos
+        cache.end_device()
     store = KVCacheStore(tmp_path / "kv", model, tokenizer, dtype=torch.float32)
     eager = Generator(model=model, tokenizer=tokenizer, store=store, cuda_graphs=False)
     gen = Generator(model=model, tokenizer=tokenizer, store=store, max_cache_len=2048)
     gen.paged = False
     gen.min_bucket = 128
+    monkeypatch.setattr(gm, "DECODE_SDPA_FILL", 0.0)  # any context would take SDPA
     chunks = _chunks(tokenizer, TEXTS)
+    with pytest.warns(UserWarning, match="decode through SDPA unavailable"):
+        a = gen.generate(QUESTION, chunks, max_new_tokens=12)
     b = eager.generate(QUESTION, chunks, max_new_tokens=12)
-    a = gen.generate(QUESTION, chunks, max_new_tokens=12)  # a small context in its bucket: our kernel
     assert a.timings["decode_graph"] and not a.timings["decode_sdpa"] and a.token_ids == b.token_ids
-    monkeypatch.setattr(gm, "DECODE_SDPA_FILL", 0.0)  # any context: SDPA
-    for n in (1, 6):
-        a = gen.generate(QUESTION, chunks[:n], max_new_tokens=12)
-        want = eager.generate(QUESTION, chunks[:n], max_new_tokens=12)
-        assert a.timings["decode_graph"] and a.timings["decode_sdpa"] and a.token_ids == want.token_ids
 
 
 def test_store_keys_are_memoised_per_content(tiny, tmp_path):
