@@ -49,7 +49,8 @@ STAGED_STITCH = False
 # fills at least this share of the bucket: SDPA then reads padding, our kernel only the valid keys. H200, 8
 # layers in one graph, 1,024 keys of padding: 41.4 vs 49.5 us at 32K keys, 130.5 vs 155.5 at 128K (Llama-3-8B
 # heads; Qwen2-7B 27.8 vs 37.8, 71.2 vs 90.0): SDPA reads ~1.2x faster per key, so it wins above ~0.8 of the
-# bucket (eval/results/attn_decode_sdpa_h200.json). None: always our kernel.
+# bucket (eval/results/attn_decode_sdpa_h200.json). None: always our kernel. (cuDNN only; where it cannot run, the
+# capture warns and our kernel's graph serves. The SDPA graph is not compiled under ``compile_decode``.)
 DECODE_SDPA_FILL = 0.85
 TAIL_TOKENS = 2304  # paged path: positions after the context for the question (padded) and the answer
 
@@ -683,7 +684,10 @@ class Generator:
                 cache, _ = self._cache_for(bucket, None)
             cache.decode_sdpa = sdpa
             try:
-                g = self._graph(cache, n, "compile_decode" if n == 1 else "compile_question")
+                if sdpa:  # (never compiled: a failure here must not switch compile_decode off for the others)
+                    g = GraphedStep(self.model, cache, n=n)
+                else:
+                    g = self._graph(cache, n, "compile_decode" if n == 1 else "compile_question")
             except RuntimeError as ex:
                 if not sdpa:
                     raise
